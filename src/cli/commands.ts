@@ -1,0 +1,15 @@
+import type { Command } from 'commander';
+
+/** What every module in src/cli/commands/ exports: wiring of its verb into the parser. */
+export interface CommandModule {
+  configure(cmd: Command): void;
+}
+
+/**
+ * The command table. Only the chosen verb's module is imported (lazy loading keeps `lamadist
+ * version` fast and lets a broken optional dependency affect only its own command).
+ * One row per verb; the module is src/cli/commands/<file>.ts.
+ */
+export const COMMANDS: Record<string, { summary: string; load: () => Promise<CommandModule> }> = {
+  bsp: { summary: 'list the supported board support packages', load: () => import('./commands/bsp.js') },
+};

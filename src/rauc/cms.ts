@@ -1,0 +1,458 @@
+import {
+  X509Certificate,
+  constants,
+  createCipheriv,
+  createDecipheriv,
+  createHash,
+  createPrivateKey,
+  createPublicKey,
+  privateDecrypt,
+  publicEncrypt,
+  randomBytes,
+  sign as cryptoSign,
+  verify as cryptoVerify,
+  type KeyObject,
+} from 'node:crypto';
+import * as asn1js from 'asn1js';
+import * as pkijs from 'pkijs';
+import { UserError } from '../errors.js';
+
+/**
+ * CMS as RAUC uses it: SignedData with the manifest embedded (OpenSSL's CMS_sign with CMS_BINARY |
+ * CMS_NOSMIMECAP: signed attributes contentType, signingTime, messageDigest; signer certificate and
+ * intermediates included), and EnvelopedData (CMS_encrypt with AES-256-CBC) wrapping that
+ * SignedData for crypt bundles. The ASN.1 goes through pkijs; every cryptographic operation goes
+ * through node:crypto so that nothing depends on WebCrypto's algorithm subset.
+ */
+
+const OID = {
+  data: '1.2.840.113549.1.7.1',
+  signedData: '1.2.840.113549.1.7.2',
+  envelopedData: '1.2.840.113549.1.7.3',
+  contentType: '1.2.840.113549.1.9.3',
+  messageDigest: '1.2.840.113549.1.9.4',
+  signingTime: '1.2.840.113549.1.9.5',
+  sha256: '2.16.840.1.101.3.4.2.1',
+  sha384: '2.16.840.1.101.3.4.2.2',
+  sha512: '2.16.840.1.101.3.4.2.3',
+  sha1: '1.3.14.3.2.26',
+  rsaEncryption: '1.2.840.113549.1.1.1',
+  rsaOaep: '1.2.840.113549.1.1.7',
+  mgf1: '1.2.840.113549.1.1.8',
+  sha256WithRsa: '1.2.840.113549.1.1.11',
+  ecdsaSha256: '1.2.840.10045.4.3.2',
+  aes256cbc: '2.16.840.1.101.3.4.1.42',
+  codeSigning: '1.3.6.1.5.5.7.3.3',
+  emailProtection: '1.3.6.1.5.5.7.3.4',
+  anyEku: '2.5.29.37.0',
+} as const;
+
+const DIGESTS: Record<string, string> = { [OID.sha256]: 'sha256', [OID.sha384]: 'sha384', [OID.sha512]: 'sha512', [OID.sha1]: 'sha1' };
+
+function ab(buf: Uint8Array): ArrayBuffer {
+  return buf.buffer.slice(buf.byteOffset, buf.byteOffset + buf.byteLength) as ArrayBuffer;
+}
+
+/** Split a PEM bundle into DER certificates (a keyring file may hold several CAs). */
+export function pemCertificates(pem: string, what: string): Buffer[] {
+  const out: Buffer[] = [];
+  for (const m of pem.matchAll(/-----BEGIN CERTIFICATE-----([\s\S]*?)-----END CERTIFICATE-----/g)) {
+    out.push(Buffer.from((m[1] ?? '').replace(/\s+/g, ''), 'base64'));
+  }
+  if (out.length === 0) throw new UserError('LAMA_E_BAD_CERT', `${what} contains no PEM certificate`);
+  return out;
+}
+
+function parseCert(der: Buffer): pkijs.Certificate {
+  return pkijs.Certificate.fromBER(ab(der));
+}
+
+function parseCms(der: Buffer): pkijs.ContentInfo {
+  try {
+    return pkijs.ContentInfo.fromBER(ab(der));
+  } catch (err) {
+    throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', `signature is not valid CMS DER (${(err as Error).message})`, { cause: err });
+  }
+}
+
+/** The CMS type at the start of a bundle's signature area, or undefined when it is not CMS. */
+export function cmsType(der: Buffer): 'signed' | 'enveloped' | 'other' | undefined {
+  try {
+    const ci = pkijs.ContentInfo.fromBER(ab(der));
+    if (ci.contentType === OID.signedData) return 'signed';
+    if (ci.contentType === OID.envelopedData) return 'enveloped';
+    return 'other';
+  } catch {
+    return undefined;
+  }
+}
+
+/** DER-encode a SET OF in canonical (sorted) order, as DER requires for signed attributes. */
+function sortedAttributes(attrs: pkijs.Attribute[]): pkijs.Attribute[] {
+  const enc = attrs.map((a) => ({ a, der: Buffer.from(a.toSchema().toBER(false)) }));
+  enc.sort((x, y) => Buffer.compare(x.der, y.der));
+  return enc.map((e) => e.a);
+}
+
+function signingTimeValue(t: Date): asn1js.UTCTime | asn1js.GeneralizedTime {
+  // RFC 5652: UTCTime for 1950..2049, GeneralizedTime otherwise (what OpenSSL writes too).
+  const y = t.getUTCFullYear();
+  return y >= 1950 && y < 2050 ? new asn1js.UTCTime({ valueDate: t }) : new asn1js.GeneralizedTime({ valueDate: t });
+}
+
+/** What signing needs: PEM texts of the signer certificate, its key and any intermediates. */
+export interface SignerMaterial {
+  certPem: string;
+  keyPem: string;
+  /** Intermediate CA certificates to embed (PEM texts). */
+  chainPems?: string[];
+}
+
+/**
+ * CMS SignedData over `content` with the content embedded (RAUC's verity/crypt manifest signature).
+ * `signingTime` fixes the only varying input so that two runs produce identical DER (RSA PKCS#1 v1.5
+ * signatures are deterministic; ECDSA is not).
+ */
+export function signEmbedded(content: Buffer, signer: SignerMaterial, signingTime: Date): Buffer {
+  const certDer = pemCertificates(signer.certPem, 'signing certificate')[0] as Buffer;
+  const cert = parseCert(certDer);
+  let key: KeyObject;
+  try {
+    key = createPrivateKey(signer.keyPem);
+  } catch (err) {
+    throw new UserError('LAMA_E_BAD_KEY', `signing key is not a readable PEM private key`, { cause: err });
+  }
+  const x509 = new X509Certificate(certDer);
+  if (!x509.checkPrivateKey(key)) throw new UserError('LAMA_E_BAD_KEY', 'signing key does not belong to the signing certificate');
+  const chain = (signer.chainPems ?? []).flatMap((p) => pemCertificates(p, 'intermediate certificate')).map(parseCert);
+  const digest = createHash('sha256').update(content).digest();
+  const attrs = sortedAttributes([
+    new pkijs.Attribute({ type: OID.contentType, values: [new asn1js.ObjectIdentifier({ value: OID.data })] }),
+    new pkijs.Attribute({ type: OID.signingTime, values: [signingTimeValue(signingTime)] }),
+    new pkijs.Attribute({ type: OID.messageDigest, values: [new asn1js.OctetString({ valueHex: ab(digest) })] }),
+  ]);
+  const setDer = Buffer.from(new asn1js.Set({ value: attrs.map((a) => a.toSchema()) }).toBER(false));
+  const isRsa = key.asymmetricKeyType === 'rsa';
+  if (!isRsa && key.asymmetricKeyType !== 'ec') {
+    throw new UserError('LAMA_E_BAD_KEY', `unsupported signing key type '${key.asymmetricKeyType}' (RSA or EC)`);
+  }
+  const signature = cryptoSign('sha256', setDer, key);
+  const signerInfo = new pkijs.SignerInfo({
+    version: 1,
+    sid: new pkijs.IssuerAndSerialNumber({ issuer: cert.issuer, serialNumber: cert.serialNumber }),
+    digestAlgorithm: new pkijs.AlgorithmIdentifier({ algorithmId: OID.sha256 }),
+    signedAttrs: new pkijs.SignedAndUnsignedAttributes({ type: 0, attributes: attrs }),
+    // OpenSSL names plain rsaEncryption (with NULL parameters) as the RSA signature algorithm.
+    signatureAlgorithm: isRsa
+      ? new pkijs.AlgorithmIdentifier({ algorithmId: OID.rsaEncryption, algorithmParams: new asn1js.Null() })
+      : new pkijs.AlgorithmIdentifier({ algorithmId: OID.ecdsaSha256 }),
+    signature: new asn1js.OctetString({ valueHex: ab(signature) }),
+  });
+  const sd = new pkijs.SignedData({
+    version: 1,
+    digestAlgorithms: [new pkijs.AlgorithmIdentifier({ algorithmId: OID.sha256 })],
+    encapContentInfo: new pkijs.EncapsulatedContentInfo({
+      eContentType: OID.data,
+      eContent: new asn1js.OctetString({ valueHex: ab(content) }),
+    }),
+    certificates: [cert, ...chain],
+    signerInfos: [signerInfo],
+  });
+  const ci = new pkijs.ContentInfo({ contentType: OID.signedData, content: sd.toSchema(true) });
+  return Buffer.from(ci.toSchema().toBER(false));
+}
+
+/** A certificate as inspect prints it. */
+export interface CertSummary {
+  subject: string;
+  issuer: string;
+  serial: string;
+  /** SHA-256 over the SubjectPublicKeyInfo, colon-separated hex like `rauc info` prints it. */
+  spkiSha256: string;
+  notBefore: string;
+  notAfter: string;
+}
+
+function summarize(c: X509Certificate): CertSummary {
+  const spki = c.publicKey.export({ type: 'spki', format: 'der' });
+  const fp = createHash('sha256').update(spki).digest('hex').toUpperCase().match(/../g)?.join(':') ?? '';
+  return {
+    subject: c.subject.replaceAll('\n', ', '),
+    issuer: c.issuer.replaceAll('\n', ', '),
+    serial: c.serialNumber,
+    spkiSha256: fp,
+    notBefore: new Date(c.validFrom).toISOString(),
+    notAfter: new Date(c.validTo).toISOString(),
+  };
+}
+
+/** The result of verifying a SignedData. */
+export interface SignedContent {
+  content: Buffer;
+  signingTime?: Date;
+  /** Signer first, trust anchor last. */
+  chain: CertSummary[];
+}
+
+function getSignedData(der: Buffer): pkijs.SignedData {
+  const ci = parseCms(der);
+  if (ci.contentType !== OID.signedData) {
+    throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', `signature is CMS ${ci.contentType}, expected SignedData`);
+  }
+  try {
+    return new pkijs.SignedData({ schema: ci.content });
+  } catch (err) {
+    throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', `signature is not a valid SignedData (${(err as Error).message})`, { cause: err });
+  }
+}
+
+function embeddedContent(sd: pkijs.SignedData): Buffer {
+  const e = sd.encapContentInfo.eContent;
+  if (!e) throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', 'signature is detached; verity and crypt bundles embed the manifest');
+  // A constructed OCTET STRING (BER) is legal CMS: concatenate its segments.
+  if (e.idBlock.isConstructed) {
+    return Buffer.concat((e.valueBlock.value as asn1js.OctetString[]).map((p) => Buffer.from(p.valueBlock.valueHexView)));
+  }
+  return Buffer.from(e.valueBlock.valueHexView);
+}
+
+/** The embedded content without any check: for printing what an untrusted bundle claims. */
+export function unverifiedContent(der: Buffer): Buffer {
+  return embeddedContent(getSignedData(der));
+}
+
+function certDerOf(c: pkijs.CertificateSetItem): Buffer | undefined {
+  return c instanceof pkijs.Certificate ? Buffer.from(c.toSchema().toBER(false)) : undefined;
+}
+
+function sameIssuerSerial(c: X509Certificate, sid: pkijs.IssuerAndSerialNumber): boolean {
+  const pc = parseCert(Buffer.from(c.raw));
+  return (
+    Buffer.compare(Buffer.from(pc.serialNumber.valueBlock.valueHexView), Buffer.from(sid.serialNumber.valueBlock.valueHexView)) === 0 &&
+    pc.issuer.isEqual(sid.issuer)
+  );
+}
+
+function verifyAttrSignature(si: pkijs.SignerInfo, signed: Buffer, key: KeyObject, digestName: string): boolean {
+  try {
+    return cryptoVerify(digestName, signed, key, Buffer.from(si.signature.valueBlock.valueHexView));
+  } catch {
+    return false;
+  }
+}
+
+function timeOk(c: X509Certificate, at: Date): boolean {
+  return new Date(c.validFrom) <= at && at <= new Date(c.validTo);
+}
+
+/**
+ * Verify an embedded SignedData the way RAUC does: the signature over the signed attributes, the
+ * message digest over the embedded manifest, then a chain from the signer through the included
+ * certificates to one of the keyring's CAs, valid at the signing time, with a signer allowed to sign
+ * code (no EKU, codeSigning, emailProtection or anyExtendedKeyUsage).
+ * Throws LAMA_E_BUNDLE_BAD_SIGNATURE, LAMA_E_BUNDLE_MANIFEST_TAMPERED or LAMA_E_BUNDLE_UNTRUSTED_SIGNER.
+ */
+export function verifyEmbedded(der: Buffer, keyringPem: string): SignedContent {
+  const sd = getSignedData(der);
+  const content = embeddedContent(sd);
+  if (sd.signerInfos.length !== 1) {
+    throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', `signature has ${sd.signerInfos.length} signers, expected exactly one`);
+  }
+  const si = sd.signerInfos[0] as pkijs.SignerInfo;
+  const included = (sd.certificates ?? []).map(certDerOf).filter((d): d is Buffer => d !== undefined).map((d) => new X509Certificate(d));
+  const sid = si.sid as pkijs.IssuerAndSerialNumber | asn1js.Primitive;
+  const signerCert = sid instanceof pkijs.IssuerAndSerialNumber ? included.find((c) => sameIssuerSerial(c, sid)) : undefined;
+  if (!signerCert) throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', 'the signer certificate is not included in the signature');
+  const digestName = DIGESTS[si.digestAlgorithm.algorithmId];
+  if (!digestName) throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', `unsupported digest algorithm ${si.digestAlgorithm.algorithmId}`);
+  let signingTime: Date | undefined;
+  if (!si.signedAttrs) {
+    if (!verifyAttrSignature(si, content, signerCert.publicKey, digestName)) {
+      throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', 'the signature value does not verify with the signer certificate');
+    }
+  } else {
+    const attrDer = Buffer.from(si.signedAttrs.encodedValue);
+    if (!verifyAttrSignature(si, attrDer, signerCert.publicKey, digestName)) {
+      throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', 'the signature value does not verify with the signer certificate');
+    }
+    const md = si.signedAttrs.attributes.find((a) => a.type === OID.messageDigest)?.values[0] as asn1js.OctetString | undefined;
+    if (!md) throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', 'signature has no messageDigest attribute');
+    const actual = createHash(digestName).update(content).digest();
+    if (Buffer.compare(actual, Buffer.from(md.valueBlock.valueHexView)) !== 0) {
+      throw new UserError('LAMA_E_BUNDLE_MANIFEST_TAMPERED', 'the signed manifest does not match the digest in its signature');
+    }
+    const st = si.signedAttrs.attributes.find((a) => a.type === OID.signingTime)?.values[0] as asn1js.UTCTime | undefined;
+    if (st) signingTime = st.toDate();
+  }
+  const chain = buildChain(signerCert, included, keyringPem, signingTime ?? new Date());
+  const eku = signerCert.keyUsage;
+  if (eku && eku.length > 0 && ![OID.codeSigning, OID.emailProtection, OID.anyEku].some((o) => eku.includes(o))) {
+    throw new UserError('LAMA_E_BUNDLE_UNTRUSTED_SIGNER', `signer ${signerCert.subject.replaceAll('\n', ', ')} is not allowed to sign code (extended key usage ${eku.join(', ')})`);
+  }
+  return { content, ...(signingTime && { signingTime }), chain: chain.map(summarize) };
+}
+
+function buildChain(leaf: X509Certificate, included: X509Certificate[], keyringPem: string, at: Date): X509Certificate[] {
+  const anchors = pemCertificates(keyringPem, 'keyring').map((d) => new X509Certificate(d));
+  const subject = leaf.subject.replaceAll('\n', ', ');
+  const chain = [leaf];
+  let cur = leaf;
+  for (let depth = 0; depth < 8; depth++) {
+    if (!timeOk(cur, at)) {
+      throw new UserError('LAMA_E_BUNDLE_UNTRUSTED_SIGNER', `certificate ${cur.subject.replaceAll('\n', ', ')} is not valid at the signing time ${at.toISOString()}`);
+    }
+    const anchor = anchors.find((a) => a.raw.equals(cur.raw) || (cur.checkIssued(a) && cur.verify(a.publicKey)));
+    if (anchor) {
+      if (!anchor.raw.equals(cur.raw)) {
+        if (!timeOk(anchor, at)) throw new UserError('LAMA_E_BUNDLE_UNTRUSTED_SIGNER', `keyring CA ${anchor.subject} is not valid at ${at.toISOString()}`);
+        chain.push(anchor);
+      }
+      return chain;
+    }
+    const next = included.find((c) => !c.raw.equals(cur.raw) && c.ca && cur.checkIssued(c) && cur.verify(c.publicKey));
+    if (!next) break;
+    chain.push(next);
+    cur = next;
+  }
+  throw new UserError('LAMA_E_BUNDLE_UNTRUSTED_SIGNER', `signer ${subject} does not chain to a CA in the keyring`);
+}
+
+/**
+ * CMS EnvelopedData of `content` (the bundle's SignedData) for every recipient certificate: a fresh
+ * AES-256-CBC content key, wrapped per RSA recipient with RSAES-OAEP (SHA-256), which OpenSSL and so
+ * RAUC decrypt. Recipients are identified by issuer and serial number, as OpenSSL does.
+ */
+export function envelope(content: Buffer, recipientPems: string[]): Buffer {
+  if (recipientPems.length === 0) throw new UserError('LAMA_E_BUNDLE_NO_RECIPIENTS', 'encrypting needs at least one recipient certificate');
+  const cek = randomBytes(32);
+  const iv = randomBytes(16);
+  const cipher = createCipheriv('aes-256-cbc', cek, iv);
+  const encrypted = Buffer.concat([cipher.update(content), cipher.final()]);
+  const recipientInfos = recipientPems.flatMap((pem) => pemCertificates(pem, 'recipient certificate')).map((der) => {
+    const x = new X509Certificate(der);
+    if (x.publicKey.asymmetricKeyType !== 'rsa') {
+      throw new UserError('LAMA_E_BUNDLE_RECIPIENT', `recipient ${x.subject.replaceAll('\n', ', ')} has a ${x.publicKey.asymmetricKeyType} key; only RSA recipients are supported`);
+    }
+    const c = parseCert(der);
+    const wrapped = publicEncrypt({ key: x.publicKey, padding: constants.RSA_PKCS1_OAEP_PADDING, oaepHash: 'sha256' }, cek);
+    const oaepParams = new pkijs.RSAESOAEPParams({
+      hashAlgorithm: new pkijs.AlgorithmIdentifier({ algorithmId: OID.sha256 }),
+      maskGenAlgorithm: new pkijs.AlgorithmIdentifier({
+        algorithmId: OID.mgf1,
+        algorithmParams: new pkijs.AlgorithmIdentifier({ algorithmId: OID.sha256 }).toSchema(),
+      }),
+    });
+    return new pkijs.RecipientInfo({
+      variant: 1,
+      value: new pkijs.KeyTransRecipientInfo({
+        version: 0,
+        rid: new pkijs.IssuerAndSerialNumber({ issuer: c.issuer, serialNumber: c.serialNumber }),
+        keyEncryptionAlgorithm: new pkijs.AlgorithmIdentifier({ algorithmId: OID.rsaOaep, algorithmParams: oaepParams.toSchema() }),
+        encryptedKey: new asn1js.OctetString({ valueHex: ab(wrapped) }),
+      }),
+    });
+  });
+  const ed = new pkijs.EnvelopedData({
+    version: 0,
+    recipientInfos,
+    encryptedContentInfo: new pkijs.EncryptedContentInfo({
+      contentType: OID.data,
+      contentEncryptionAlgorithm: new pkijs.AlgorithmIdentifier({
+        algorithmId: OID.aes256cbc,
+        algorithmParams: new asn1js.OctetString({ valueHex: ab(iv) }),
+      }),
+      encryptedContent: new asn1js.OctetString({ valueHex: ab(encrypted) }),
+    }),
+  });
+  const ci = new pkijs.ContentInfo({ contentType: OID.envelopedData, content: ed.toSchema() });
+  return Buffer.from(ci.toSchema().toBER(false));
+}
+
+/** Recipients of an EnvelopedData, for inspect. */
+export function recipientsOf(der: Buffer): { issuer: string; serial: string; keyEncryption: string }[] {
+  const ed = getEnveloped(der);
+  return ed.recipientInfos.map((ri) => {
+    const k = ri.value as pkijs.KeyTransRecipientInfo;
+    const rid = k.rid as pkijs.IssuerAndSerialNumber | undefined;
+    return {
+      issuer: rid instanceof pkijs.IssuerAndSerialNumber ? rid.issuer.typesAndValues.map((t) => `${t.type}=${t.value.valueBlock.value}`).join(', ') : '',
+      serial: rid instanceof pkijs.IssuerAndSerialNumber ? Buffer.from(rid.serialNumber.valueBlock.valueHexView).toString('hex').toUpperCase() : '',
+      keyEncryption: k.keyEncryptionAlgorithm?.algorithmId ?? 'key agreement',
+    };
+  });
+}
+
+function getEnveloped(der: Buffer): pkijs.EnvelopedData {
+  const ci = parseCms(der);
+  if (ci.contentType !== OID.envelopedData) throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', 'signature area is not CMS EnvelopedData');
+  return new pkijs.EnvelopedData({ schema: ci.content });
+}
+
+/** PKCS#1 v1.5 type 2 unpadding after a raw RSA decryption (OpenSSL's default CMS key transport). */
+function unpadPkcs1(block: Buffer): Buffer | undefined {
+  if (block[0] !== 0 || block[1] !== 2) return undefined;
+  const sep = block.indexOf(0, 2);
+  if (sep < 10) return undefined;
+  return block.subarray(sep + 1);
+}
+
+function unwrapKey(k: pkijs.KeyTransRecipientInfo, key: KeyObject): Buffer | undefined {
+  const wrapped = Buffer.from(k.encryptedKey.valueBlock.valueHexView);
+  try {
+    if (k.keyEncryptionAlgorithm.algorithmId === OID.rsaOaep) {
+      const params = k.keyEncryptionAlgorithm.algorithmParams
+        ? new pkijs.RSAESOAEPParams({ schema: k.keyEncryptionAlgorithm.algorithmParams })
+        : undefined;
+      const hash = DIGESTS[params?.hashAlgorithm.algorithmId ?? OID.sha1] ?? 'sha1';
+      return privateDecrypt({ key, padding: constants.RSA_PKCS1_OAEP_PADDING, oaepHash: hash }, wrapped);
+    }
+    if (k.keyEncryptionAlgorithm.algorithmId === OID.rsaEncryption) {
+      return unpadPkcs1(privateDecrypt({ key, padding: constants.RSA_NO_PADDING }, wrapped));
+    }
+  } catch {
+    return undefined;
+  }
+  return undefined;
+}
+
+/**
+ * Decrypt an EnvelopedData with a device's private key (and certificate, to pick its recipient
+ * entry). Throws LAMA_E_BUNDLE_WRONG_DEVICE_KEY when the key is not one of the recipients.
+ */
+export function decryptEnvelope(der: Buffer, keyPem: string, certPem?: string): Buffer {
+  const ed = getEnveloped(der);
+  let key: KeyObject;
+  try {
+    key = createPrivateKey(keyPem);
+  } catch (err) {
+    throw new UserError('LAMA_E_BAD_KEY', 'device key is not a readable PEM private key', { cause: err });
+  }
+  const pub = createPublicKey(key);
+  const cert = certPem ? new X509Certificate(pemCertificates(certPem, 'device certificate')[0] as Buffer) : undefined;
+  if (cert && !cert.publicKey.equals(pub)) throw new UserError('LAMA_E_BAD_KEY', 'device key does not belong to the device certificate');
+  const eci = ed.encryptedContentInfo;
+  if (eci.contentEncryptionAlgorithm.algorithmId !== OID.aes256cbc) {
+    throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', `unsupported content encryption ${eci.contentEncryptionAlgorithm.algorithmId}`);
+  }
+  const iv = Buffer.from((eci.contentEncryptionAlgorithm.algorithmParams as asn1js.OctetString).valueBlock.valueHexView);
+  const ec = eci.encryptedContent;
+  if (!ec) throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', 'EnvelopedData carries no encrypted content');
+  const encrypted = ec.idBlock.isConstructed
+    ? Buffer.concat((ec.valueBlock.value as asn1js.OctetString[]).map((p) => Buffer.from(p.valueBlock.valueHexView)))
+    : Buffer.from(ec.valueBlock.valueHexView);
+  const ktris = ed.recipientInfos.filter((r) => r.variant === 1).map((r) => r.value as pkijs.KeyTransRecipientInfo);
+  const mine = cert
+    ? ktris.filter((k) => k.rid instanceof pkijs.IssuerAndSerialNumber && sameIssuerSerial(cert, k.rid))
+    : ktris;
+  for (const k of mine) {
+    const cek = unwrapKey(k, key);
+    if (!cek || cek.length !== 32) continue;
+    try {
+      const d = createDecipheriv('aes-256-cbc', cek, iv);
+      return Buffer.concat([d.update(encrypted), d.final()]);
+    } catch {
+      // Wrong key material shows up as bad padding; try the next recipient entry.
+    }
+  }
+  throw new UserError('LAMA_E_BUNDLE_WRONG_DEVICE_KEY', 'the device key is not among the bundle\'s recipients');
+}

@@ -1,0 +1,72 @@
+import { execFileSync } from 'node:child_process';
+import { readFileSync, rmSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { decryptEnvelope, envelope, signEmbedded, verifyEmbedded } from '../../src/rauc/cms.js';
+import { makePki, type Pki } from './pki.js';
+
+let pki: Pki;
+beforeAll(() => {
+  pki = makePki();
+});
+afterAll(() => rmSync(pki.dir, { recursive: true, force: true }));
+
+const signer = (): { certPem: string; keyPem: string } => ({ certPem: readFileSync(pki.cert, 'utf8'), keyPem: readFileSync(pki.key, 'utf8') });
+const T = new Date('2026-03-01T12:00:00Z');
+
+describe('CMS SignedData', () => {
+  it('openssl cms -verify accepts our embedded signature and returns the content', () => {
+    const der = signEmbedded(Buffer.from('[update]\ncompatible=x\n'), signer(), T);
+    const f = path.join(pki.dir, 'sig.der');
+    writeFileSync(f, der);
+    const out = execFileSync('openssl', ['cms', '-verify', '-inform', 'DER', '-in', f, '-CAfile', pki.ca, '-purpose', 'any', '-binary'], { stdio: ['ignore', 'pipe', 'ignore'] });
+    expect(out.toString()).toBe('[update]\ncompatible=x\n');
+  });
+
+  it('verifies an openssl-made signature and reports signer chain and signing time', () => {
+    const f = path.join(pki.dir, 'content.txt');
+    writeFileSync(f, 'abc');
+    const der = execFileSync('openssl', ['cms', '-sign', '-binary', '-nosmimecap', '-nodetach', '-outform', 'DER', '-in', f, '-signer', pki.cert, '-inkey', pki.key, '-md', 'sha256']);
+    const v = verifyEmbedded(der, pki.caPem);
+    expect(v.content.toString()).toBe('abc');
+    expect(v.chain.map((c) => c.subject)).toEqual(['CN=signer', 'CN=ca']);
+    expect(v.signingTime).toBeInstanceOf(Date);
+  });
+
+  it('is deterministic for a fixed signing time', () => {
+    expect(signEmbedded(Buffer.from('m'), signer(), T)).toEqual(signEmbedded(Buffer.from('m'), signer(), T));
+  });
+
+  it('rejects another CA as untrusted', () => {
+    const der = signEmbedded(Buffer.from('m'), signer(), T);
+    expect(() => verifyEmbedded(der, readFileSync(pki.otherCa, 'utf8'))).toThrow(expect.objectContaining({ code: 'LAMA_E_BUNDLE_UNTRUSTED_SIGNER' }));
+  });
+
+  it('rejects a changed manifest and a changed signature value with distinct codes', () => {
+    const der = signEmbedded(Buffer.from('[update]\ncompatible=x\n'), signer(), T);
+    const m = Buffer.from(der);
+    const at = m.indexOf('compatible=x');
+    m.writeUInt8(m.readUInt8(at) ^ 1, at);
+    expect(() => verifyEmbedded(m, pki.caPem)).toThrow(expect.objectContaining({ code: 'LAMA_E_BUNDLE_MANIFEST_TAMPERED' }));
+    const s = Buffer.from(der);
+    s.writeUInt8(s.readUInt8(s.length - 10) ^ 1, s.length - 10);
+    expect(() => verifyEmbedded(s, pki.caPem)).toThrow(expect.objectContaining({ code: 'LAMA_E_BUNDLE_BAD_SIGNATURE' }));
+  });
+});
+
+describe('CMS EnvelopedData', () => {
+  it('openssl cms -decrypt opens our envelope; we open openssl\'s (PKCS#1 v1.5) one', () => {
+    const env = envelope(Buffer.from('secret signed data'), [readFileSync(pki.device, 'utf8'), readFileSync(pki.device2, 'utf8')]);
+    const f = path.join(pki.dir, 'env.der');
+    writeFileSync(f, env);
+    for (const [c, k] of [[pki.device, pki.deviceKey], [pki.device2, pki.device2Key]] as const) {
+      const out = execFileSync('openssl', ['cms', '-decrypt', '-binary', '-inform', 'DER', '-in', f, '-recip', c, '-inkey', k]);
+      expect(out.toString()).toBe('secret signed data');
+    }
+    const plain = path.join(pki.dir, 'plain.bin');
+    writeFileSync(plain, 'from openssl');
+    const theirs = execFileSync('openssl', ['cms', '-encrypt', '-binary', '-aes-256-cbc', '-outform', 'DER', '-in', plain, pki.device]);
+    expect(decryptEnvelope(theirs, readFileSync(pki.deviceKey, 'utf8'), readFileSync(pki.device, 'utf8')).toString()).toBe('from openssl');
+    expect(() => decryptEnvelope(theirs, readFileSync(pki.device2Key, 'utf8'))).toThrow(expect.objectContaining({ code: 'LAMA_E_BUNDLE_WRONG_DEVICE_KEY' }));
+  });
+});

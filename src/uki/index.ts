@@ -1,0 +1,153 @@
+/**
+ * Unified Kernel Images: a systemd EFI stub with the kernel, initrd, command line and metadata added
+ * as PE sections (UAPI UKI specification). Assembly is pure TypeScript over src/pe; signing is
+ * src/secureboot's signPe.
+ *
+ * Public API:
+ * - `planUki(opts)` → the ordered section list (pure)
+ * - `buildUki({ stub, kernel, initrd, cmdline, osrel?, uname?, splash? })` → Buffer (unsigned PE)
+ * - `inspectUki(pe)` → sections, command line, os-release, uname
+ * - `kernelVersion(bzImage)` → the version string embedded in an x86 bzImage, if any
+ */
+import { promises as fs } from 'node:fs';
+import { UserError, isErrno } from '../errors.js';
+import { appendSections, parsePe, sectionData, type NewSection, type PeInfo } from '../pe/index.js';
+
+/** A file path or its contents. */
+export type Input = string | Buffer;
+
+export interface UkiOptions {
+  /** systemd EFI stub (linuxx64.efi.stub). */
+  stub: Input;
+  kernel: Input;
+  initrd?: Input | Input[];
+  cmdline: string;
+  /** os-release contents (file or text buffer). */
+  osrel?: Input;
+  /** Kernel release; read from the bzImage header when omitted. */
+  uname?: string;
+  /** BMP splash image. */
+  splash?: Input;
+}
+
+/** Sections a UKI may carry that this assembler writes, in file order. */
+export const UKI_SECTIONS = ['.osrel', '.cmdline', '.splash', '.uname', '.initrd', '.linux'] as const;
+
+async function load(input: Input, what: string, code: `LAMA_E_${string}` = 'LAMA_E_NOT_FOUND'): Promise<Buffer> {
+  if (Buffer.isBuffer(input)) return input;
+  try {
+    return await fs.readFile(input);
+  } catch (err) {
+    if (isErrno(err, 'ENOENT') || isErrno(err, 'EISDIR')) throw new UserError(code, `${what} ${input} does not exist`);
+    throw err;
+  }
+}
+
+/**
+ * The kernel release string of an x86 bzImage: the boot protocol's setup header (magic "HdrS" at
+ * 0x202) holds at 0x20e a pointer, relative to 0x200, to a NUL-terminated version string.
+ */
+export function kernelVersion(kernel: Buffer): string | undefined {
+  if (kernel.length < 0x210 || kernel.toString('latin1', 0x202, 0x206) !== 'HdrS') return undefined;
+  const ptr = kernel.readUInt16LE(0x20e);
+  if (ptr === 0) return undefined;
+  const start = ptr + 0x200;
+  const end = kernel.indexOf(0, start);
+  if (end < 0) return undefined;
+  const full = kernel.toString('latin1', start, end);
+  return full.split(' ')[0] || undefined;
+}
+
+/**
+ * The sections of a UKI in file order. `.linux` goes last, as ukify places it: newer stubs load the
+ * kernel in place, and only the last section can grow to the kernel's own image size.
+ */
+export function planUki(parts: { kernel: Buffer; initrd?: Buffer; cmdline: string; osrel?: Buffer; uname?: string; splash?: Buffer }): NewSection[] {
+  if (/[\0\n]/.test(parts.cmdline)) throw new UserError('LAMA_E_CMDLINE', 'kernel command line must be a single line without NUL bytes');
+  const out: NewSection[] = [];
+  if (parts.osrel) out.push({ name: '.osrel', data: parts.osrel });
+  out.push({ name: '.cmdline', data: Buffer.from(parts.cmdline, 'utf8') });
+  if (parts.splash) out.push({ name: '.splash', data: parts.splash });
+  const uname = parts.uname ?? kernelVersion(parts.kernel);
+  if (uname) out.push({ name: '.uname', data: Buffer.from(uname, 'utf8') });
+  if (parts.initrd && parts.initrd.length > 0) out.push({ name: '.initrd', data: parts.initrd });
+  out.push({ name: '.linux', data: parts.kernel });
+  return out;
+}
+
+function assertStub(stub: Buffer, where: string): PeInfo {
+  const info = parsePe(stub, where);
+  if (info.subsystem !== 10) throw new UserError('LAMA_E_NOT_STUB', 'not an EFI application (PE subsystem is not 10)', { where });
+  const linux = info.sections.find((s) => s.name === '.linux');
+  if (linux) throw new UserError('LAMA_E_NOT_STUB', 'already a UKI (has a .linux section); pass the bare systemd stub', { where });
+  return info;
+}
+
+/** Assemble an (unsigned) UKI from the stub and its parts. Every input is checked before assembly. */
+export async function buildUki(opts: UkiOptions): Promise<Buffer> {
+  const stub = await load(opts.stub, 'EFI stub', 'LAMA_E_NO_STUB');
+  assertStub(stub, typeof opts.stub === 'string' ? opts.stub : 'stub');
+  const kernel = await load(opts.kernel, 'kernel');
+  if (kernel.length === 0) throw new UserError('LAMA_E_KERNEL', 'kernel image is empty', { where: typeof opts.kernel === 'string' ? opts.kernel : undefined });
+  const initrds = opts.initrd === undefined ? [] : Array.isArray(opts.initrd) ? opts.initrd : [opts.initrd];
+  const initrd = Buffer.concat(await Promise.all(initrds.map((i) => load(i, 'initrd'))));
+  const sections = planUki({
+    kernel,
+    initrd,
+    cmdline: opts.cmdline,
+    osrel: opts.osrel === undefined ? undefined : await load(opts.osrel, 'os-release'),
+    uname: opts.uname,
+    splash: opts.splash === undefined ? undefined : await load(opts.splash, 'splash'),
+  });
+  return appendSections(stub, sections);
+}
+
+/** What `lamadist uki inspect` shows (signature state is added by the command from src/secureboot). */
+export interface UkiInfo {
+  sections: { name: string; virtualAddress: number; virtualSize: number; fileOffset: number; rawSize: number }[];
+  cmdline?: string;
+  osrel?: Record<string, string>;
+  uname?: string;
+  /** The stub's version from its .sdmagic section ("systemd-stub 252.39-1~deb12u2"). */
+  stub?: string;
+}
+
+/** Parse an os-release file into key/value pairs (shell-quoted values unquoted). */
+export function parseOsRelease(text: string): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const line of text.split('\n')) {
+    const m = /^([A-Z0-9_]+)=(.*)$/.exec(line.trim());
+    if (!m || !m[1]) continue;
+    let v = m[2] ?? '';
+    if (/^(["']).*\1$/.test(v)) v = v.slice(1, -1).replace(/\\(["\\$`])/g, '$1');
+    out[m[1]] = v;
+  }
+  return out;
+}
+
+/** The systemd stub version embedded in the `.sdmagic` section, e.g. "252.39-1~deb12u2". */
+export function stubVersion(pe: Buffer, info = parsePe(pe)): string | undefined {
+  const magic = sectionData(pe, info, '.sdmagic')?.toString('latin1');
+  const m = magic ? /systemd-stub ([^\s#]+)/.exec(magic) : null;
+  return m?.[1];
+}
+
+/** Read a UKI's sections and metadata. */
+export function inspectUki(pe: Buffer, where?: string): UkiInfo {
+  const info = parsePe(pe, where);
+  const text = (name: string): string | undefined => sectionData(pe, info, name)?.toString('utf8').replace(/\0+$/, '');
+  const osrel = text('.osrel');
+  return {
+    sections: info.sections.map((s) => ({
+      name: s.name,
+      virtualAddress: s.virtualAddress,
+      virtualSize: s.virtualSize,
+      fileOffset: s.pointerToRawData,
+      rawSize: s.sizeOfRawData,
+    })),
+    cmdline: text('.cmdline'),
+    osrel: osrel === undefined ? undefined : parseOsRelease(osrel),
+    uname: text('.uname'),
+    stub: stubVersion(pe, info),
+  };
+}

@@ -12,4 +12,5 @@ export interface CommandModule {
  */
 export const COMMANDS: Record<string, { summary: string; load: () => Promise<CommandModule> }> = {
   bsp: { summary: 'list the supported board support packages', load: () => import('./commands/bsp.js') },
+  version: { summary: 'print the build version from git (GitVersion style)', load: () => import('./commands/version.js') },
 };

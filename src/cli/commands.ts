@@ -12,5 +12,6 @@ export interface CommandModule {
  */
 export const COMMANDS: Record<string, { summary: string; load: () => Promise<CommandModule> }> = {
   bsp: { summary: 'list the supported board support packages', load: () => import('./commands/bsp.js') },
+  verity: { summary: 'write and verify dm-verity hash trees (veritysetup format)', load: () => import('./commands/verity.js') },
   version: { summary: 'print the build version from git (GitVersion style)', load: () => import('./commands/version.js') },
 };

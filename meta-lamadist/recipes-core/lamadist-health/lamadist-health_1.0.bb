@@ -1,0 +1,28 @@
+SUMMARY = "LamaDist post-boot health check that marks the RAUC slot good or lets the bootloader fall back"
+LICENSE = "Apache-2.0"
+LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/Apache-2.0;md5=89aea4e17d99a7cacdbeed46a0096b10"
+
+SRC_URI = " \
+    file://lamadist-health \
+    file://lamadist-health.service \
+    file://health.conf \
+"
+S = "${WORKDIR}"
+
+inherit allarch systemd
+
+do_configure[noexec] = "1"
+do_compile[noexec] = "1"
+
+do_install() {
+    install -D -m 0755 ${S}/lamadist-health ${D}${libexecdir}/lamadist/lamadist-health
+    install -D -m 0644 ${S}/lamadist-health.service ${D}${systemd_system_unitdir}/lamadist-health.service
+    install -D -m 0644 ${S}/health.conf ${D}${sysconfdir}/lamadist/health.conf
+    install -d ${D}${sysconfdir}/lamadist/health.d
+    sed -i -e 's#/usr/libexec#${libexecdir}#' ${D}${systemd_system_unitdir}/lamadist-health.service
+}
+
+SYSTEMD_SERVICE:${PN} = "lamadist-health.service"
+CONFFILES:${PN} = "${sysconfdir}/lamadist/health.conf"
+FILES:${PN} += "${libexecdir}/lamadist ${sysconfdir}/lamadist"
+RDEPENDS:${PN} = "rauc util-linux-findmnt coreutils gawk"

@@ -221,6 +221,19 @@ export function unverifiedContent(der: Buffer): Buffer {
   return embeddedContent(getSignedData(der));
 }
 
+/** The signer certificate of a SignedData, unverified: only for showing who claims to have signed. */
+export function signerSummary(der: Buffer): CertSummary | undefined {
+  try {
+    const sd = getSignedData(der);
+    const sid = sd.signerInfos[0]?.sid;
+    const certs = (sd.certificates ?? []).map(certDerOf).filter((d): d is Buffer => d !== undefined).map((d) => new X509Certificate(d));
+    const c = sid instanceof pkijs.IssuerAndSerialNumber ? certs.find((x) => sameIssuerSerial(x, sid)) : undefined;
+    return c ? summarize(c) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 function certDerOf(c: pkijs.CertificateSetItem): Buffer | undefined {
   return c instanceof pkijs.Certificate ? Buffer.from(c.toSchema().toBER(false)) : undefined;
 }
@@ -248,11 +261,12 @@ function timeOk(c: X509Certificate, at: Date): boolean {
 /**
  * Verify an embedded SignedData the way RAUC does: the signature over the signed attributes, the
  * message digest over the embedded manifest, then a chain from the signer through the included
- * certificates to one of the keyring's CAs, valid at the signing time, with a signer allowed to sign
- * code (no EKU, codeSigning, emailProtection or anyExtendedKeyUsage).
+ * certificates to one of the keyring's CAs, valid now (or at the signing time with `useSigningTime`,
+ * RAUC's `use-bundle-signing-time`), with a signer allowed to sign code (no EKU, codeSigning,
+ * emailProtection or anyExtendedKeyUsage).
  * Throws LAMA_E_BUNDLE_BAD_SIGNATURE, LAMA_E_BUNDLE_MANIFEST_TAMPERED or LAMA_E_BUNDLE_UNTRUSTED_SIGNER.
  */
-export function verifyEmbedded(der: Buffer, keyringPem: string): SignedContent {
+export function verifyEmbedded(der: Buffer, keyringPem: string, useSigningTime = false): SignedContent {
   const sd = getSignedData(der);
   const content = embeddedContent(sd);
   if (sd.signerInfos.length !== 1) {
@@ -284,7 +298,7 @@ export function verifyEmbedded(der: Buffer, keyringPem: string): SignedContent {
     const st = si.signedAttrs.attributes.find((a) => a.type === OID.signingTime)?.values[0] as asn1js.UTCTime | undefined;
     if (st) signingTime = st.toDate();
   }
-  const chain = buildChain(signerCert, included, keyringPem, signingTime ?? new Date());
+  const chain = buildChain(signerCert, included, keyringPem, (useSigningTime && signingTime) || new Date());
   const eku = signerCert.keyUsage;
   if (eku && eku.length > 0 && ![OID.codeSigning, OID.emailProtection, OID.anyEku].some((o) => eku.includes(o))) {
     throw new UserError('LAMA_E_BUNDLE_UNTRUSTED_SIGNER', `signer ${signerCert.subject.replaceAll('\n', ', ')} is not allowed to sign code (extended key usage ${eku.join(', ')})`);
@@ -299,7 +313,7 @@ function buildChain(leaf: X509Certificate, included: X509Certificate[], keyringP
   let cur = leaf;
   for (let depth = 0; depth < 8; depth++) {
     if (!timeOk(cur, at)) {
-      throw new UserError('LAMA_E_BUNDLE_UNTRUSTED_SIGNER', `certificate ${cur.subject.replaceAll('\n', ', ')} is not valid at the signing time ${at.toISOString()}`);
+      throw new UserError('LAMA_E_BUNDLE_UNTRUSTED_SIGNER', `certificate ${cur.subject.replaceAll('\n', ', ')} is not valid at ${at.toISOString()}`);
     }
     const anchor = anchors.find((a) => a.raw.equals(cur.raw) || (cur.checkIssued(a) && cur.verify(a.publicKey)));
     if (anchor) {

@@ -1,0 +1,550 @@
+import { createHash, randomBytes } from 'node:crypto';
+import { constants, promises as fs } from 'node:fs';
+import type { FileHandle } from 'node:fs/promises';
+import path from 'node:path';
+import { UserError, isErrno } from '../errors.js';
+import { AtomicFile, makeTempDir, readUserFile, withAtomicFile } from '../util/fsx.js';
+import { onCleanup } from '../util/cleanup.js';
+import { run } from '../util/proc.js';
+import { formatVerity, verifyVerity } from '../verity/index.js';
+import { decryptEnvelope, envelope, recipientsOf, signEmbedded, signerSummary, unverifiedContent, verifyEmbedded, type CertSummary, type SignerMaterial } from './cms.js';
+import { readLayout, type BundleLayout } from './layout.js';
+import { parseManifest, renderManifest, type ImageHook, type Manifest, type ManifestImage } from './manifest.js';
+import { BLOCK, cryptInPlace, digestImage, makeSquashfs } from './payload.js';
+
+/** One image to put into a bundle. */
+export interface BundleImageInput {
+  slotClass: string;
+  /** The image file on the build host. */
+  path: string;
+  /** Name inside the bundle; default: basename of `path`. */
+  filename?: string;
+  /** Generate a block-hash-index and mark the image `adaptive=block-hash-index`. */
+  adaptive?: boolean;
+  hooks?: ImageHook[];
+}
+
+/** Everything `createBundle` needs. */
+export interface CreateBundleOptions {
+  out: string;
+  compatible: string;
+  version: string;
+  build?: string;
+  description?: string;
+  images: BundleImageInput[];
+  /** Slot classes the target's system.conf defines; images for other classes are refused. */
+  slotClasses?: readonly string[];
+  /** Bundle hook script (copied as `hook.sh`) and whether it implements install-check. */
+  hookScript?: string;
+  installCheck?: boolean;
+  format?: 'verity' | 'crypt';
+  signer: SignerMaterial;
+  /** Signing time; also every timestamp inside the squashfs. Default: now. */
+  signingTime?: Date;
+  /** dm-verity salt; default: derived from the manifest so identical inputs give identical bundles. */
+  salt?: Buffer;
+  /** Crypt bundles: envelope the signature for these recipient certificates (PEM texts) right away. */
+  recipients?: string[];
+  force?: boolean;
+  onStep?: (step: string) => void;
+}
+
+/** What `createBundle` reports. */
+export interface CreatedBundle {
+  path: string;
+  size: number;
+  format: 'verity' | 'crypt';
+  payloadSize: number;
+  verityHash: string;
+  veritySalt: string;
+  veritySize: number;
+  /** The signed manifest as stored in the CMS. */
+  manifest: Manifest;
+  signatureSize: number;
+}
+
+const HOOK_NAME = 'hook.sh';
+
+/** Validate the inputs and compute the manifest skeleton (pure). */
+export function planBundle(o: Omit<CreateBundleOptions, 'signer' | 'out'>): { manifest: Manifest; files: { name: string; from: string }[] } {
+  if (!o.compatible) throw new UserError('LAMA_E_BUNDLE_INPUT', 'compatible must not be empty');
+  if (!o.version) throw new UserError('LAMA_E_BUNDLE_INPUT', 'version must not be empty');
+  if (o.images.length === 0) throw new UserError('LAMA_E_BUNDLE_INPUT', 'a bundle needs at least one image');
+  const files: { name: string; from: string }[] = [];
+  const seenClass = new Set<string>();
+  const images: ManifestImage[] = o.images.map((i) => {
+    if (!/^[A-Za-z0-9_-]+$/.test(i.slotClass)) throw new UserError('LAMA_E_BUNDLE_INPUT', `invalid slot class '${i.slotClass}'`);
+    if (o.slotClasses && !o.slotClasses.includes(i.slotClass)) {
+      throw new UserError('LAMA_E_BUNDLE_INPUT', `slot class '${i.slotClass}' is not defined by the target's system.conf (${o.slotClasses.join(', ')})`);
+    }
+    if (seenClass.has(i.slotClass)) throw new UserError('LAMA_E_BUNDLE_INPUT', `two images for slot class '${i.slotClass}'`);
+    seenClass.add(i.slotClass);
+    const name = i.filename ?? path.basename(i.path);
+    if (!/^[A-Za-z0-9][A-Za-z0-9._+-]*$/.test(name) || name === 'manifest.raucm' || name === HOOK_NAME || name.endsWith('.block-hash-index')) {
+      throw new UserError('LAMA_E_BUNDLE_INPUT', `image file name '${name}' is not allowed in a bundle`);
+    }
+    if (files.some((f) => f.name === name)) throw new UserError('LAMA_E_BUNDLE_INPUT', `two images named '${name}'`);
+    files.push({ name, from: i.path });
+    return { slotClass: i.slotClass, filename: name, ...(i.hooks?.length && { hooks: i.hooks }), ...(i.adaptive && { adaptive: ['block-hash-index'] }) };
+  });
+  if (o.hookScript) files.push({ name: HOOK_NAME, from: o.hookScript });
+  const needsHookScript = o.installCheck || o.images.some((i) => i.hooks?.length);
+  if (needsHookScript && !o.hookScript) throw new UserError('LAMA_E_BUNDLE_INPUT', 'hooks were requested but no hook script was given');
+  const manifest: Manifest = {
+    compatible: o.compatible,
+    version: o.version,
+    ...(o.description !== undefined && { description: o.description }),
+    ...(o.build !== undefined && { build: o.build }),
+    format: o.format ?? 'verity',
+    formatExplicit: true,
+    ...(o.hookScript && { hookScript: HOOK_NAME }),
+    ...(o.installCheck && { installCheck: true }),
+    images,
+  };
+  return { manifest, files };
+}
+
+/** A temp directory inside `parent` (same filesystem as the output, so images can be hard-linked). */
+async function tempDirIn(parent: string): Promise<{ dir: string; remove: () => Promise<void> }> {
+  let dir: string;
+  try {
+    dir = await fs.mkdtemp(path.join(parent, '.lamadist-bundle-'));
+  } catch (err) {
+    if (isErrno(err, 'ENOENT')) throw new UserError('LAMA_E_NO_DIR', `output directory ${parent} does not exist`);
+    throw err;
+  }
+  const remove = async (): Promise<void> => {
+    unregister();
+    await fs.rm(dir, { recursive: true, force: true });
+  };
+  const unregister = onCleanup(remove);
+  return { dir, remove };
+}
+
+/** Put `from` into the staging directory as `to`: a hard link when possible, otherwise a copy. */
+async function stage(from: string, to: string): Promise<void> {
+  let st;
+  try {
+    st = await fs.stat(from);
+  } catch (err) {
+    if (isErrno(err, 'ENOENT')) throw new UserError('LAMA_E_NOT_FOUND', `image ${from} does not exist`);
+    throw err;
+  }
+  if (!st.isFile()) throw new UserError('LAMA_E_BUNDLE_INPUT', `${from} is not a regular file`);
+  // squashfs records the mode (-all-root fixes only owners), so link only files that are already 0644.
+  if ((st.mode & 0o7777) === 0o644) {
+    try {
+      await fs.link(from, to);
+      return;
+    } catch (err) {
+      if (!isErrno(err, 'EXDEV') && !isErrno(err, 'EPERM')) throw err;
+    }
+  }
+  await fs.copyFile(from, to, constants.COPYFILE_FICLONE);
+  await fs.chmod(to, 0o644);
+}
+
+/**
+ * Create a signed bundle in RAUC's verity (or crypt) format: squashfs payload from mksquashfs, the
+ * dm-verity tree appended without superblock, the manifest (with verity hash, salt and size) signed
+ * as CMS SignedData with the manifest embedded, then the signature size as big-endian u64. The
+ * output appears only when complete (temp file, fsync, rename).
+ */
+export async function createBundle(o: CreateBundleOptions): Promise<CreatedBundle> {
+  const { manifest, files } = planBundle(o);
+  const signingTime = o.signingTime ?? new Date();
+  const step = o.onStep ?? ((): void => undefined);
+  const outDir = path.dirname(path.resolve(o.out));
+  const staging = await tempDirIn(outDir);
+  try {
+    await fs.chmod(staging.dir, 0o755);
+    step('hashing images');
+    for (const f of files) await stage(f.from, path.join(staging.dir, f.name));
+    for (const img of manifest.images) {
+      const p = path.join(staging.dir, img.filename);
+      const d = await digestImage(p, { blockIndex: Boolean(img.adaptive) });
+      img.sha256 = d.sha256;
+      img.size = d.size;
+      if (d.blockHashIndex) {
+        const idx = path.join(staging.dir, `${img.filename}.block-hash-index`);
+        await fs.writeFile(idx, d.blockHashIndex, { mode: 0o644 });
+        await fs.chmod(idx, 0o644);
+      }
+    }
+    const inner = renderManifest(manifest);
+    await fs.writeFile(path.join(staging.dir, 'manifest.raucm'), inner, { mode: 0o644 });
+    await fs.chmod(path.join(staging.dir, 'manifest.raucm'), 0o644);
+    return await withAtomicFile(o.out, { force: o.force ?? false }, async (out) => {
+      step('creating squashfs payload');
+      await makeSquashfs(staging.dir, out.temp, signingTime.getTime() / 1000);
+      await staging.remove();
+      const payloadSize = (await out.fd.stat()).size;
+      if (payloadSize % BLOCK !== 0 || payloadSize <= BLOCK) {
+        throw new Error(`mksquashfs produced ${payloadSize} bytes, expected a multiple of ${BLOCK} above ${BLOCK}`);
+      }
+      const signed: Manifest = { ...manifest, images: manifest.images.map((i) => ({ ...i })) };
+      if (signed.format === 'crypt') {
+        step('encrypting payload');
+        const key = randomBytes(32);
+        await cryptInPlace(out.fd, payloadSize, key, true);
+        signed.cryptKey = key.toString('hex');
+      }
+      await out.fd.sync();
+      step('computing dm-verity hash tree');
+      // RAUC picks a random salt; deriving it from the manifest (which fixes every payload byte)
+      // keeps it unique per content while making identical inputs give identical bundles.
+      const salt = o.salt ?? createHash('sha256').update('lamadist rauc bundle verity salt\0').update(inner).digest();
+      const v = await formatVerity({ dataPath: out.temp, hashPath: out.temp, hashOffset: payloadSize, superblock: false, salt });
+      signed.verityHash = v.rootHash.toString('hex');
+      signed.veritySalt = salt.toString('hex');
+      signed.veritySize = v.hashTreeBytes;
+      step('signing manifest');
+      const text = renderManifest(signed);
+      let cms = signEmbedded(Buffer.from(text), o.signer, signingTime);
+      if (o.recipients?.length) {
+        if (signed.format !== 'crypt') throw new UserError('LAMA_E_BUNDLE_INPUT', 'only crypt bundles can be encrypted for recipients');
+        cms = envelope(cms, o.recipients);
+      }
+      const end = payloadSize + v.hashTreeBytes;
+      await writeSignature(out, end, cms);
+      return {
+        path: out.final,
+        size: end + cms.length + 8,
+        format: signed.format as 'verity' | 'crypt',
+        payloadSize,
+        verityHash: signed.verityHash,
+        veritySalt: signed.veritySalt,
+        veritySize: v.hashTreeBytes,
+        manifest: signed,
+        signatureSize: cms.length,
+      };
+    });
+  } finally {
+    await staging.remove();
+  }
+}
+
+async function writeSignature(out: AtomicFile, at: number, cms: Buffer): Promise<void> {
+  const trailer = Buffer.alloc(8);
+  trailer.writeBigUInt64BE(BigInt(cms.length));
+  const all = Buffer.concat([cms, trailer]);
+  await out.fd.write(all, 0, all.length, at);
+  await out.fd.truncate(at + all.length);
+}
+
+/** Options for `inspectBundle`. */
+export interface InspectOptions {
+  /** CA certificate(s) PEM file: verify the signature chain against it. Without it nothing is trusted. */
+  keyring?: string;
+  /** Device private key (PEM file) to open an encrypted crypt bundle. */
+  deviceKey?: string;
+  /** Device certificate (PEM file) selecting the recipient entry. */
+  deviceCert?: string;
+  /** Refuse a bundle whose manifest names another compatible. */
+  compatible?: string;
+  /** Also check the dm-verity tree over the payload and every image's SHA-256 (default: when a keyring is given). */
+  verifyPayload?: boolean;
+}
+
+/** What `inspectBundle` reports. */
+export interface BundleInfo {
+  path: string;
+  format: 'plain' | 'verity' | 'crypt';
+  /** Crypt bundle whose signature is enveloped for recipients. */
+  encrypted: boolean;
+  manifest: {
+    compatible: string;
+    version?: string;
+    build?: string;
+    description?: string;
+    verityHash?: string;
+    veritySalt?: string;
+    veritySize?: number;
+    hooks: string[];
+    images: { slotClass: string; filename: string; sha256: string; size: number; adaptive?: string[]; hooks?: string[] }[];
+  };
+  signer: CertSummary | undefined;
+  /** Signer first, keyring CA last (only when verified). */
+  chain: CertSummary[];
+  signingTime?: string;
+  recipients?: { issuer: string; serial: string; keyEncryption: string }[];
+  sizes: { file: number; payload: number; hashTree: number; signature: number };
+  /** Signature checked against the keyring. */
+  verified: boolean;
+  /** dm-verity tree and image hashes checked. */
+  payloadVerified: boolean;
+}
+
+async function openBundle(file: string): Promise<FileHandle> {
+  try {
+    const h = await fs.open(file, 'r');
+    if (!(await h.stat()).isFile()) {
+      await h.close();
+      throw new UserError('LAMA_E_NOT_FOUND', `${file} is not a regular file`);
+    }
+    return h;
+  } catch (err) {
+    if (isErrno(err, 'ENOENT')) throw new UserError('LAMA_E_NOT_FOUND', `bundle ${file} does not exist`);
+    if (isErrno(err, 'EISDIR')) throw new UserError('LAMA_E_NOT_FOUND', `bundle ${file} is a directory`);
+    throw err;
+  }
+}
+
+/** The SignedData of a bundle, decrypting the envelope with the device key when there is one. */
+async function signedDataOf(layout: BundleLayout, file: string, o: Pick<InspectOptions, 'deviceKey' | 'deviceCert'>): Promise<Buffer> {
+  if (layout.cms === 'signed') return layout.signature;
+  if (!o.deviceKey) {
+    throw new UserError('LAMA_E_BUNDLE_NEEDS_KEY', 'bundle is encrypted for its recipients; give the device key with --key', { where: file });
+  }
+  const keyPem = (await readUserFile(o.deviceKey, 'device key')).toString('utf8');
+  const certPem = o.deviceCert ? (await readUserFile(o.deviceCert, 'device certificate')).toString('utf8') : undefined;
+  try {
+    return decryptEnvelope(layout.signature, keyPem, certPem);
+  } catch (err) {
+    if (err instanceof UserError && err.where === undefined) throw new UserError(err.code, err.message, { where: file, cause: err });
+    throw err;
+  }
+}
+
+function located(err: unknown, file: string): never {
+  if (err instanceof UserError && err.where === undefined) throw new UserError(err.code, err.message, { where: file, cause: err });
+  throw err;
+}
+
+/**
+ * Read a bundle, and with `keyring` verify it: CMS signature and signer chain, then (unless
+ * `verifyPayload` is false) the dm-verity tree over the payload and each image's SHA-256.
+ * Failures are UserErrors located at the bundle: LAMA_E_BUNDLE_NOT_A_BUNDLE, _TRUNCATED, _TRAILER,
+ * _BAD_SIGNATURE, _MANIFEST_TAMPERED, _UNTRUSTED_SIGNER, _PAYLOAD_TAMPERED / _HASH_TREE_TAMPERED
+ * (with the byte offset), _IMAGE_TAMPERED, _WRONG_COMPATIBLE, _WRONG_DEVICE_KEY, _NEEDS_KEY.
+ */
+export async function inspectBundle(file: string, o: InspectOptions = {}): Promise<BundleInfo> {
+  const h = await openBundle(file);
+  let layout: BundleLayout;
+  try {
+    layout = await readLayout(h, file);
+  } finally {
+    await h.close();
+  }
+  const sd = await signedDataOf(layout, file, o);
+  let content: Buffer;
+  let chain: CertSummary[] = [];
+  let signingTime: Date | undefined;
+  const verified = o.keyring !== undefined;
+  try {
+    if (o.keyring) {
+      const keyringPem = (await readUserFile(o.keyring, 'keyring')).toString('utf8');
+      const v = verifyEmbedded(sd, keyringPem);
+      content = v.content;
+      chain = v.chain;
+      signingTime = v.signingTime;
+    } else {
+      content = unverifiedContent(sd);
+    }
+  } catch (err) {
+    located(err, file);
+  }
+  const m = parseManifest(content.toString('utf8'), `${file}: signed manifest`);
+  if (layout.cms === 'enveloped' && m.format !== 'crypt') {
+    throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', `an encrypted signature must belong to a crypt bundle, manifest says '${m.format}'`, { where: file });
+  }
+  if (m.format === 'plain') {
+    throw new UserError('LAMA_E_BUNDLE_FORMAT', "plain-format bundles are not supported (their signature covers the whole file); rebuild in 'verity' format", { where: file });
+  }
+  if (!m.verityHash || !m.veritySalt || !m.veritySize) {
+    throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', `${m.format} manifest lacks verity-hash, verity-salt or verity-size`, { where: file });
+  }
+  const payload = layout.signatureOffset - m.veritySize;
+  if (payload <= 0 || payload % BLOCK !== 0) {
+    throw new UserError('LAMA_E_BUNDLE_TRUNCATED', `payload and hash tree end at byte ${layout.signatureOffset}, which cannot hold a ${m.veritySize}-byte hash tree`, { where: file });
+  }
+  if (o.compatible !== undefined && m.compatible !== o.compatible) {
+    throw new UserError('LAMA_E_BUNDLE_WRONG_COMPATIBLE', `bundle is for '${m.compatible}', expected '${o.compatible}'`, { where: file });
+  }
+  for (const img of m.images) {
+    if (img.sha256 === undefined || img.size === undefined) {
+      throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', `[image.${img.slotClass}] has no sha256 or size`, { where: file });
+    }
+  }
+  const verifyPayload = o.verifyPayload ?? verified;
+  if (verifyPayload) {
+    await checkVerity(file, payload, m);
+    await checkImages(file, payload, m);
+  }
+  const signer = chain[0] ?? signerSummary(sd);
+  return {
+    path: file,
+    format: m.format,
+    encrypted: layout.cms === 'enveloped',
+    manifest: {
+      compatible: m.compatible,
+      ...(m.version !== undefined && { version: m.version }),
+      ...(m.build !== undefined && { build: m.build }),
+      ...(m.description !== undefined && { description: m.description }),
+      verityHash: m.verityHash,
+      veritySalt: m.veritySalt,
+      veritySize: m.veritySize,
+      hooks: m.installCheck ? ['install-check'] : [],
+      images: m.images.map((i) => ({
+        slotClass: i.slotClass,
+        filename: i.filename,
+        sha256: i.sha256 as string,
+        size: i.size as number,
+        ...(i.adaptive && { adaptive: i.adaptive }),
+        ...(i.hooks && { hooks: i.hooks }),
+      })),
+    },
+    signer,
+    chain,
+    ...(signingTime && { signingTime: signingTime.toISOString() }),
+    ...(layout.cms === 'enveloped' && { recipients: recipientsOf(layout.signature) }),
+    sizes: { file: layout.fileSize, payload, hashTree: m.veritySize, signature: layout.signatureSize },
+    verified,
+    payloadVerified: verifyPayload,
+  };
+}
+
+async function checkVerity(file: string, payload: number, m: Manifest): Promise<void> {
+  try {
+    await verifyVerity({
+      dataPath: file,
+      hashPath: file,
+      dataBlocks: payload / BLOCK,
+      hashOffset: payload,
+      superblock: false,
+      salt: Buffer.from(m.veritySalt as string, 'hex'),
+      rootHash: Buffer.from(m.verityHash as string, 'hex'),
+    });
+  } catch (err) {
+    if (err instanceof UserError && err.code === 'LAMA_E_VERITY_MISMATCH') {
+      const at = /byte offset (\d+)/.exec(err.message);
+      const offset = at ? Number(at[1]) : undefined;
+      const inTree = offset !== undefined && offset >= payload;
+      throw new UserError(
+        inTree ? 'LAMA_E_BUNDLE_HASH_TREE_TAMPERED' : 'LAMA_E_BUNDLE_PAYLOAD_TAMPERED',
+        `${inTree ? 'hash tree' : 'payload'} tampered with: ${err.message}`,
+        { where: offset !== undefined ? `${file}@${offset}` : file, cause: err },
+      );
+    }
+    if (err instanceof UserError && err.code === 'LAMA_E_VERITY_TRUNCATED') {
+      throw new UserError('LAMA_E_BUNDLE_TRUNCATED', err.message, { where: file, cause: err });
+    }
+    throw err;
+  }
+}
+
+/**
+ * Extract the payload's files into `dir` with unsquashfs (decrypting a crypt payload into a temp
+ * copy first) and return the directory.
+ */
+async function unpack(file: string, payload: number, m: Manifest, dir: string, only?: string[]): Promise<void> {
+  let source = file;
+  let tmp: { dir: string; remove: () => Promise<void> } | undefined;
+  try {
+    if (m.format === 'crypt') {
+      if (!m.cryptKey) throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', 'crypt manifest has no crypt-key', { where: file });
+      tmp = await makeTempDir('lamadist-decrypt-');
+      source = path.join(tmp.dir, 'payload.squashfs');
+      await fs.copyFile(file, source, constants.COPYFILE_FICLONE);
+      const h = await fs.open(source, 'r+');
+      try {
+        await h.truncate(payload);
+        await cryptInPlace(h, payload, Buffer.from(m.cryptKey, 'hex'), false);
+      } finally {
+        await h.close();
+      }
+    }
+    await run('unsquashfs', ['-no-progress', '-no-xattrs', '-f', '-d', dir, source, ...(only ?? [])], { userErrorCode: 'LAMA_E_BUNDLE_PAYLOAD_TAMPERED' });
+  } finally {
+    await tmp?.remove();
+  }
+}
+
+async function checkImages(file: string, payload: number, m: Manifest): Promise<void> {
+  const tmp = await makeTempDir('lamadist-inspect-');
+  try {
+    const out = path.join(tmp.dir, 'x');
+    await unpack(file, payload, m, out, m.images.map((i) => i.filename));
+    for (const img of m.images) {
+      const d = await digestImage(path.join(out, img.filename)).catch((err: unknown) => {
+        if (err instanceof UserError && err.code === 'LAMA_E_NOT_FOUND') {
+          throw new UserError('LAMA_E_BUNDLE_IMAGE_TAMPERED', `image ${img.filename} named by the manifest is missing from the payload`, { where: file });
+        }
+        throw err;
+      });
+      if (d.sha256 !== img.sha256 || d.size !== img.size) {
+        throw new UserError('LAMA_E_BUNDLE_IMAGE_TAMPERED', `image ${img.filename} does not match its manifest hash`, { where: file });
+      }
+    }
+  } finally {
+    await tmp.remove();
+  }
+}
+
+/**
+ * Verify a bundle against `keyring` (signature, verity tree) and extract its payload into `dir`
+ * (which must not exist yet), like `rauc extract`.
+ */
+export async function extractBundle(file: string, dir: string, o: Omit<InspectOptions, 'verifyPayload'> & { keyring: string }): Promise<BundleInfo> {
+  const info = await inspectBundle(file, { ...o, verifyPayload: false });
+  try {
+    await fs.access(dir);
+    throw new UserError('LAMA_E_EXISTS', `${dir} already exists`);
+  } catch (err) {
+    if (!isErrno(err, 'ENOENT')) throw err;
+  }
+  const h = await openBundle(file);
+  let sd: Buffer;
+  try {
+    sd = await signedDataOf(await readLayout(h, file), file, o);
+  } finally {
+    await h.close();
+  }
+  const m = parseManifest(verifyEmbedded(sd, (await readUserFile(o.keyring, 'keyring')).toString('utf8')).content.toString('utf8'), `${file}: signed manifest`);
+  await checkVerity(file, info.sizes.payload, m);
+  await unpack(file, info.sizes.payload, m, dir);
+  return { ...info, payloadVerified: true };
+}
+
+/** What `encryptBundle` reports. */
+export interface EncryptedBundle {
+  path: string;
+  size: number;
+  signatureSize: number;
+  recipients: { issuer: string; serial: string; keyEncryption: string }[];
+}
+
+/**
+ * Encrypt a crypt bundle's signature for `recipients` (PEM certificate files): only the CMS and the
+ * size trailer change, payload and hash tree are copied as they are. An already encrypted bundle is
+ * re-encrypted for a new set of devices when `deviceKey` (one of its current recipients) is given.
+ */
+export async function encryptBundle(
+  input: string,
+  out: string,
+  recipients: string[],
+  o: { deviceKey?: string; deviceCert?: string; keyring?: string; force?: boolean } = {},
+): Promise<EncryptedBundle> {
+  const h = await openBundle(input);
+  let layout: BundleLayout;
+  try {
+    layout = await readLayout(h, input);
+  } finally {
+    await h.close();
+  }
+  const sd = await signedDataOf(layout, input, o);
+  const content = o.keyring ? verifyEmbedded(sd, (await readUserFile(o.keyring, 'keyring')).toString('utf8')).content : unverifiedContent(sd);
+  const m = parseManifest(content.toString('utf8'), `${input}: signed manifest`);
+  if (m.format !== 'crypt') {
+    throw new UserError('LAMA_E_BUNDLE_FORMAT', `only crypt bundles can be encrypted; ${input} is in '${m.format}' format (create it with --format crypt)`, { where: input });
+  }
+  const pems = await Promise.all(recipients.map(async (r) => (await readUserFile(r, 'recipient certificate')).toString('utf8')));
+  const cms = envelope(sd, pems);
+  const same = path.resolve(input) === path.resolve(out);
+  if (same && !o.force) throw new UserError('LAMA_E_EXISTS', `${out} already exists (use --force to replace it)`);
+  await withAtomicFile(out, { force: o.force ?? false }, async (f) => {
+    await fs.copyFile(input, f.temp, constants.COPYFILE_FICLONE);
+    await writeSignature(f, layout.signatureOffset, cms);
+  });
+  return { path: path.resolve(out), size: layout.signatureOffset + cms.length + 8, signatureSize: cms.length, recipients: recipientsOf(cms) };
+}

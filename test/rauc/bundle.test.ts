@@ -1,0 +1,80 @@
+import { execFileSync, spawnSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createBundle, inspectBundle } from '../../src/rauc/index.js';
+import { makePki, type Pki } from './pki.js';
+
+let pki: Pki;
+let dir: string;
+let rootfs: string;
+let verity: string;
+let uki: string;
+const T = new Date('2026-02-01T00:00:00Z');
+
+function rauc(args: string[]): { code: number; out: string } {
+  const r = spawnSync('rauc', args, { encoding: 'utf8' });
+  return { code: r.status ?? 128, out: `${r.stdout}${r.stderr}` };
+}
+
+beforeAll(() => {
+  pki = makePki();
+  dir = mkdtempSync(path.join(os.tmpdir(), 'lamadist-rauc-'));
+  rootfs = path.join(dir, 'rootfs.erofs');
+  verity = path.join(dir, 'rootfs.verity');
+  uki = path.join(dir, 'lamadist.efi');
+  const img = Buffer.alloc(3 * 1024 * 1024);
+  for (let i = 0; i < img.length; i += 4096) img.writeUInt32LE(i * 2654435761 >>> 0, i);
+  writeFileSync(rootfs, img);
+  writeFileSync(verity, img.subarray(0, 64 * 1024));
+  writeFileSync(uki, 'MZ fake UKI of odd length');
+});
+afterAll(() => {
+  rmSync(dir, { recursive: true, force: true });
+  rmSync(pki.dir, { recursive: true, force: true });
+});
+
+const signer = (): { certPem: string; keyPem: string } => ({ certPem: readFileSync(pki.cert, 'utf8'), keyPem: readFileSync(pki.key, 'utf8') });
+
+async function make(out: string, format: 'verity' | 'crypt' = 'verity'): Promise<string> {
+  const p = path.join(dir, out);
+  await createBundle({
+    out: p,
+    compatible: 'lamadist-x86-64',
+    version: '1.2.3',
+    build: '20260201',
+    images: [
+      { slotClass: 'rootfs', path: rootfs, adaptive: true },
+      { slotClass: 'verity', path: verity, adaptive: true },
+      { slotClass: 'efi', path: uki },
+    ],
+    format,
+    signer: signer(),
+    signingTime: T,
+  });
+  return p;
+}
+
+describe('verity bundle', () => {
+  it('rauc info accepts it and rauc extract yields the input images byte for byte', async () => {
+    const b = await make('a.raucb');
+    const info = rauc(['info', '--conf', pki.conf, '--keyring', pki.ca, b]);
+    expect(info.out).toContain("Compatible: \t'lamadist-x86-64'");
+    expect(info.code, info.out).toBe(0);
+    const x = path.join(dir, 'x');
+    const ex = rauc(['extract', '--conf', pki.conf, '--keyring', pki.ca, b, x]);
+    expect(ex.code, ex.out).toBe(0);
+    expect(readFileSync(path.join(x, 'rootfs.erofs'))).toEqual(readFileSync(rootfs));
+    expect(readFileSync(path.join(x, 'lamadist.efi'))).toEqual(readFileSync(uki));
+    const ours = await inspectBundle(b, { keyring: pki.ca, compatible: 'lamadist-x86-64' });
+    expect(ours.verified && ours.payloadVerified).toBe(true);
+    expect(ours.manifest.images.map((i) => i.slotClass)).toEqual(['rootfs', 'verity', 'efi']);
+  });
+
+  it('is byte-identical when created twice with the same signing time', async () => {
+    const a = await make('r1.raucb');
+    const b = await make('r2.raucb');
+    expect(readFileSync(a).equals(readFileSync(b))).toBe(true);
+  });
+});

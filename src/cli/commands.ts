@@ -14,4 +14,9 @@ export const COMMANDS: Record<string, { summary: string; load: () => Promise<Com
   bsp: { summary: 'list the supported board support packages', load: () => import('./commands/bsp.js') },
   verity: { summary: 'write and verify dm-verity hash trees (veritysetup format)', load: () => import('./commands/verity.js') },
   version: { summary: 'print the build version from git (GitVersion style)', load: () => import('./commands/version.js') },
+  keys: { summary: 'create and inspect the fleet key directory (Secure Boot, RAUC, devices, RPM)', load: () => import('./commands/keys.js') },
+  uki: { summary: 'build, inspect and measure Unified Kernel Images', load: () => import('./commands/uki.js') },
+  sign: { summary: 'Authenticode-sign EFI images with the Secure Boot db key', load: () => import('./commands/sign.js') },
+  verify: { summary: 'verify EFI image signatures against a certificate', load: () => import('./commands/verify.js') },
+  host: { summary: 'manage the host inventory (identity and network on the kernel command line)', load: () => import('./commands/host.js') },
 };

@@ -1,0 +1,225 @@
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import type { AddressInfo } from 'node:net';
+import Fastify, { type FastifyError, type FastifyInstance } from 'fastify';
+import swagger from '@fastify/swagger';
+import { BSPS } from '../bsp/index.js';
+import { UserError, isErrno } from '../errors.js';
+import { readUserFile } from '../util/fsx.js';
+import { registerApi, type BundleVerifier } from './api.js';
+import { hashToken, newToken } from './auth.js';
+import { registerDashboard } from './dashboard.js';
+import { openDatabase } from './db.js';
+import { registerDdi } from './ddi.js';
+import { FleetService } from './service.js';
+import { ArtifactStore } from './store.js';
+import { raucBundleVerifier } from './verify.js';
+
+/**
+ * The LamaDist update server: hawkBit DDI device API, management API with OpenAPI document,
+ * Prometheus metrics and the fleet dashboard in one process, over SQLite (WAL) or PostgreSQL and a
+ * content-addressed artifact directory.
+ *
+ * Public API:
+ * - `startServer(options)` → `{ url, port, adminTokenFile, service, close() }`
+ * - `parseListen(text)` → `{ host, port }`
+ * - re-exports: `FleetService`, `openDatabase`, `dropPostgresSchema`, `randomSchemaName`,
+ *   `planRange`, `parseWaves`, `planWaveSizes`, `decideWave`, `matchesFilter`, `hashToken`, `newToken`
+ */
+
+export interface ServerOptions {
+  /** `sqlite:PATH` (default `sqlite:<store>/lamadist.db`) or `postgres://…[?schema=NAME]`. */
+  db?: string;
+  /** Artifact directory (content-addressed bundles, temp uploads, admin token). */
+  store: string;
+  /** `HOST:PORT`, `:PORT` or `PORT`; port 0 picks a free one. Default 127.0.0.1:8080. */
+  listen?: string;
+  /** PEM file with the CA certificate(s) bundles must be signed under. */
+  keyring: string;
+  /** Admin token for the management API; default: read or create `<store>/admin.token` (0600). */
+  adminToken?: string;
+  tlsCert?: string;
+  tlsKey?: string;
+  /** PEM CA for device client certificates (mutual TLS); a verified cert whose CN is the controller id authenticates it. */
+  clientCa?: string;
+  /** Device poll interval in seconds (default 300). */
+  pollSeconds?: number;
+  /** Base URL put into DDI links when the server sits behind a proxy. */
+  publicUrl?: string;
+  /** Tenant used by the management API when none is given (default DEFAULT). */
+  tenant?: string;
+  /** Largest accepted bundle upload (default 8 GiB). */
+  maxBundleBytes?: number;
+  /** RAUC compatibles accepted (default: those of the BSP table). */
+  compatibles?: string[];
+  /** configData attribute with the running version (default `version`). */
+  versionAttribute?: string;
+  /** configData attribute with the kernel boot id (default `boot_id`). */
+  bootIdAttribute?: string;
+  /** Recipient key (and cert) of the server itself, to verify crypt bundles encrypted for it too. */
+  bundleKey?: string;
+  bundleCert?: string;
+  /** Replace bundle verification (the default runs the RAUC bundle inspector against `keyring`). */
+  verifyBundle?: BundleVerifier;
+  /** Request logging (pino JSON to stderr). */
+  log?: boolean;
+}
+
+export interface RunningServer {
+  url: string;
+  port: number;
+  /** Where the admin token lives when it was not given explicitly. */
+  adminTokenFile?: string;
+  service: FleetService;
+  app: FastifyInstance;
+  close(): Promise<void>;
+}
+
+/** Parse `HOST:PORT`, `[V6]:PORT`, `:PORT` or `PORT`. */
+export function parseListen(text: string): { host: string; port: number } {
+  const m = /^(?:\[([^\]]+)\]|([^:]*))?:?(\d{1,5})$/.exec(text.trim());
+  const port = m ? Number(m[3]) : NaN;
+  if (!m || !(port >= 0 && port <= 65535)) throw new UserError('LAMA_E_SERVER_LISTEN', `--listen '${text}' must be HOST:PORT, :PORT or PORT`);
+  return { host: m[1] ?? (m[2] || '127.0.0.1'), port };
+}
+
+async function adminToken(store: string, given: string | undefined): Promise<{ token: string; file?: string }> {
+  if (given) return { token: given };
+  const file = path.join(store, 'admin.token');
+  try {
+    const token = (await fs.readFile(file, 'utf8')).trim();
+    if (token) return { token, file };
+  } catch (err) {
+    if (!isErrno(err, 'ENOENT')) throw err;
+  }
+  const token = newToken();
+  await fs.writeFile(file, token + '\n', { mode: 0o600, flag: 'wx' }).catch(async (err: unknown) => {
+    if (!isErrno(err, 'EEXIST')) throw err;
+  });
+  await fs.chmod(file, 0o600);
+  return { token: (await fs.readFile(file, 'utf8')).trim(), file };
+}
+
+function statusFor(err: UserError): number {
+  if (err.code.endsWith('_NOT_FOUND')) return 404;
+  if (err.code.endsWith('_EXISTS')) return 409;
+  if (err.code === 'LAMA_E_SERVER_TOO_LARGE') return 413;
+  if (err.code.startsWith('LAMA_E_BUNDLE_')) return 422;
+  if (err.code === 'LAMA_E_ROLLOUT_STATE') return 409;
+  return 400;
+}
+
+/**
+ * Start the update server. Resolves once it listens; `close()` stops accepting, flushes batched
+ * poll times and closes the database.
+ */
+export async function startServer(options: ServerOptions): Promise<RunningServer> {
+  const storeDir = path.resolve(options.store);
+  await fs.mkdir(storeDir, { recursive: true });
+  const keyring = path.resolve(options.keyring);
+  await readUserFile(keyring, 'keyring');
+  const store = await ArtifactStore.open(storeDir);
+  const open = await openDatabase(options.db ?? `sqlite:${path.join(storeDir, 'lamadist.db')}`);
+  const pollSeconds = options.pollSeconds ?? 300;
+  const service = new FleetService(open, {
+    pollSeconds,
+    versionAttribute: options.versionAttribute ?? 'version',
+    bootIdAttribute: options.bootIdAttribute ?? 'boot_id',
+  });
+  const admin = await adminToken(storeDir, options.adminToken);
+
+  let https: { cert: Buffer; key: Buffer; ca?: Buffer; requestCert?: boolean; rejectUnauthorized?: boolean } | undefined;
+  if (options.tlsCert || options.tlsKey) {
+    if (!options.tlsCert || !options.tlsKey) throw new UserError('LAMA_E_SERVER_TLS', '--tls-cert and --tls-key go together');
+    https = { cert: await readUserFile(options.tlsCert, 'TLS certificate'), key: await readUserFile(options.tlsKey, 'TLS key') };
+    if (options.clientCa) {
+      // Request but do not require a client certificate: the dashboard and management API use tokens.
+      Object.assign(https, { ca: await readUserFile(options.clientCa, 'client CA'), requestCert: true, rejectUnauthorized: false });
+    }
+  } else if (options.clientCa) {
+    throw new UserError('LAMA_E_SERVER_TLS', '--client-ca needs --tls-cert and --tls-key');
+  }
+
+  const app = Fastify({
+    logger: options.log ? { level: 'info', stream: process.stderr } : false,
+    bodyLimit: 64 * 1024,
+    keepAliveTimeout: 65_000,
+    // Devices keep connections open between range reads; shutdown must not wait for them.
+    forceCloseConnections: true,
+    ...(https ? { https } : {}),
+  }) as unknown as FastifyInstance;
+
+  app.setErrorHandler((err: FastifyError | UserError, _req, reply) => {
+    if (err instanceof UserError) return reply.code(statusFor(err)).send({ error: err.code, message: err.line() });
+    const status = err.statusCode ?? 500;
+    if (status >= 500) {
+      app.log.error(err);
+      return reply.code(500).send({ error: 'LAMA_E_SERVER_INTERNAL', message: 'internal server error' });
+    }
+    return reply.code(status).send({ error: `LAMA_E_HTTP_${status}`, message: err.message });
+  });
+
+  await app.register(swagger, {
+    openapi: {
+      openapi: '3.0.3',
+      info: { title: 'LamaDist update server management API', version: '1' },
+      components: { securitySchemes: { admin: { type: 'http', scheme: 'bearer' } } },
+      security: [{ admin: [] }],
+    },
+  });
+  app.get('/api/openapi.json', { schema: { hide: true } }, async () => app.swagger());
+  app.get('/healthz', { schema: { hide: true } }, async () => ({ ok: true }));
+
+  const verifyBundle = options.verifyBundle ?? raucBundleVerifier(
+      keyring,
+      options.bundleKey ? { key: options.bundleKey, ...(options.bundleCert ? { cert: options.bundleCert } : {}) } : undefined,
+    );
+  registerApi(app, service, store, {
+    adminTokenHash: hashToken(admin.token),
+    defaultTenant: options.tenant ?? 'DEFAULT',
+    maxBundleBytes: options.maxBundleBytes ?? 8 * 1024 ** 3,
+    verifyBundle,
+    compatibles: options.compatibles ?? BSPS.map((b) => b.compatible),
+  });
+  registerDdi(app, service, store, options.publicUrl ? { publicUrl: options.publicUrl } : {});
+  registerDashboard(app);
+
+  const { host, port } = parseListen(options.listen ?? '127.0.0.1:8080');
+  try {
+    await app.listen({ host, port });
+  } catch (err) {
+    await service.close();
+    await open.close();
+    await store.close();
+    if (isErrno(err, 'EADDRINUSE')) throw new UserError('LAMA_E_SERVER_LISTEN', `${host}:${port} is already in use`);
+    throw err;
+  }
+  const addr = app.server.address() as AddressInfo;
+  const shownHost = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address;
+  const url = `${https ? 'https' : 'http'}://${shownHost === '0.0.0.0' ? '127.0.0.1' : shownHost}:${addr.port}`;
+  let closed = false;
+  return {
+    url,
+    port: addr.port,
+    ...(admin.file ? { adminTokenFile: admin.file } : {}),
+    service,
+    app,
+    async close() {
+      if (closed) return;
+      closed = true;
+      await app.close();
+      await service.close();
+      await open.close();
+      await store.close();
+    },
+  };
+}
+
+export { FleetService } from './service.js';
+export { openDatabase, dropPostgresSchema, randomSchemaName } from './db.js';
+export { planRange } from './range.js';
+export { parseWaves, planWaveSizes, decideWave, matchesFilter } from './rollout.js';
+export { hashToken, newToken } from './auth.js';
+export type { BundleVerifier, VerifiedBundle } from './api.js';
+export type { DeviceView, ReleaseView, RolloutView, ActionView } from './service.js';
+export type { TargetFilter, WaveSpec } from './rollout.js';

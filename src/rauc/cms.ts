@@ -376,6 +376,9 @@ export function envelope(content: Buffer, recipientPems: string[]): Buffer {
         algorithmParams: new asn1js.OctetString({ valueHex: ab(iv) }),
       }),
       encryptedContent: new asn1js.OctetString({ valueHex: ab(encrypted) }),
+      // pkijs otherwise splits large content into an indefinite-length BER string; the trailer
+      // format and our own size checks want plain DER.
+      disableSplit: true,
     }),
   });
   const ci = new pkijs.ContentInfo({ contentType: OID.envelopedData, content: ed.toSchema() });

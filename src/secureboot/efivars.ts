@@ -108,7 +108,7 @@ export function makeAuthVariable(opts: { name: string; guid?: string; data: Buff
   const guid = opts.guid ?? VARIABLE_GUID[opts.name as KeyVariable] ?? GUID.globalVariable;
   const attributes = opts.attributes ?? ATTR_TIME_AUTH;
   const ts = efiTime(opts.timestamp ?? new Date());
-  const signer = loadSigner(opts.signer, opts.timestamp ?? new Date());
+  const signer = loadSigner(opts.signer);
   const contentInfo = buildSignedData({ signer, contentType: OID.data, digestInput: authPayload(opts.name, guid, attributes, ts, opts.data) });
   const signedData = unwrapContentInfo(contentInfo);
   const hdr = Buffer.alloc(24);

@@ -12,6 +12,7 @@ export interface CommandModule {
  */
 export const COMMANDS: Record<string, { summary: string; load: () => Promise<CommandModule> }> = {
   bsp: { summary: 'list the supported board support packages', load: () => import('./commands/bsp.js') },
+  bundle: { summary: 'create, encrypt, inspect and verify RAUC update bundles', load: () => import('./commands/bundle.js') },
   server: { summary: 'run the update server (hawkBit DDI, management API, dashboard)', load: () => import('./commands/server.js') },
   fleet: { summary: 'manage devices, releases and rollouts on an update server', load: () => import('./commands/fleet.js') },
   gpt: { summary: 'show and repair GUID partition tables with DPS roles', load: () => import('./commands/gpt.js') },

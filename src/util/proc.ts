@@ -36,6 +36,10 @@ export const TOOL_PACKAGES: Record<string, string> = {
   git: 'git',
   cpio: 'cpio',
   zstd: 'zstd',
+  'apt-get': 'apt',
+  'apt-cache': 'apt',
+  'dpkg-deb': 'dpkg',
+  ldd: 'libc-bin',
   chromium: 'chromium',
   nginx: 'nginx-light',
 };

@@ -2,6 +2,7 @@ import { existsSync, promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { BSPS, type Bsp, type DpsArch } from '../bsp/index.js';
+import { dpsRoleOf, dpsTypeFor } from '../disk/dps.js';
 import { UserError, type ErrorCode } from '../errors.js';
 import {
   composeKas,
@@ -50,7 +51,8 @@ export interface CheckOptions {
   root: string;
   /** kas JSON schema; default from `findKasSchema`. */
   kasSchema?: string;
-  dps: DpsLookup;
+  /** DPS table; the disk engine's by default. */
+  dps?: DpsLookup;
   /** BSP table; the toolkit's own by default (tests pass smaller ones). */
   bsps?: readonly Bsp[];
 }
@@ -77,7 +79,7 @@ interface Layout {
   arch: DpsArch;
   alignmentMiB?: number;
   partitions: LayoutPartition[];
-  raw: { name: string; offsetSectors: number; source?: string }[];
+  raw: { name: string; offsetSectors: number; maxKiB?: number; source?: string }[];
 }
 
 const SLOT_CLASSES = new Set(['rootfs', 'verity', 'efi']);
@@ -178,7 +180,7 @@ export async function runChecks(options: CheckOptions): Promise<CheckReport> {
       continue;
     }
     wks++;
-    checkWks(relp(wksFile), await fs.readFile(wksFile, 'utf8'), layout, options.dps, add);
+    checkWks(relp(wksFile), await fs.readFile(wksFile, 'utf8'), layout, options.dps ?? DISK_DPS, add);
   }
 
   let systemConfs = 0;
@@ -201,6 +203,15 @@ export async function runChecks(options: CheckOptions): Promise<CheckReport> {
     checked: { kasFiles, compositions: compositions.length, layers: layers.length, machines, wks, systemConfs },
   };
 }
+
+/** The DPS lookup backed by the disk engine's table. */
+export const DISK_DPS: DpsLookup = {
+  typeFor: (role, arch) => dpsTypeFor(role, arch),
+  describe: (uuid) => {
+    const t = dpsRoleOf(uuid);
+    return t ? `${t.role}${t.arch ? ` on ${t.arch}` : ''}` : undefined;
+  },
+};
 
 type Add = (check: CheckName, where: string, code: ErrorCode, message: string) => void;
 
@@ -444,6 +455,7 @@ async function loadLayout(file: string, shown: string, arch: DpsArch, add: Add):
     raw: raw.map((r) => ({
       name: String(r.name),
       offsetSectors: Number(r['offset-sectors']),
+      maxKiB: typeof r['max-kib'] === 'number' ? r['max-kib'] : undefined,
       source: typeof r.source === 'string' ? r.source : undefined,
     })),
   };
@@ -457,7 +469,7 @@ function checkWks(file: string, text: string, layout: Layout, dps: DpsLookup, ad
     add('wks', ptable ? at(file, ptable.pos) : bootloader ? at(file, bootloader.pos) : `${file}:1:1`, 'LAMA_E_WKS_PTABLE', 'the disk must use a GPT (bootloader --ptable gpt): DPS type UUIDs exist only in GPT');
   }
   const parts = directives.filter((d) => d.kind === 'part');
-  for (const d of parts.filter((p) => p.options.has('no-table'))) checkRawPart(file, d, layout, add);
+  for (const [i, d] of parts.filter((p) => p.options.has('no-table')).entries()) checkRawPart(file, d, i, layout, add);
   const table = parts.filter((p) => !p.options.has('no-table'));
   for (const [i, d] of table.entries()) {
     const want = layout.partitions[i];
@@ -504,19 +516,30 @@ function checkPart(file: string, d: WksDirective, i: number, want: LayoutPartiti
   }
 }
 
-function checkRawPart(file: string, d: WksDirective, layout: Layout, add: Add): void {
-  const params = d.options.get('sourceparams')?.value ?? '';
-  const src = /(?:^|,)file=([^,]+)/.exec(params)?.[1];
-  const region = layout.raw.find((r) => r.source !== undefined && src !== undefined && src.endsWith(r.source));
+/**
+ * Raw regions (boot loaders outside the partition table) are matched in order: the file names are
+ * usually BitBake variables, but offsets and maximum sizes are fixed by the SoC's boot ROM.
+ */
+function checkRawPart(file: string, d: WksDirective, index: number, layout: Layout, add: Add): void {
+  const region = layout.raw[index];
+  const src = /(?:^|,)file=([^,]+)/.exec(d.options.get('sourceparams')?.value ?? '')?.[1];
   if (!region) {
-    add('wks', at(file, d.pos), 'LAMA_E_WKS_RAW', `raw region ${src ?? '(no file=)'} is not in ${layout.file}`);
+    add('wks', at(file, d.pos), 'LAMA_E_WKS_RAW', `raw region ${src ?? '(no file=)'} is not in ${layout.file} (which has ${layout.raw.length})`);
     return;
+  }
+  if (src && !src.includes('$') && region.source && path.basename(src) !== region.source) {
+    add('wks', at(file, d.pos), 'LAMA_E_WKS_RAW', `raw region ${index + 1} writes ${src}, but ${layout.file} expects ${region.source} there`);
   }
   const off = d.options.get('offset') ?? d.options.get('align');
   const wantKiB = (region.offsetSectors * 512) / 1024;
   const gotKiB = off ? wksOffsetKiB(off.value) : undefined;
-  if (off && gotKiB !== undefined && gotKiB !== wantKiB) {
-    add('wks', at(file, off.pos), 'LAMA_E_WKS_RAW', `raw region ${region.name} is placed at ${off.value}, but ${layout.file} puts it at sector ${region.offsetSectors} (${wantKiB}K)`);
+  if (!off || gotKiB !== wantKiB) {
+    add('wks', off ? at(file, off.pos) : at(file, d.pos), 'LAMA_E_WKS_RAW', `raw region ${region.name} must start at sector ${region.offsetSectors} (${wantKiB}K), as ${layout.file} says${off ? `; the wks has ${off.value}` : ''}`);
+  }
+  const size = d.options.get('fixed-size') ?? d.options.get('size');
+  const sizeKiB = size ? wksOffsetKiB(size.value) : undefined;
+  if (size && sizeKiB !== undefined && region.maxKiB !== undefined && sizeKiB > region.maxKiB) {
+    add('wks', at(file, size.pos), 'LAMA_E_WKS_RAW', `raw region ${region.name} is ${size.value}, more than the ${region.maxKiB}K ${layout.file} leaves for it`);
   }
 }
 

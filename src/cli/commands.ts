@@ -23,4 +23,11 @@ export const COMMANDS: Record<string, { summary: string; load: () => Promise<Com
   sign: { summary: 'Authenticode-sign EFI images with the Secure Boot db key', load: () => import('./commands/sign.js') },
   verify: { summary: 'verify EFI image signatures against a certificate', load: () => import('./commands/verify.js') },
   host: { summary: 'manage the host inventory (identity and network on the kernel command line)', load: () => import('./commands/host.js') },
+  build: { summary: 'build LamaDist images with kas in the build container', load: () => import('./commands/build.js') },
+  shell: { summary: 'open a kas shell for a BSP in the build container', load: () => import('./commands/shell.js') },
+  container: { summary: 'build, enter or remove the kas build container', load: () => import('./commands/container.js') },
+  dump: { summary: 'print the composed kas configuration (computed offline)', load: () => import('./commands/dump.js') },
+  clean: { summary: 'remove build output, the sstate cache or the build container', load: () => import('./commands/clean.js') },
+  doctor: { summary: 'check host prerequisites for building, each with its fix', load: () => import('./commands/doctor.js') },
+  check: { summary: 'check the distribution definition (kas, layers, machines, wks, RAUC) with file:line:col', load: () => import('./commands/check.js') },
 };

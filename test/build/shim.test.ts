@@ -1,0 +1,151 @@
+import { chmodSync, cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { idMappingArgs } from '../../src/build/index.js';
+import { run } from '../../src/util/proc.js';
+import { REPO_ROOT, runCli } from '../helpers/cli.js';
+
+/**
+ * `lamadist build` against a recording `podman` placed first on PATH: the exact command line, the
+ * env files, the log, the progress parsing and the artifact summary, without a container.
+ */
+
+let tmp: string;
+let src: string;
+let bin: string;
+const SHIM = `#!/bin/sh
+# Records its argv (one per line) and behaves like a short BitBake run inside kas.
+printf '%s\\n' "$@" > "$SHIM_LOG"
+src=""
+prev=""
+for a in "$@"; do
+  if [ "$prev" = "-v" ]; then case "$a" in *:/work) src="\${a%:/work}" ;; esac; fi
+  prev="$a"
+done
+echo "NOTE: Running setscene task 1 of 2 (x.bb:do_populate_sysroot_setscene)"
+echo "NOTE: Running setscene task 2 of 2 (y.bb:do_populate_sysroot_setscene)"
+echo "NOTE: Running task 1 of 2 (lama-image-base.bb:do_rootfs)"
+echo "WARNING: shim warning" >&2
+echo "NOTE: Running task 2 of 2 (lama-image-base.bb:do_image_wic)"
+d="$src/build/tmp-glibc/deploy"
+mkdir -p "$d/images/lamadist-orin-nx" "$d/rpm/cortexa78ae" "$d/spdx"
+head -c 2048 /dev/zero > "$d/images/lamadist-orin-nx/lama-image-base-lamadist-orin-nx.rootfs.wic.zst"
+ln -sf lama-image-base-lamadist-orin-nx.rootfs.wic.zst "$d/images/lamadist-orin-nx/lama-image-base-lamadist-orin-nx.wic.zst"
+head -c 4096 /dev/zero > "$d/images/lamadist-orin-nx/lama-bundle-lamadist-orin-nx.raucb"
+echo '{}' > "$d/images/lamadist-orin-nx/lama-image-base-lamadist-orin-nx.rootfs.spdx.json"
+head -c 100 /dev/zero > "$d/rpm/cortexa78ae/busybox-1.36.1-r0.cortexa78ae.rpm"
+exit "\${SHIM_EXIT:-0}"
+`;
+
+const env = {
+  GIT_AUTHOR_NAME: 't',
+  GIT_AUTHOR_EMAIL: 't@example.org',
+  GIT_COMMITTER_NAME: 't',
+  GIT_COMMITTER_EMAIL: 't@example.org',
+  GIT_CONFIG_GLOBAL: '/dev/null',
+};
+
+beforeAll(async () => {
+  tmp = mkdtempSync(path.join(os.tmpdir(), 'lamadist-shim-'));
+  src = path.join(tmp, 'src');
+  bin = path.join(tmp, 'bin');
+  cpSync(path.join(REPO_ROOT, 'test/fixtures/check/good'), src, { recursive: true });
+  writeFileSync(path.join(src, '.kas.env'), 'BB_NUMBER_THREADS=2\n');
+  writeFileSync(path.join(src, '.kas.env.local'), 'SSTATE_MIRRORS=file://.* http://sstate.lan/PATH\n');
+  const e = { ...process.env, ...env };
+  await run('git', ['init', '-q', '-b', 'main', src], { env: e });
+  await run('git', ['-C', src, 'add', '-A'], { env: e });
+  await run('git', ['-C', src, 'commit', '-q', '-m', 'fixture'], { env: e });
+  await run('git', ['-C', src, 'tag', 'v1.4.0'], { env: e });
+  mkdirSync(bin);
+  writeFileSync(path.join(bin, 'podman'), SHIM);
+  chmodSync(path.join(bin, 'podman'), 0o755);
+});
+afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+
+describe('lamadist build with a recording podman', () => {
+  it('runs exactly the planned podman command and summarises the artifacts', async () => {
+    const log = path.join(tmp, 'argv.txt');
+    const r = await runCli(
+      ['--json', 'build', '-C', src, '--bsp', 'orin-nx', '--extra', 'debug', '--ci', '--no-network-check', '--runtime', 'runc', '--ulimit', 'nofile=1024:1024', '--', '-k'],
+      { env: { PATH: `${bin}:${process.env.PATH ?? ''}`, SHIM_LOG: log, LAMADIST_CONTAINER_ULIMITS: '' } },
+    );
+    expect(r.stderr).toContain('WARNING: shim warning');
+    expect(r.code).toBe(0);
+    const argv = readFileSync(log, 'utf8').trimEnd().split('\n');
+    const uid = process.getuid?.() ?? 0;
+    const gid = process.getgid?.() ?? 0;
+    expect(argv).toEqual([
+      'run', '--rm', '--runtime', 'runc', '--ulimit', 'nofile=1024:1024',
+      ...idMappingArgs({ engine: 'podman', uid, gid }),
+      '-v', `${src}:/work`, '-v', `${src}/.cache/sstate:/work/.cache/sstate`, '-v', `${src}/build/downloads:/work/build/downloads`,
+      '-w', '/work', '--env-file', `${src}/.kas.env`, '--env-file', `${src}/.kas.env.local`,
+      '-e', 'KAS_WORK_DIR=/work/build', '-e', 'KAS_BUILD_DIR=/work/build', '-e', 'SSTATE_DIR=/work/.cache/sstate',
+      '-e', 'DL_DIR=/work/build/downloads', '-e', 'LAMADIST_VERSION=1.4.0',
+      'lamawithonel/lamadist-builder:latest',
+      'kas', 'build', '--update', '--force-checkout', 'kas/main.kas.yml:kas/bsp/orin-nx.kas.yml:kas/extras/debug.kas.yml', '--', '-k',
+    ]);
+    // bind-mount sources must exist before the engine runs
+    expect(statSync(path.join(src, '.cache/sstate')).isDirectory()).toBe(true);
+    expect(statSync(path.join(src, 'build/downloads')).isDirectory()).toBe(true);
+
+    const summary = JSON.parse(r.stdout) as { exitCode: number; logFile: string; elapsedMs: number; artifacts: { kind: string; path: string; size: number }[] };
+    expect(summary.exitCode).toBe(0);
+    expect(summary.elapsedMs).toBeGreaterThan(0);
+    const rel = summary.artifacts.map((a) => ({ kind: a.kind, path: path.relative(src, a.path), size: a.size }));
+    const d = 'build/tmp-glibc/deploy';
+    expect(rel).toEqual([
+      { kind: 'bundle', path: `${d}/images/lamadist-orin-nx/lama-bundle-lamadist-orin-nx.raucb`, size: 4096 },
+      { kind: 'image', path: `${d}/images/lamadist-orin-nx/lama-image-base-lamadist-orin-nx.rootfs.wic.zst`, size: 2048 },
+      { kind: 'rpm', path: `${d}/rpm/cortexa78ae/busybox-1.36.1-r0.cortexa78ae.rpm`, size: 100 },
+      { kind: 'sbom', path: `${d}/images/lamadist-orin-nx/lama-image-base-lamadist-orin-nx.rootfs.spdx.json`, size: 3 },
+    ]);
+    expect(path.dirname(summary.logFile)).toBe(path.join(src, 'build/logs'));
+    const logText = readFileSync(summary.logFile, 'utf8');
+    expect(logText).toContain('NOTE: Running task 2 of 2');
+    expect(logText).toContain('WARNING: shim warning');
+  });
+
+  it('prints a human summary with sizes and elapsed time', async () => {
+    const r = await runCli(['build', '-C', src, '--no-network-check'], {
+      env: { PATH: `${bin}:${process.env.PATH ?? ''}`, SHIM_LOG: path.join(tmp, 'argv2.txt') },
+    });
+    expect(r.code).toBe(0);
+    expect(r.stdout).toMatch(/^bundle\s+4\.0 KiB\s+build\/tmp-glibc\/deploy\/images\/lamadist-orin-nx\/lama-bundle-lamadist-orin-nx\.raucb$/m);
+    expect(r.stdout).toMatch(/^4 artifact\(s\) in \d+ s; log: build\/logs\/build-x86_64-.*\.log$/m);
+  });
+
+  it('fails in one line naming the log when kas fails', async () => {
+    const r = await runCli(['build', '-C', src, '--no-network-check'], {
+      env: { PATH: `${bin}:${process.env.PATH ?? ''}`, SHIM_LOG: path.join(tmp, 'argv3.txt'), SHIM_EXIT: '1' },
+    });
+    expect(r.code).toBe(2);
+    const last = r.stderr.trim().split('\n').pop() ?? '';
+    expect(last).toMatch(/^lamadist: error: kas build exited with 1 after \d+ s; full log: (.*\.log) \[LAMA_E_BUILD_FAILED\]$/);
+    const logFile = /full log: (.*\.log)/.exec(last)?.[1] ?? '';
+    expect(existsSync(logFile)).toBe(true);
+  });
+
+  it('says in one line that a host without podman or docker cannot build, and what to do instead', async () => {
+    const empty = path.join(tmp, 'empty-bin');
+    mkdirSync(empty, { recursive: true });
+    const r = await runCli(['build', '-C', src], { env: { PATH: empty } });
+    expect(r.code).toBe(2);
+    expect(r.stdout).toBe('');
+    expect(r.stderr.trim().split('\n')).toEqual([
+      'lamadist: error: this host cannot build: neither podman nor docker is installed (apt-get install podman); run `lamadist vm demo` to try LamaDist without a build [LAMA_E_CANNOT_BUILD]',
+    ]);
+    const d = await runCli(['doctor', '--can-build', '-C', src], { env: { PATH: empty } });
+    expect(d.code).toBe(2);
+    expect(d.stderr.trim().split('\n')).toHaveLength(1);
+  });
+
+  it('rejects an unknown BSP or extra before touching the engine', async () => {
+    const a = await runCli(['build', '-C', src, '--bsp', 'pi5'], { env: { PATH: `${bin}:${process.env.PATH ?? ''}` } });
+    expect(a.code).toBe(2);
+    expect(a.stderr).toMatch(/unknown BSP 'pi5'.*LAMA_E_UNKNOWN_BSP/);
+    const b = await runCli(['build', '-C', src, '--extra', 'nope'], { env: { PATH: `${bin}:${process.env.PATH ?? ''}` } });
+    expect(b.stderr).toMatch(/unknown extra 'nope' \(known: debug\)/);
+  });
+});

@@ -12,6 +12,9 @@ export interface ServedArtifact {
   createdAt: number;
 }
 
+/** HEAD answers with an empty stream: fastify then keeps the Content-Length the GET would have. */
+const EMPTY = (): Readable => Readable.from([]);
+
 /** Ranges up to this size are read into memory in one positional read on a shared handle. */
 const INLINE_MAX = 4 * 1024 * 1024;
 
@@ -66,7 +69,7 @@ export async function sendArtifact(req: FastifyRequest, reply: FastifyReply, sto
   if (plan.status === 200) {
     reply.code(200).header('Content-Type', 'application/octet-stream').header('Content-Length', a.size);
     if (head || a.size === 0) {
-      reply.send();
+      reply.send(EMPTY());
       return 0;
     }
     return sendBody(reply, store, a, { start: 0, end: a.size - 1 });
@@ -76,7 +79,7 @@ export async function sendArtifact(req: FastifyRequest, reply: FastifyReply, sto
     const len = only.end - only.start + 1;
     reply.code(206).header('Content-Type', 'application/octet-stream').header('Content-Range', contentRange(only, a.size)).header('Content-Length', len);
     if (head) {
-      reply.send();
+      reply.send(EMPTY());
       return 0;
     }
     return sendBody(reply, store, a, only);

@@ -2,7 +2,7 @@ import { existsSync, promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { BSPS, type Bsp, type DpsArch } from '../bsp/index.js';
-import { dpsRoleOf, dpsTypeFor } from '../disk/dps.js';
+import { dpsRoleOf, dpsTypeFor } from '../disk/index.js';
 import { UserError, type ErrorCode } from '../errors.js';
 import {
   composeKas,

@@ -178,9 +178,13 @@ export async function createBundle(o: CreateBundleOptions): Promise<CreatedBundl
       step('creating squashfs payload');
       await makeSquashfs(staging.dir, out.temp, signingTime.getTime() / 1000);
       await staging.remove();
-      const payloadSize = (await out.fd.stat()).size;
-      if (payloadSize % BLOCK !== 0 || payloadSize <= BLOCK) {
-        throw new Error(`mksquashfs produced ${payloadSize} bytes, expected a multiple of ${BLOCK} above ${BLOCK}`);
+      let payloadSize = (await out.fd.stat()).size;
+      if (payloadSize % BLOCK !== 0) throw new Error(`mksquashfs produced ${payloadSize} bytes, not a multiple of ${BLOCK}`);
+      if (payloadSize === BLOCK) {
+        // A one-block payload has no hash tree, which RAUC cannot express (verity-size 0) and
+        // `rauc bundle` refuses. squashfs ignores bytes past its recorded size, so pad one block.
+        payloadSize += BLOCK;
+        await out.fd.truncate(payloadSize);
       }
       const signed: Manifest = { ...manifest, images: manifest.images.map((i) => ({ ...i })) };
       if (signed.format === 'crypt') {

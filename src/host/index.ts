@@ -107,6 +107,7 @@ export function parseIpArg(value: string, where?: string): IpFields {
 
 /** Join fields back into an `ip=` value, dropping empty trailing fields. */
 export function formatIpArg(f: IpFields): string {
+  if (IP_FIELD_NAMES.every((k) => k === 'autoconf' || f[k] === '')) return f.autoconf;
   const parts = IP_FIELD_NAMES.map((k) => f[k]);
   while (parts.length > 1 && parts[parts.length - 1] === '') parts.pop();
   return parts.length === 1 ? (parts[0] ?? '') : parts.join(':');
@@ -277,10 +278,10 @@ export interface HostSpec {
 }
 
 async function editInventory(file: string, edit: (doc: Document.Parsed) => void): Promise<Inventory> {
-  const text = (await readText(file, true)) ?? 'hosts: {}\n';
+  const text = (await readText(file, true)) ?? '';
   parseHosts(parseYamlLocated(text, file));
   const doc = parseDocument(text);
-  if (!isMap(doc.contents)) doc.contents = doc.createNode({ hosts: {} }) as unknown as typeof doc.contents;
+  if (!isMap(doc.contents)) doc.contents = doc.createNode({}) as unknown as typeof doc.contents;
   edit(doc);
   const out = doc.toString();
   const inv: Inventory = { file, hosts: parseHosts(parseYamlLocated(out, file)) };
@@ -301,7 +302,13 @@ export async function addHost(file: string, spec: HostSpec): Promise<Inventory> 
     if (spec.bsp) entry.bsp = getBsp(spec.bsp).name;
     if (spec.ip !== undefined) entry.ip = spec.ip;
     if (spec.kernelArgs?.length) entry['kernel-args'] = spec.kernelArgs;
-    if (!doc.has('hosts') || !isMap(doc.get('hosts'))) doc.set('hosts', doc.createNode({}));
+    const hosts = doc.get('hosts');
+    if (!isMap(hosts) || hosts.items.length === 0) {
+      // Block style, so the next `host add` and a human editing the file see one host per block.
+      const fresh = doc.createNode({});
+      fresh.flow = false;
+      doc.set('hosts', fresh);
+    }
     doc.setIn(['hosts', spec.name], doc.createNode(entry));
   });
 }

@@ -1,0 +1,60 @@
+import { cpSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { DISK_DPS } from '../../src/check/index.js';
+import { REPO_ROOT, runCli } from '../helpers/cli.js';
+import { sfdiskDps } from './sfdisk-dps.js';
+
+let tmp: string;
+beforeAll(() => {
+  tmp = mkdtempSync(path.join(os.tmpdir(), 'lamadist-check-cli-'));
+});
+afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+
+describe('lamadist check command', () => {
+  it('passes on the repository as shipped', async () => {
+    const r = await runCli(['check']);
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(0);
+    expect(r.stdout).toMatch(/^ok: \d+ kas files, 16 compositions, 2 layers, 4 machines, 3 wks files, 2 system\.conf$/m);
+  });
+
+  it('reports every problem with file:line:col, as JSON for CI, and exits 2', async () => {
+    const root = path.join(tmp, 'broken');
+    cpSync(path.join(REPO_ROOT, 'test/fixtures/check/good'), root, { recursive: true });
+    cpSync(path.join(REPO_ROOT, 'test/fixtures/check/broken/wrong-dps-uuid'), root, { recursive: true });
+    writeFileSync(path.join(root, 'kas/extras/debug.kas.yml'), 'header:\n  version: 16\nlocal_conf_headr:\n  x: y\n');
+    const schema = path.resolve(REPO_ROOT, '../shared/reference/kas/schema-kas-5.4.json');
+    const human = await runCli(['check', '-C', root, '--kas-schema', schema]);
+    expect(human.code).toBe(2);
+    expect(human.stdout).toContain('meta-lamadist/wic/lamadist-ab-aarch64.wks.in:4:120: partition \'verity_a\' has type 2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5 (DPS root-verity on x86-64), but DPS root-verity on arm64 is df3300ce-d69f-4c92-978c-9bfb0f38d820 [LAMA_E_WKS_DPS]');
+    expect(human.stdout).toContain("kas/extras/debug.kas.yml:3:1: unknown kas key 'local_conf_headr' [LAMA_E_KAS_UNKNOWN_KEY]");
+    expect(human.stderr.trim().split('\n')).toHaveLength(1);
+    expect(human.stderr).toMatch(/2 problem\(s\) in the distribution definition \[LAMA_E_CHECK_FAILED\]/);
+
+    const json = await runCli(['--json', 'check', '-C', root, '--kas-schema', schema]);
+    expect(json.code).toBe(2);
+    const report = JSON.parse(json.stdout) as { ok: boolean; problems: { check: string; where: string; code: string }[] };
+    expect(report.ok).toBe(false);
+    expect(report.problems.map((p) => [p.check, p.where, p.code])).toEqual([
+      ['kas-schema', 'kas/extras/debug.kas.yml:3:1', 'LAMA_E_KAS_UNKNOWN_KEY'],
+      ['wks', 'meta-lamadist/wic/lamadist-ab-aarch64.wks.in:4:120', 'LAMA_E_WKS_DPS'],
+    ]);
+  });
+
+  it('fails in one line when the kas schema is missing', async () => {
+    const r = await runCli(['check', '--kas-schema', path.join(tmp, 'nope.json')]);
+    expect(r.code).toBe(2);
+    expect(r.stderr.trim().split('\n')).toEqual([`lamadist: error: kas schema ${path.join(tmp, 'nope.json')} does not exist (give one with --kas-schema) [LAMA_E_NOT_FOUND]`]);
+  });
+
+  it("uses the disk engine's DPS table, which agrees with util-linux for every role the layouts use", async () => {
+    const ref = await sfdiskDps();
+    for (const arch of ['x86-64', 'arm64'] as const) {
+      for (const role of ['esp', 'root', 'root-verity', 'var'] as const) {
+        expect(DISK_DPS.typeFor(role, arch)?.toUpperCase()).toBe(ref.typeFor(role, arch));
+      }
+    }
+  });
+});

@@ -50,6 +50,7 @@ export function registerDdi(app: FastifyInstance, svc: FleetService, store: Arti
       await reply.code(401).header('WWW-Authenticate', 'TargetToken').send({ error: 'LAMA_E_DDI_UNAUTHORIZED', message: 'missing or invalid device credentials' });
       return;
     }
+    svc.touch(device);
     req.device = device;
   };
 

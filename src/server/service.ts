@@ -413,10 +413,14 @@ export class FleetService {
     return undefined;
   }
 
-  /** Base poll: remember the contact (batched) and say what the device should do next. */
+  /** Remember a device's contact; written with the next batch, never one write per request. */
+  touch(device: DeviceRow): void {
+    this.seen.set(device.id, nowMs());
+  }
+
+  /** Base poll: say what the device should do next. */
   async poll(device: DeviceRow): Promise<PollAnswer> {
     this.counters.polls++;
-    this.seen.set(device.id, nowMs());
     const open = await this.db
       .selectFrom('actions')
       .select(['id', 'state'])

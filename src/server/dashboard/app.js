@@ -105,10 +105,13 @@ async function rollouts(view) {
   view.append(el('h2', {}, 'Rollouts'), rolloutTable(await api('/api/v1/rollouts')));
 }
 
+// The outcome of the last upload survives the re-render that shows the new release.
+let uploadNotice = '';
+
 async function releases(view) {
   const list = await api('/api/v1/releases');
   const file = el('input', { type: 'file', id: 'bundle', accept: '.raucb' });
-  const status = el('span', { class: 'muted' });
+  const status = el('span', { class: 'muted', id: 'upload-status' }, uploadNotice);
   const form = el('form', { class: 'inline', onsubmit: async (ev) => {
     ev.preventDefault();
     const f = file.files[0];
@@ -116,7 +119,7 @@ async function releases(view) {
     status.textContent = 'uploading and verifying…';
     try {
       const r = await api('/api/v1/releases?filename=' + encodeURIComponent(f.name), { method: 'POST', headers: { 'Content-Type': 'application/octet-stream' }, body: f });
-      status.textContent = `${r.created ? 'accepted' : 'already stored'}: ${r.release.version} (${r.release.compatible})`;
+      uploadNotice = `${r.created ? 'accepted' : 'already stored'}: ${r.release.version} (${r.release.compatible})`;
       route();
     } catch (e) {
       status.textContent = 'refused: ' + e.message;

@@ -71,7 +71,7 @@ describe('authenticated variables', () => {
       const wrong = signerName === 'PK' ? kek : pk;
       expect(() => verifyAuthVariable(ours, name, readFileSync(wrong.cert))).toThrow(expect.objectContaining({ code: 'LAMA_E_UNTRUSTED_SIGNER' }));
       const tampered = Buffer.from(ours);
-      tampered[tampered.length - 10] ^= 1;
+      tampered.writeUInt8(tampered.readUInt8(tampered.length - 10) ^ 1, tampered.length - 10);
       expect(() => verifyAuthVariable(tampered, name, readFileSync(signer.cert))).toThrow(/signature does not verify/);
     });
   }

@@ -127,7 +127,7 @@ describe('Authenticode', () => {
     }
     const bad = Buffer.from(signed);
     const linux = info.sections.find((s) => s.name === '.linux')!;
-    bad[linux.pointerToRawData + 100] ^= 0xff;
+    bad.writeUInt8(bad.readUInt8(linux.pointerToRawData + 100) ^ 0xff, linux.pointerToRawData + 100);
     writeFileSync(path.join(t.dir, 'tampered.efi'), bad);
     expect(tool('sbverify', ['--cert', db.cert, path.join(t.dir, 'tampered.efi')]).code).not.toBe(0);
   });

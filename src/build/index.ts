@@ -11,8 +11,8 @@ import { hasTool, run } from '../util/proc.js';
  * container command line is planned as data (`planContainerRun`) and executed by `runInContainer`.
  */
 
-/** Image name of the build container, as the architecture names it. */
-export const BUILDER_IMAGE = 'lamawithonel/lamadist-builder:latest';
+/** Image of the build container (container/Containerfile); podman finds the short name locally first. */
+export const BUILDER_IMAGE = 'lamadist-builder:latest';
 /** The non-root user the build container runs as (container/Containerfile creates it). */
 export const BUILDER_UID = 1000;
 export const BUILDER_GID = 1000;

@@ -1,6 +1,7 @@
 import { existsSync, promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { resolveSettings } from '../build/index.js';
 import { BSPS, type Bsp, type DpsArch } from '../bsp/index.js';
 import { dpsRoleOf, dpsTypeFor } from '../disk/index.js';
 import { UserError, type ErrorCode } from '../errors.js';
@@ -14,6 +15,8 @@ import {
   type KasComposition,
   type KasSchema,
 } from '../kas/index.js';
+import { writeFileAtomic } from '../util/fsx.js';
+import { run } from '../util/proc.js';
 import { parseYamlLocated, type LocatedYaml } from '../util/yaml.js';
 import { at, parseBbConf, parseIni, parseWks, wksSizeMiB, type BbAssignment, type IniSection, type WksDirective } from './parsers.js';
 
@@ -86,20 +89,24 @@ const SLOT_CLASSES = new Set(['rootfs', 'verity', 'efi']);
 const RAUC_BOOTLOADERS: Record<Bsp['raucFamily'], string[]> = { efi: ['efi', 'custom'], uboot: ['uboot', 'custom'] };
 
 /**
- * Find the kas schema for the kas release the build container pins: $LAMADIST_KAS_SCHEMA, then a
- * host installation of that kas release (its package ships schema-kas.json), then the reference
- * copy beside the repository (../shared/reference/kas/schema-kas-<version>.json).
+ * Find the kas schema for the kas release the build container pins: $LAMADIST_KAS_SCHEMA, then the
+ * kas installation inside the local build container image, then a host installation of the pinned
+ * release (its package ships schema-kas.json), then the reference copy beside the repository
+ * (../shared/reference/kas/schema-kas-<version>.json).
  */
 export async function findKasSchema(root: string): Promise<string> {
   const fromEnv = process.env.LAMADIST_KAS_SCHEMA;
   if (fromEnv) return fromEnv;
+  const fromImage = await schemaFromContainer(root);
+  if (fromImage) return fromImage;
   const pinned = await pinnedKasVersion(root);
   for (const dir of await pythonPackageDirs()) {
     const schema = path.join(dir, 'kas', 'schema-kas.json');
     if (!existsSync(schema)) continue;
     const version = await fs.readFile(path.join(dir, 'kas', '__version__.py'), 'utf8').catch(() => '');
     const v = /__version__\s*=\s*['"]([^'"]+)['"]/.exec(version)?.[1];
-    if (pinned === undefined || (v !== undefined && v.startsWith(pinned))) return schema;
+    // Only the pinned release's schema says what the container's kas accepts (Debian's kas 3.1 does not).
+    if (pinned !== undefined && v !== undefined && (v === pinned || v.startsWith(`${pinned}.`))) return schema;
   }
   const ref = path.resolve(root, '..', 'shared', 'reference', 'kas');
   for (const name of [`schema-kas-${pinned ?? '5.4'}.json`, 'schema-kas-5.4.json']) {
@@ -111,11 +118,40 @@ export async function findKasSchema(root: string): Promise<string> {
   );
 }
 
-/** The kas version container/ pins (kas==X.Y in requirements.txt or the Containerfile). */
+/** Prints the schema file of the kas package the interpreter imports. */
+const PRINT_SCHEMA = "import kas, pathlib, sys; sys.stdout.write((pathlib.Path(kas.__file__).parent / 'schema-kas.json').read_text())";
+
+/**
+ * The schema of the kas inside the local build container image, cached per image ID under
+ * ~/.cache/lamadist/kas-schema/. Undefined when there is no engine or no image.
+ */
+export async function schemaFromContainer(root: string): Promise<string | undefined> {
+  const settings = await resolveSettings(root).catch(() => undefined);
+  if (!settings) return undefined;
+  const inspect = await run(settings.engine, [...settings.engineArgs, 'image', 'inspect', '--format', '{{.Id}}', settings.image], { allowFailure: true });
+  const id = inspect.stdout.trim().replace(/^sha256:/, '');
+  if (inspect.code !== 0 || !/^[0-9a-f]{12,}$/.test(id)) return undefined;
+  const cached = path.join(os.homedir(), '.cache', 'lamadist', 'kas-schema', `${id}.json`);
+  if (existsSync(cached)) return cached;
+  const args = [...settings.engineArgs, 'run', '--rm', ...(settings.runtime ? ['--runtime', settings.runtime] : [])];
+  for (const u of settings.ulimits) args.push('--ulimit', u);
+  const r = await run(settings.engine, [...args, settings.image, 'python3', '-c', PRINT_SCHEMA], { allowFailure: true, timeoutMs: 120_000 });
+  try {
+    JSON.parse(r.stdout);
+  } catch {
+    return undefined;
+  }
+  if (r.code !== 0) return undefined;
+  await fs.mkdir(path.dirname(cached), { recursive: true });
+  await writeFileAtomic(cached, r.stdout, { force: true });
+  return cached;
+}
+
+/** The kas version container/ pins (`kas[extras] == X.Y` in requirements.in or requirements.txt). */
 async function pinnedKasVersion(root: string): Promise<string | undefined> {
-  for (const f of ['container/requirements.txt', 'container/Containerfile']) {
+  for (const f of ['container/requirements.in', 'container/requirements.txt']) {
     const text = await fs.readFile(path.join(root, f), 'utf8').catch(() => '');
-    const m = /\bkas==(\d+(?:\.\d+)*)/.exec(text);
+    const m = /^\s*kas(?:\[[^\]]*\])?\s*==\s*(\d+(?:\.\d+)*)\s*$/m.exec(text);
     if (m) return m[1];
   }
   return undefined;

@@ -14,7 +14,7 @@ import { planClean } from '../../src/cli/commands/clean.js';
 const base: ContainerSettings = {
   engine: 'podman',
   engineArgs: [],
-  image: 'lamawithonel/lamadist-builder:latest',
+  image: 'lamadist-builder:latest',
   ulimits: [],
   uid: 1234,
   gid: 999,
@@ -61,7 +61,7 @@ describe('container command line', () => {
       '-w', '/work', '--env-file', '/src/.kas.env', '--env-file', '/src/.kas.env.local',
       '-e', 'KAS_WORK_DIR=/work/build', '-e', 'KAS_BUILD_DIR=/work/build', '-e', 'SSTATE_DIR=/work/.cache/sstate',
       '-e', 'DL_DIR=/work/build/downloads', '-e', 'LAMADIST_VERSION=1.2.3',
-      'lamawithonel/lamadist-builder:latest', ...kas,
+      'lamadist-builder:latest', ...kas,
     ]);
   });
 
@@ -74,7 +74,7 @@ describe('container command line', () => {
   it('builds the container image from container/Containerfile', () => {
     expect(planContainerBuild(base, { noCache: true })).toEqual({
       cmd: 'podman',
-      args: ['build', '-t', 'lamawithonel/lamadist-builder:latest', '-f', '/src/container/Containerfile', '--no-cache', '/src/container'],
+      args: ['build', '-t', 'lamadist-builder:latest', '-f', '/src/container/Containerfile', '--no-cache', '/src/container'],
     });
   });
 });

@@ -38,6 +38,12 @@ mkdir -p /work/build/tmp/deploy/images/probe
 echo image > /work/build/tmp/deploy/images/probe/probe.wic
 `;
 
+/** The reference kas schema, marked so the test can tell which copy `check` used. */
+function containerSchema(): string {
+  const schema = JSON.parse(readFileSync(path.resolve(REPO_ROOT, '../shared/reference/kas/schema-kas-5.4.json'), 'utf8')) as Record<string, unknown>;
+  return JSON.stringify({ ...schema, title: 'kas schema from the build container' });
+}
+
 beforeAll(async () => {
   tmp = mkdtempSync(path.join(os.tmpdir(), 'lamadist-podman-'));
   // A private vfs store: overlay with ID-mapped layers is not available on every host (nor here).
@@ -50,6 +56,10 @@ beforeAll(async () => {
   writeFileSync(path.join(rootfs, 'etc/group'), 'root:x:0:\nbuilder:x:1000:\n');
   writeFileSync(path.join(rootfs, 'usr/bin/kas'), PROBE);
   chmodSync(path.join(rootfs, 'usr/bin/kas'), 0o755);
+  // Stands in for the container's Python with kas installed: prints "its" schema.
+  writeFileSync(path.join(rootfs, 'usr/bin/python3'), '#!/bin/sh\ncat /kas-schema.json\n');
+  chmodSync(path.join(rootfs, 'usr/bin/python3'), 0o755);
+  writeFileSync(path.join(rootfs, 'kas-schema.json'), containerSchema());
   await run('tar', ['-C', rootfs, '-cf', path.join(tmp, 'rootfs.tar'), '.']);
   await run('podman', [...engineArgs.split(' '), 'import', '--change', 'ENV PATH=/usr/bin:/bin', path.join(tmp, 'rootfs.tar'), IMAGE]);
 
@@ -111,5 +121,24 @@ describe('lamadist build with real podman', () => {
 
     const summary = JSON.parse(r.stdout) as { artifacts: { kind: string; path: string; size: number }[] };
     expect(summary.artifacts).toEqual([{ kind: 'image', path: path.join(src, 'build/tmp/deploy/images/probe/probe.wic'), size: 6 }]);
+  });
+
+  it('lets check read the kas schema from the kas installed in the build container image', async () => {
+    const home = path.join(tmp, 'home');
+    const r = await runCli(['-v', 'check', '-C', src], {
+      env: {
+        HOME: home,
+        LAMADIST_CONTAINER_ENGINE: 'podman',
+        LAMADIST_CONTAINER_ENGINE_ARGS: engineArgs,
+        LAMADIST_CONTAINER_RUNTIME: 'runc',
+        LAMADIST_CONTAINER_ULIMITS: 'nofile=1024:1024 nproc=4096:4096',
+        LAMADIST_BUILDER_IMAGE: IMAGE,
+      },
+      timeoutMs: 180_000,
+    });
+    expect(r.code).toBe(0);
+    const used = /kas schema: (.*)$/m.exec(r.stderr)?.[1] ?? '';
+    expect(path.dirname(used)).toBe(path.join(home, '.cache/lamadist/kas-schema'));
+    expect((JSON.parse(readFileSync(used, 'utf8')) as { title: string }).title).toBe('kas schema from the build container');
   });
 });

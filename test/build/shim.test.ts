@@ -83,7 +83,7 @@ describe('lamadist build with a recording podman', () => {
       '-w', '/work', '--env-file', `${src}/.kas.env`, '--env-file', `${src}/.kas.env.local`,
       '-e', 'KAS_WORK_DIR=/work/build', '-e', 'KAS_BUILD_DIR=/work/build', '-e', 'SSTATE_DIR=/work/.cache/sstate',
       '-e', 'DL_DIR=/work/build/downloads', '-e', 'LAMADIST_VERSION=1.4.0',
-      'lamawithonel/lamadist-builder:latest',
+      'lamadist-builder:latest',
       'kas', 'build', '--update', '--force-checkout', 'kas/main.kas.yml:kas/bsp/orin-nx.kas.yml:kas/extras/debug.kas.yml', '--', '-k',
     ]);
     // bind-mount sources must exist before the engine runs

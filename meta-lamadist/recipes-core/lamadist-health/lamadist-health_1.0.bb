@@ -25,4 +25,4 @@ do_install() {
 SYSTEMD_SERVICE:${PN} = "lamadist-health.service"
 CONFFILES:${PN} = "${sysconfdir}/lamadist/health.conf"
 FILES:${PN} += "${libexecdir}/lamadist ${sysconfdir}/lamadist"
-RDEPENDS:${PN} = "rauc util-linux-findmnt coreutils gawk"
+RDEPENDS:${PN} = "util-linux-findmnt coreutils gawk ${@bb.utils.contains("BBFILE_COLLECTIONS", "rauc", "rauc", "", d)}"

@@ -1,0 +1,101 @@
+# lamadist-image: the immutable, verified root of a LamaDist image.
+#
+# The root file system becomes an EROFS image; dm-verity's hash tree over it is written to a
+# separate file (the verity_<slot> partition) with its root hash; then one UKI per slot is built
+# whose command line carries roothash= and lamadist.slot=. The wic templates put EROFS and hash
+# tree into slot A, and the ESP receives both UKIs plus systemd-boot as fallback loader.
+#
+# Outputs in DEPLOY_DIR_IMAGE, next to the usual image files:
+#   <image>.erofs-lz4hc     EROFS root              <image>.verity     dm-verity hash tree
+#   <image>.roothash        root hash (hex)         <image>.verity-params  veritysetup parameters
+#   lamadist-a.efi / lamadist-b.efi                 UKIs of both slots (signed when configured)
+#   <image>.ukis.tar        both UKIs, the RAUC efi slot image
+# RAUC bundles (lamadist-bundle) take the EROFS image, the hash tree and the UKIs from here.
+
+inherit lamadist-uki
+
+LAMADIST_EROFS_TYPE ?= "erofs-lz4hc"
+# Reproducible EROFS: fixed timestamp and a UUID derived from image, machine and version.
+LAMADIST_EROFS_UUID = "${@str(__import__('uuid').uuid5(__import__('uuid').NAMESPACE_URL, 'lamadist:erofs:%s:%s:%s' % (d.getVar('IMAGE_BASENAME'), d.getVar('MACHINE'), d.getVar('DISTRO_VERSION'))))}"
+EXTRA_IMAGECMD:erofs-lz4hc = "-T ${REPRODUCIBLE_TIMESTAMP_ROOTFS} -U ${LAMADIST_EROFS_UUID}"
+
+# A salt per image and machine keeps hash trees of different products apart while staying
+# reproducible (a random salt would change every build).
+LAMADIST_VERITY_SALT = "${@__import__('hashlib').sha256(('lamadist:verity:%s:%s' % (d.getVar('IMAGE_BASENAME'), d.getVar('MACHINE'))).encode()).hexdigest()}"
+LAMADIST_VERITY_UUID = "${@str(__import__('uuid').uuid5(__import__('uuid').NAMESPACE_URL, 'lamadist:verity:%s:%s:%s' % (d.getVar('IMAGE_BASENAME'), d.getVar('MACHINE'), d.getVar('DISTRO_VERSION'))))}"
+# Size of the verity_<slot> partitions (layouts/*.yaml): the tree must fit.
+LAMADIST_VERITY_PART_MIB ?= "64"
+
+LAMADIST_EROFS_IMAGE = "${IMGDEPLOYDIR}/${IMAGE_NAME}.${LAMADIST_EROFS_TYPE}"
+LAMADIST_VERITY_IMAGE = "${IMGDEPLOYDIR}/${IMAGE_NAME}.verity"
+
+IMAGE_FSTYPES:append = " ${LAMADIST_EROFS_TYPE} lamaverity"
+IMAGE_TYPEDEP:lamaverity = "${LAMADIST_EROFS_TYPE}"
+IMAGE_TYPEDEP:wic:append = " lamaverity"
+IMAGE_TYPES:append = " lamaverity"
+
+do_image_lamaverity[depends] += "cryptsetup-native:do_populate_sysroot ${LAMADIST_UKI_DEPENDS}"
+
+IMAGE_CMD:lamaverity () {
+    data=${LAMADIST_EROFS_IMAGE}
+    hash=${LAMADIST_VERITY_IMAGE}
+    rm -f "$hash" ${IMGDEPLOYDIR}/${IMAGE_NAME}.roothash
+    veritysetup format \
+        --hash=${LAMADIST_VERITY_HASH} \
+        --data-block-size=${LAMADIST_VERITY_BLOCK_SIZE} \
+        --hash-block-size=${LAMADIST_VERITY_BLOCK_SIZE} \
+        --salt=${LAMADIST_VERITY_SALT} \
+        --uuid=${LAMADIST_VERITY_UUID} \
+        --root-hash-file=${IMGDEPLOYDIR}/${IMAGE_NAME}.roothash \
+        "$data" "$hash" > ${IMGDEPLOYDIR}/${IMAGE_NAME}.verity-params
+    limit=$(expr ${LAMADIST_VERITY_PART_MIB} \* 1048576)
+    size=$(stat -c %s "$hash")
+    if [ "$size" -gt "$limit" ]; then
+        bbfatal "dm-verity hash tree is $size bytes, the verity partition holds $limit"
+    fi
+    # The wic rawcopy and the RAUC bundle take the tree from here; the root hash goes into the UKIs.
+    ln -sf ${IMAGE_NAME}.verity ${IMGDEPLOYDIR}/${IMAGE_LINK_NAME}.verity
+    ln -sf ${IMAGE_NAME}.roothash ${IMGDEPLOYDIR}/${IMAGE_LINK_NAME}.roothash
+}
+do_image_lamaverity[postfuncs] += "lamadist_image_ukis"
+
+python lamadist_image_ukis () {
+    import os
+    deploy = d.getVar('IMGDEPLOYDIR')
+    with open(os.path.join(deploy, d.getVar('IMAGE_NAME') + '.roothash')) as f:
+        roothash = f.read().strip()
+    name = d.getVar('LAMADIST_UKI_NAME')
+    ukis = []
+    for slot in ('a', 'b'):
+        out = os.path.join(deploy, '%s-%s.efi' % (name, slot))
+        lamadist_build_uki(d, slot, roothash, out)
+        ukis.append(out)
+        bb.note("UKI for slot %s: %s" % (slot, out))
+    # The RAUC efi slot image: both UKIs, the bundle's install hook picks the target slot's one.
+    import tarfile
+    epoch = int(d.getVar('REPRODUCIBLE_TIMESTAMP_ROOTFS'))
+    tarpath = os.path.join(deploy, d.getVar('IMAGE_NAME') + '.ukis.tar')
+    with tarfile.open(tarpath, 'w', format=tarfile.GNU_FORMAT) as tar:
+        for path in ukis:
+            info = tar.gettarinfo(path, os.path.basename(path))
+            info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = epoch, 0, 0, '', '', 0o644
+            with open(path, 'rb') as f:
+                tar.addfile(info, f)
+    link = os.path.join(deploy, d.getVar('IMAGE_LINK_NAME') + '.ukis.tar')
+    if os.path.lexists(link):
+        os.unlink(link)
+    os.symlink(os.path.basename(tarpath), link)
+}
+
+# ESP contents for the wic templates: slot A's UKI where systemd-boot and the firmware's Boot####
+# entry A look for it, systemd-boot as the removable-media fallback (it lists every Type #2 UKI in
+# EFI/Linux), and on U-Boot machines the boot script. Slot B's UKI arrives with its first update;
+# shipping it now would offer a boot entry for an empty slot.
+IMAGE_BOOT_FILES = " \
+    ${IMGDEPLOYDIR}/${LAMADIST_UKI_NAME}-a.efi;EFI/Linux/${LAMADIST_UKI_NAME}-a.efi \
+    ${@'systemd-boot%s.efi;EFI/BOOT/%s' % (d.getVar('EFI_ARCH'), d.getVar('LAMADIST_EFI_BOOTNAME')) if d.getVar('LAMADIST_BOOT') == 'uki' else 'boot.scr'} \
+"
+LAMADIST_EFI_BOOTNAME ??= "BOOTX64.EFI"
+do_image_wic[depends] += "${@'lamadist-boot-script:do_deploy' if d.getVar('LAMADIST_BOOT') == 'u-boot' else ''}"
+WICVARS:append = " LAMADIST_EROFS_IMAGE LAMADIST_VERITY_IMAGE"
+WKS_FILE_DEPENDS:append = " dosfstools-native mtools-native"

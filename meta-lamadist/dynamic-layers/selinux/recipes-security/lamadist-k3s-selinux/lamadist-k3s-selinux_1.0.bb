@@ -1,0 +1,45 @@
+SUMMARY = "SELinux policy module confining k3s with the reference policy's container types"
+DESCRIPTION = "k3s-io's k3s-selinux targets Fedora's container-selinux; LamaDist's refpolicy has its \
+own container module, so this module maps k3s, its state and its pods onto those types. It is \
+linked into the policy store when the image is built, because the EROFS root is read-only."
+LICENSE = "Apache-2.0"
+LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/Apache-2.0;md5=89aea4e17d99a7cacdbeed46a0096b10"
+
+SRC_URI = " \
+    file://lamadist_k3s.te \
+    file://lamadist_k3s.fc \
+    file://lamadist_k3s.if \
+"
+S = "${WORKDIR}"
+
+POLICY_NAME ?= "${POLICY_TYPE}"
+DEPENDS = "virtual/refpolicy checkpolicy-native semodule-utils-native m4-native gawk-native"
+inherit python3native
+
+do_configure[noexec] = "1"
+
+do_compile() {
+    oe_runmake -f ${STAGING_DATADIR}/selinux/${POLICY_NAME}/include/Makefile \
+        NAME=${POLICY_NAME} SHAREDIR=${STAGING_DATADIR}/selinux \
+        CHECKMODULE=checkmodule SEMOD_PKG=semodule_package M4=m4 AWK=gawk PYTHON=python3 \
+        lamadist_k3s.pp
+}
+
+do_install() {
+    install -D -m 0644 ${B}/lamadist_k3s.pp ${D}${datadir}/selinux/${POLICY_NAME}/lamadist_k3s.pp
+}
+
+# Link the module into the policy store of the image being built (or on the target for an
+# on-device package install, which LamaDist's read-only root does not do).
+PACKAGE_WRITE_DEPS += "policycoreutils-native"
+pkg_postinst:${PN}() {
+    if [ -n "$D" ]; then
+        semodule -p $D -s ${POLICY_NAME} -n -i $D${datadir}/selinux/${POLICY_NAME}/lamadist_k3s.pp
+    else
+        semodule -s ${POLICY_NAME} -i ${datadir}/selinux/${POLICY_NAME}/lamadist_k3s.pp
+    fi
+}
+
+FILES:${PN} = "${datadir}/selinux/${POLICY_NAME}/lamadist_k3s.pp"
+RDEPENDS:${PN} = "virtual/refpolicy"
+PACKAGE_ARCH = "${MACHINE_ARCH}"

@@ -1,0 +1,49 @@
+SUMMARY = "LamaDist package groups"
+LICENSE = "MIT"
+
+PACKAGE_ARCH = "${MACHINE_ARCH}"
+inherit packagegroup
+
+PACKAGES = " \
+    ${PN}-base \
+    ${PN}-security \
+    ${PN}-update \
+    ${PN}-k3s \
+"
+
+# Packages from layers other than OE-Core are named through this helper so that the group still
+# parses (and yocto-check-layer can test the layer) with OE-Core alone.
+def lamadist_if_layer(d, collection, packages):
+    return packages if collection in (d.getVar('BBFILE_COLLECTIONS') or '').split() else ''
+
+SUMMARY:${PN}-base = "Base system: systemd services, networking, time, SSH, kernel modules"
+RDEPENDS:${PN}-base = " \
+    systemd \
+    systemd-conf \
+    ca-certificates \
+    e2fsprogs-e2fsck \
+    e2fsprogs-resize2fs \
+    lamadist-grow-var \
+    util-linux-findmnt \
+    util-linux-lsblk \
+    kernel-modules \
+    ${@'efibootmgr' if d.getVar('LAMADIST_BOOT') == 'uki' else 'libubootenv-bin'} \
+"
+
+SUMMARY:${PN}-security = "SELinux (targeted), IMA/EVM, LUKS2 and TPM2 tooling, audit"
+RDEPENDS:${PN}-security = " \
+    ${LAMADIST_SECURITY_PACKAGES} \
+    ${@lamadist_if_layer(d, 'openembedded-layer', 'audit')} \
+    ${@lamadist_if_layer(d, 'integrity-layer', 'packagegroup-ima')} \
+"
+
+SUMMARY:${PN}-update = "RAUC A/B updates with the post-boot health check"
+RDEPENDS:${PN}-update = " \
+    ${@lamadist_if_layer(d, 'rauc', 'rauc lamadist-health')} \
+"
+
+SUMMARY:${PN}-k3s = "k3s (server) confined by SELinux"
+RDEPENDS:${PN}-k3s = " \
+    ${@lamadist_if_layer(d, 'virtualization-layer', 'k3s-server lamadist-k3s-config')} \
+    ${@lamadist_if_layer(d, 'selinux', lamadist_if_layer(d, 'virtualization-layer', 'lamadist-k3s-selinux'))} \
+"

@@ -248,6 +248,8 @@ export interface InspectOptions {
   compatible?: string;
   /** Also check the dm-verity tree over the payload and every image's SHA-256 (default: when a keyring is given). */
   verifyPayload?: boolean;
+  /** Check certificate validity at the bundle's signing time, not now (RAUC's use-bundle-signing-time). */
+  useSigningTime?: boolean;
 }
 
 /** What `inspectBundle` reports. */
@@ -338,7 +340,7 @@ export async function inspectBundle(file: string, o: InspectOptions = {}): Promi
   try {
     if (o.keyring) {
       const keyringPem = (await readUserFile(o.keyring, 'keyring')).toString('utf8');
-      const v = verifyEmbedded(sd, keyringPem);
+      const v = verifyEmbedded(sd, keyringPem, o.useSigningTime ?? false);
       content = v.content;
       chain = v.chain;
       signingTime = v.signingTime;

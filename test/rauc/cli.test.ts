@@ -53,6 +53,22 @@ describe('lamadist bundle', () => {
     expect(again.stderr).toContain('LAMA_E_EXISTS');
   });
 
+  it('create --manifest takes a hand-written RAUC manifest with images next to it', async () => {
+    const m = path.join(dir, 'manifest.raucm');
+    writeFileSync(m, '[update]\ncompatible=lamadist-x86-64\nversion=9.9\n\n[image.rootfs]\nfilename=rootfs.erofs\nadaptive=block-hash-index;\n\n[image.efi]\nfilename=lamadist.efi\n');
+    const out = path.join(dir, 'm.raucb');
+    const c = await runCli(['bundle', 'create', '-o', out, '--manifest', m, '--keys', kd]);
+    expect(c.code, c.stderr).toBe(0);
+    const info = rauc(['info', '--conf', conf, '--keyring', path.join(kd, 'rauc-ca.crt'), out]);
+    expect(info.code, info.out).toBe(0);
+    expect(info.out).toContain("Version:    \t'9.9'");
+    expect(info.out).toContain('Adaptive:  block-hash-index');
+    writeFileSync(m, '[update]\ncompatible=x\n[image.rootfs\n');
+    const bad = await runCli(['bundle', 'create', '-o', path.join(dir, 'bad.raucb'), '--manifest', m, '--keys', kd]);
+    expect(bad.code).toBe(2);
+    expect(bad.stderr).toContain(`${m}:3: malformed group header`);
+  });
+
   it('a tampered bundle exits 2 with one line naming the file, offset and code', async () => {
     const out = path.join(dir, 'b.raucb');
     expect((await runCli(['bundle', 'create', '-o', out, '--bsp', 'x86_64', '--version', '1', ...images(), '--keys', kd])).code).toBe(0);

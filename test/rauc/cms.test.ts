@@ -37,6 +37,12 @@ describe('CMS SignedData', () => {
     expect(signEmbedded(Buffer.from('m'), signer(), T)).toEqual(signEmbedded(Buffer.from('m'), signer(), T));
   });
 
+  it('checks certificate validity now, or at the signing time like RAUC use-bundle-signing-time', () => {
+    const early = signEmbedded(Buffer.from('m'), signer(), new Date('2001-01-01T00:00:00Z'));
+    expect(verifyEmbedded(early, pki.caPem).content.toString()).toBe('m');
+    expect(() => verifyEmbedded(early, pki.caPem, true)).toThrow(expect.objectContaining({ code: 'LAMA_E_BUNDLE_UNTRUSTED_SIGNER', message: expect.stringMatching(/not valid at 2001/) }));
+  });
+
   it('rejects another CA as untrusted', () => {
     const der = signEmbedded(Buffer.from('m'), signer(), T);
     expect(() => verifyEmbedded(der, readFileSync(pki.otherCa, 'utf8'))).toThrow(expect.objectContaining({ code: 'LAMA_E_BUNDLE_UNTRUSTED_SIGNER' }));

@@ -236,6 +236,7 @@ export interface InspectCliOptions {
   compatible?: string;
   bsp?: string;
   payload?: boolean;
+  useSigningTime?: boolean;
 }
 
 function inspectOptions(o: InspectCliOptions, requireKeyring: boolean): Parameters<typeof inspectBundle>[1] {
@@ -247,6 +248,7 @@ function inspectOptions(o: InspectCliOptions, requireKeyring: boolean): Paramete
     ...(o.cert && { deviceCert: o.cert }),
     ...(compatible && { compatible }),
     ...(o.payload === false && { verifyPayload: false }),
+    ...(o.useSigningTime && { useSigningTime: true }),
   };
 }
 
@@ -311,7 +313,8 @@ function inspectFlags(cmd: Command): Command {
     .option('--key <device.key>', 'device private key to open an encrypted crypt bundle')
     .option('--cert <device.crt>', 'device certificate (selects the recipient entry)')
     .option('--compatible <string>', 'refuse a bundle for another compatible')
-    .option('--bsp <name>', 'refuse a bundle not for this BSP');
+    .option('--bsp <name>', 'refuse a bundle not for this BSP')
+    .option('--use-signing-time', 'check certificate validity at the signing time (RAUC use-bundle-signing-time)');
 }
 
 export function configure(cmd: Command): void {

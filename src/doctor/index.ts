@@ -4,7 +4,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { BUILDER_IMAGE, detectEngine, type Engine } from '../build/index.js';
 import { BSPS } from '../bsp/index.js';
-import { composeKas, kasFilesFor } from '../kas/index.js';
+import { composeKas, kasFilesFor, type KasSelection } from '../kas/index.js';
 import { TOOL_PACKAGES, hasTool, run } from '../util/proc.js';
 
 /**
@@ -31,6 +31,8 @@ export interface DoctorOptions {
   probeNetwork?: boolean;
   /** Timeout per network probe. */
   probeTimeoutMs?: number;
+  /** Only the layers of this build (default: every BSP's). */
+  selection?: KasSelection;
 }
 
 /** A remote layer repository of the kas configuration. */
@@ -44,11 +46,11 @@ export interface LayerRepo {
 /** Free space Yocto needs for one BSP build with its sstate and downloads. */
 export const MIN_FREE_GIB = 100;
 
-/** The remote repositories of every BSP's kas composition (deduplicated by key). */
-export async function layerRepos(root: string): Promise<LayerRepo[]> {
+/** The remote repositories of one selection's kas composition, or of every BSP's (deduplicated by key). */
+export async function layerRepos(root: string, selection?: KasSelection): Promise<LayerRepo[]> {
   const out = new Map<string, LayerRepo>();
-  for (const bsp of BSPS) {
-    const files = kasFilesFor({ bsp: bsp.name });
+  for (const sel of selection ? [selection] : BSPS.map((b) => ({ bsp: b.name }))) {
+    const files = kasFilesFor(sel);
     if (!files.every((f) => existsSync(path.join(root, f)))) continue;
     const comp = await composeKas(files, { repoRoot: root });
     for (const [key, spec] of Object.entries((comp.config.repos ?? {}) as Record<string, { url?: unknown } | null>)) {
@@ -100,7 +102,7 @@ export async function cannotBuildReason(options: DoctorOptions): Promise<string 
     return 'this host cannot build: neither podman nor docker is installed (apt-get install podman); run `lamadist vm demo` to try LamaDist without a build';
   }
   if (options.probeNetwork === false) return undefined;
-  const repos = missingCheckouts(options.root, await layerRepos(options.root));
+  const repos = missingCheckouts(options.root, await layerRepos(options.root, options.selection));
   const hosts = [...new Map(repos.map((r) => [`${r.host}:${r.port}`, r])).values()];
   const failures = (await Promise.all(hosts.map((r) => reachable(r.host, r.port, options.probeTimeoutMs ?? 3000)))).filter(
     (x): x is string => x !== undefined,

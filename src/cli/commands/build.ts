@@ -120,7 +120,7 @@ export async function build(ctx: Context, root: string, req: BuildRequest, opts:
     ctx.result(inv, shellLine(inv));
     return inv;
   }
-  const reason = await cannotBuildReason({ root: src, probeNetwork: opts.networkCheck ?? true });
+  const reason = await cannotBuildReason({ root: src, probeNetwork: opts.networkCheck ?? true, selection: req });
   if (reason) throw new UserError('LAMA_E_CANNOT_BUILD', reason);
   const settings = await resolveSettings(src, opts.overrides);
   settings.env = await versionEnv(src);

@@ -31,4 +31,5 @@ export const COMMANDS: Record<string, { summary: string; load: () => Promise<Com
   clean: { summary: 'remove build output, the sstate cache or the build container', load: () => import('./commands/clean.js') },
   doctor: { summary: 'check host prerequisites for building, each with its fix', load: () => import('./commands/doctor.js') },
   check: { summary: 'check the distribution definition (kas, layers, machines, wks, RAUC) with file:line:col', load: () => import('./commands/check.js') },
+  vm: { summary: 'run LamaDist images in QEMU (UEFI, Secure Boot, TPM2) and the end-to-end demo', load: () => import('./commands/vm.js') },
 };

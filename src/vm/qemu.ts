@@ -49,7 +49,7 @@ export interface QemuOptions {
   hostForward?: HostForward[];
   /** QEMU exits instead of rebooting the guest. */
   noReboot?: boolean;
-  /** Give up (kill the VM) after this long. */
+  /** Give up (kill the VM) after this long; 0 means no limit. */
   timeoutMs: number;
   /** Stop the VM as soon as the serial console matches. Without it, runQemu waits for QEMU to exit. */
   until?: RegExp | ((serial: string) => boolean);
@@ -244,10 +244,14 @@ function watch(opts: QemuOptions, argv: string[], kids: import('node:child_proce
     });
     qemu.stdin.on('error', () => undefined);
     if (opts.input) opts.input.pipe(qemu.stdin);
-    const timer = setTimeout(() => {
-      timedOut = true;
-      stop();
-    }, opts.timeoutMs);
+    // A timeout of 0 (or Infinity) means none: `lamadist vm run` runs until the guest powers off.
+    const timer =
+      opts.timeoutMs > 0 && Number.isFinite(opts.timeoutMs)
+        ? setTimeout(() => {
+            timedOut = true;
+            stop();
+          }, opts.timeoutMs)
+        : undefined;
     const onAbort = (): void => {
       aborted = true;
       stop();

@@ -29,7 +29,11 @@ LAMADIST_VERITY_PART_MIB ?= "64"
 LAMADIST_EROFS_IMAGE = "${IMGDEPLOYDIR}/${IMAGE_NAME}.${LAMADIST_EROFS_TYPE}"
 LAMADIST_VERITY_IMAGE = "${IMGDEPLOYDIR}/${IMAGE_NAME}.verity"
 
-IMAGE_FSTYPES:append = " ${LAMADIST_EROFS_TYPE} lamaverity"
+# The root image, its verity tree and UKIs, and the compressed A/B disk with its block map. Set
+# here, not in the machine, so that other images (the initramfs, the installer) are unaffected;
+# the upstream BSPs' own image types (ext4 root, tegraflash, plain wic) are not LamaDist's.
+IMAGE_FSTYPES = "${LAMADIST_EROFS_TYPE} lamaverity wic.zst wic.bmap"
+IMAGE_FEATURES += "read-only-rootfs"
 IMAGE_TYPEDEP:lamaverity = "${LAMADIST_EROFS_TYPE}"
 IMAGE_TYPEDEP:wic:append = " lamaverity"
 IMAGE_TYPES:append = " lamaverity"

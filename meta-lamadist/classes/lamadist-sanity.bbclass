@@ -26,15 +26,6 @@ def lamadist_policy_problems(d):
         problems.append("the init manager is '%s', not systemd" % d.getVar('VIRTUAL-RUNTIME_init_manager'))
     return problems
 
-def lamadist_signing_problems(d):
-    import os
-    keydir = d.getVar('LAMADIST_SIGNING_DIR')
-    if not keydir:
-        return ["LAMADIST_SIGNING_DIR is not set: export it (the directory `lamadist keys init` made)"]
-    missing = [f for f in ('db.crt', 'db.key', 'rauc-ca.crt', 'rauc-signing.crt', 'rauc-signing.key', 'rpm-signing.pub.asc')
-               if not os.path.isfile(os.path.join(keydir, f))]
-    return ["%s lacks %s" % (keydir, ", ".join(missing))] if missing else []
-
 addhandler lamadist_sanity_handler
 lamadist_sanity_handler[eventmask] = "bb.event.ConfigParsed bb.event.BuildStarted"
 python lamadist_sanity_handler() {
@@ -42,7 +33,8 @@ python lamadist_sanity_handler() {
     if isinstance(e, bb.event.ConfigParsed):
         problems = lamadist_policy_problems(data)
     else:
-        problems = lamadist_signing_problems(data)
+        import lamadist.signing
+        problems = lamadist.signing.problems(data.getVar('LAMADIST_SIGNING_DIR'))
     if problems:
         bb.fatal("LamaDist policy: " + "; ".join(problems))
 }

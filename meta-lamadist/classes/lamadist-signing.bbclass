@@ -1,7 +1,8 @@
 # lamadist-signing: recipes that install material from the key directory (LAMADIST_SIGNING_DIR)
 # check at task time, not at parse time, that it is there; parsing stays possible without keys.
 python lamadist_require_signing_dir () {
-    problems = lamadist_signing_problems(d)
+    import lamadist.signing
+    problems = lamadist.signing.problems(d.getVar('LAMADIST_SIGNING_DIR'))
     if problems:
         bb.fatal("%s needs the signing keys: %s" % (d.getVar('PN'), "; ".join(problems)))
 }

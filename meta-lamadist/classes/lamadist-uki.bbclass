@@ -8,6 +8,8 @@
 # directory (LAMADIST_SIGNING_DIR/db.key, db.crt) using sbsign. Section placement is computed by
 # lib/lamadist/uki.py from the stub's PE header.
 
+require conf/image-uefi.conf
+
 LAMADIST_UKI_NAME ?= "lamadist"
 LAMADIST_UKI_STUB ?= "linux${EFI_ARCH}.efi.stub"
 LAMADIST_UKI_KERNEL ?= "${KERNEL_IMAGETYPE}"

@@ -17,7 +17,7 @@ IMAGE_ROOTFS_EXTRA_SPACE = "0"
 PACKAGE_INSTALL:append = " ${@' '.join('kernel-module-' + m for m in d.getVar('LAMADIST_INITRAMFS_MODULES').split())}"
 LAMADIST_INITRAMFS_MODULES ?= ""
 
-inherit core-image nopackages
+inherit core-image
 
 # The UKI class reads the initramfs through this link name.
 IMAGE_LINK_NAME = "${INITRAMFS_IMAGE}-${MACHINE}"

@@ -23,6 +23,7 @@ do_install() {
 }
 
 # Busybox provides the shell and the small tools; the rest is the unlock and verity chain.
+# systemd-crypt carries systemd-cryptenroll and the systemd-tpm2 token plugin of libcryptsetup.
 RDEPENDS:${PN} = " \
     busybox \
     cryptsetup \
@@ -33,6 +34,6 @@ RDEPENDS:${PN} = " \
     util-linux-findmnt \
     util-linux-mount \
     util-linux-switch-root \
-    ${@bb.utils.contains('DISTRO_FEATURES', 'tpm2', 'systemd-cryptsetup-tpm2', '', d)} \
+    ${@bb.utils.contains('DISTRO_FEATURES', 'tpm2', 'systemd-crypt', '', d)} \
 "
 FILES:${PN} = "/init ${libdir}/lamadist"

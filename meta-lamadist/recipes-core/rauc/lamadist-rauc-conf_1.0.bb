@@ -8,6 +8,10 @@ LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/Apache-2.0;md5=89aea4e17d99a7ca
 # The keyring is the RAUC CA of the key directory `lamadist keys init` created; its path comes
 # from the build environment (LAMADIST_SIGNING_DIR), never from git.
 LAMADIST_RAUC_KEYRING ?= "${LAMADIST_SIGNING_DIR}/rauc-ca.crt"
+LAMADIST_SIGNING_DIR ??= ""
+# Set by every LamaDist machine; the defaults keep the recipe parseable for any other machine.
+LAMADIST_RAUC_FAMILY ??= "efi"
+RAUC_COMPATIBLE ??= "${MACHINE}"
 
 SRC_URI = " \
     file://${LAMADIST_RAUC_FAMILY}/system.conf \

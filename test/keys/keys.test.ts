@@ -3,9 +3,10 @@ import { chmodSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'nod
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { keyPath, readManifest, type KeyManifest } from '../../src/keys/index.js';
-import { verifyAuthVariable } from '../../src/secureboot/index.js';
+import { signPe, verifyAuthVariable, verifyPe } from '../../src/secureboot/index.js';
+import { buildUki } from '../../src/uki/index.js';
 import { runCli } from '../helpers/cli.js';
-import { tempDir, tool } from '../uki/helpers.js';
+import { STUB, tempDir, tool } from '../uki/helpers.js';
 
 const t = tempDir('lamadist-keys-');
 const dir = path.join(t.dir, 'keys');
@@ -88,6 +89,24 @@ describe('keys init', () => {
     const bad = tool('rauc', ['info', '--conf', conf(k('PK.crt')), '--keyring', k('PK.crt'), bundle]);
     expect(bad.code).not.toBe(0);
   }, 60_000);
+});
+
+describe('Secure Boot trust with the generated keys', () => {
+  it('sbverify and our verifier agree: db.crt and its issuer KEK.crt accept a db-signed UKI, the RAUC CA does not', async () => {
+    const uki = signPe(await buildUki({ stub: STUB, kernel: randomBytes(8192), cmdline: 'quiet' }), { certPem: readFileSync(k('db.crt')), keyPem: readFileSync(k('db.key')) });
+    const file = path.join(t.dir, 'db-signed.efi');
+    writeFileSync(file, uki);
+    for (const [cert, accepted] of [['db.crt', true], ['KEK.crt', true], ['rauc-ca.crt', false]] as const) {
+      expect(tool('sbverify', ['--cert', k(cert), file]).code === 0, `sbverify ${cert}`).toBe(accepted);
+      let ours = true;
+      try {
+        verifyPe(uki, readFileSync(k(cert)));
+      } catch {
+        ours = false;
+      }
+      expect(ours, `verifyPe ${cert}`).toBe(accepted);
+    }
+  });
 });
 
 describe('keys CLI', () => {

@@ -281,6 +281,7 @@ function extraCombos(extras: string[]): string[][] {
 async function checkCompositions(root: string, bsps: readonly Bsp[], add: Add): Promise<KasComposition[]> {
   const extras = (await listFiles(path.join(root, 'kas', 'extras'), /\.kas\.ya?ml$/)).map((f) => path.basename(f).replace(/\.kas\.ya?ml$/, ''));
   const installer = existsSync(path.join(root, 'kas', 'installer.kas.yml'));
+  const recipes = await localRecipes(root);
   const out: KasComposition[] = [];
   for (const bspFile of await listFiles(path.join(root, 'kas', 'bsp'), /\.kas\.ya?ml$/)) {
     const name = path.basename(bspFile).replace(/\.kas\.ya?ml$/, '');
@@ -300,7 +301,7 @@ async function checkCompositions(root: string, bsps: readonly Bsp[], add: Add): 
         try {
           const comp = await composeKas(files, { repoRoot: root });
           out.push(comp);
-          checkComposed(root, bsp, files, comp, add);
+          checkComposed(root, bsp, files, comp, recipes, add);
         } catch (err) {
           const p = asProblem(err, `${files.at(-1) ?? ''}:1:1`);
           add('kas-compose', p.where, p.code, p.message);
@@ -311,30 +312,57 @@ async function checkCompositions(root: string, bsps: readonly Bsp[], add: Add): 
   return out;
 }
 
-function checkComposed(root: string, bsp: Bsp, files: string[], comp: KasComposition, add: Add): void {
+/** Names of the project's own namespace, which must resolve inside the repository's layers. */
+const OWN_NAME = /^(lama|lamadist)[-_]|^packagegroup-lamadist/;
+
+/** Recipe names (file name up to the first `_` or `.bb`) in the repository's layers. */
+async function localRecipes(root: string): Promise<Set<string>> {
+  const out = new Set<string>();
+  for (const e of await fs.readdir(root, { withFileTypes: true })) {
+    if (!e.isDirectory() || !e.name.startsWith('meta-')) continue;
+    for (const f of await listFiles(path.join(root, e.name), /\.bb$/)) out.add(path.basename(f, '.bb').split('_')[0] ?? '');
+  }
+  return out;
+}
+
+function checkComposed(root: string, bsp: Bsp, files: string[], comp: KasComposition, recipes: Set<string>, add: Add): void {
   const cfg = comp.config;
   const combo = files.join(':');
   if (cfg.machine !== bsp.machine) {
     add('kas-compose', comp.origin(['machine']), 'LAMA_E_KAS_MACHINE', `BSP ${bsp.name} must build MACHINE '${bsp.machine}', but its kas files compose to '${String(cfg.machine)}'`);
   }
   if (typeof cfg.distro !== 'string') add('kas-compose', comp.origin(['distro']), 'LAMA_E_KAS_DISTRO', `${combo} sets no distro`);
+  else if (OWN_NAME.test(cfg.distro) && !localLayerEntries(cfg).some((e) => existsSync(path.join(root, e.layer, 'conf', 'distro', `${cfg.distro as string}.conf`)))) {
+    add('kas-compose', comp.origin(['distro']), 'LAMA_E_KAS_DISTRO', `distro '${cfg.distro}' has no conf/distro/${cfg.distro}.conf in the layers this build uses`);
+  }
+  const targets = Array.isArray(cfg.target) ? cfg.target : cfg.target === undefined ? [] : [cfg.target];
+  for (const t of targets) {
+    if (typeof t === 'string' && OWN_NAME.test(t) && !recipes.has(t)) {
+      add('kas-compose', comp.origin(['target']), 'LAMA_E_KAS_TARGET', `target '${t}' is no recipe in this repository's layers`);
+    }
+  }
   const repos = cfg.repos;
   if (typeof repos !== 'object' || repos === null) {
     add('kas-compose', comp.origin(['repos']), 'LAMA_E_KAS_REPOS', `${combo} declares no repos`);
     return;
   }
-  for (const [key, spec] of Object.entries(repos as Record<string, unknown>)) {
-    const isLocal = spec === null || (typeof spec === 'object' && getPath(spec, ['url']) === undefined && getPath(spec, ['path']) === undefined);
-    if (!isLocal) continue;
-    const layers = getPath(spec, ['layers']);
-    const names = typeof layers === 'object' && layers !== null ? Object.keys(layers) : ['.'];
-    for (const layer of names) {
-      if (getPath(layers, [layer]) === 'disabled' || getPath(layers, [layer]) === 'excluded') continue;
-      if (!existsSync(path.join(root, layer, 'conf', 'layer.conf'))) {
-        add('kas-compose', comp.origin(['repos', key, 'layers', layer]), 'LAMA_E_KAS_LAYER_MISSING', `layer '${layer}' of repo '${key}' has no conf/layer.conf`);
-      }
+  for (const { key, layer } of localLayerEntries(cfg)) {
+    if (!existsSync(path.join(root, layer, 'conf', 'layer.conf'))) {
+      add('kas-compose', comp.origin(['repos', key, 'layers', layer]), 'LAMA_E_KAS_LAYER_MISSING', `layer '${layer}' of repo '${key}' has no conf/layer.conf`);
     }
   }
+}
+
+/** The enabled layers of the project's own repository (repos without url or path) in a composed configuration. */
+function localLayerEntries(config: Record<string, unknown>): { key: string; layer: string }[] {
+  const out: { key: string; layer: string }[] = [];
+  for (const [key, spec] of Object.entries((config.repos ?? {}) as Record<string, unknown>)) {
+    if (spec !== null && (typeof spec !== 'object' || getPath(spec, ['url']) !== undefined || getPath(spec, ['path']) !== undefined)) continue;
+    const layers = getPath(spec, ['layers']);
+    const names = typeof layers === 'object' && layers !== null ? Object.keys(layers) : ['.'];
+    for (const layer of names) if (!['disabled', 'excluded'].includes(String(getPath(layers, [layer])))) out.push({ key, layer });
+  }
+  return out;
 }
 
 /** Release series names (scarthgap, ...) from the branch of the OE-Core/poky repository. */
@@ -359,11 +387,7 @@ async function checkLayers(root: string, comps: KasComposition[], series: Set<st
     if (e.isDirectory() && e.name.startsWith('meta-') && existsSync(path.join(root, e.name, 'conf', 'layer.conf'))) dirs.add(e.name);
   }
   for (const c of comps) {
-    for (const spec of Object.values((c.config.repos ?? {}) as Record<string, unknown>)) {
-      const layers = getPath(spec, ['layers']);
-      if (getPath(spec, ['url']) !== undefined || typeof layers !== 'object' || layers === null) continue;
-      for (const l of Object.keys(layers)) if (existsSync(path.join(root, l, 'conf', 'layer.conf'))) dirs.add(l);
-    }
+    for (const { layer } of localLayerEntries(c.config)) if (existsSync(path.join(root, layer, 'conf', 'layer.conf'))) dirs.add(layer);
   }
   const infos: LayerInfo[] = [];
   const seen = new Map<string, string>();

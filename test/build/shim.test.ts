@@ -4,12 +4,15 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { idMappingArgs } from '../../src/build/index.js';
 import { run } from '../../src/util/proc.js';
-import { REPO_ROOT, runCli } from '../helpers/cli.js';
+import { BIN, REPO_ROOT, runCli } from '../helpers/cli.js';
 
 /**
  * `lamadist build` against a recording `podman` placed first on PATH: the exact command line, the
  * env files, the log, the progress parsing and the artifact summary, without a container.
  */
+
+/** A string as a literal regular-expression source. */
+const escape = (s: string): string => s.replace(/[\\^$.*+?()[\]{}|]/g, '\\$&');
 
 let tmp: string;
 let src: string;
@@ -114,6 +117,24 @@ describe('lamadist build with a recording podman', () => {
     expect(r.code).toBe(0);
     expect(r.stdout).toMatch(/^bundle\s+4\.0 KiB\s+build\/tmp-glibc\/deploy\/images\/lamadist-orin-nx\/lama-bundle-lamadist-orin-nx\.raucb$/m);
     expect(r.stdout).toMatch(/^4 artifact\(s\) in \d+ s; log: build\/logs\/build-x86_64-.*\.log$/m);
+    // not a terminal: BitBake's output passes through, no progress bar
+    expect(r.stderr).toContain('NOTE: Running task 2 of 2');
+    expect(r.stderr).not.toContain('\x1b[2K');
+  });
+
+  it('draws a progress bar on a terminal instead of the BitBake lines', async () => {
+    const r = await run('script', ['-qec', `${process.execPath} ${BIN} build -C ${src} --no-network-check`, '/dev/null'], {
+      env: { ...process.env, PATH: `${bin}:${process.env.PATH ?? ''}`, SHIM_LOG: path.join(tmp, 'argv-tty.txt'), NO_COLOR: '1', TERM: 'xterm' },
+      allowFailure: true,
+      timeoutMs: 60_000,
+    });
+    expect(r.code).toBe(0);
+    const clear = '\r\x1b[2K';
+    expect(r.stdout).toMatch(new RegExp(`${escape(clear)}setscene █+ 100% \\(2/2\\)`));
+    expect(r.stdout).toMatch(new RegExp(`${escape(clear)}tasks █+ 100% \\(2/2\\)`));
+    expect(r.stdout).not.toContain('NOTE: Running task');
+    expect(r.stdout).toContain('WARNING: shim warning');
+    expect(r.stdout).toMatch(/4 artifact\(s\) in \d+ s/);
   });
 
   it('fails in one line naming the log when kas fails', async () => {

@@ -5,7 +5,9 @@
  */
 
 const BENCHES: Record<string, () => Promise<{ run: () => Promise<void> }>> = {
+  boot: () => import('./boot.js'),
   rauc: () => import('./rauc.js'),
+  server: () => import('./server.js'),
 };
 
 async function main(argv: string[]): Promise<number> {

@@ -232,7 +232,24 @@ function openSqlite(file: string): OpenDb {
   handle.pragma('synchronous = FULL');
   handle.pragma('foreign_keys = ON');
   handle.pragma('busy_timeout = 5000');
-  const db = new Kysely<Database>({ dialect: new SqliteDialect({ database: handle }) });
+  // Kysely prepares every query anew; the poll path runs the same few statements thousands of times
+  // a second, so keep their prepared forms (statements are only ever run to completion here).
+  const statements = new Map<string, Sqlite.Statement>();
+  const database = {
+    prepare(text: string): Sqlite.Statement {
+      let st = statements.get(text);
+      if (!st) {
+        if (statements.size >= 512) statements.clear();
+        st = handle.prepare(text);
+        statements.set(text, st);
+      }
+      return st;
+    },
+    close(): void {
+      handle.close();
+    },
+  };
+  const db = new Kysely<Database>({ dialect: new SqliteDialect({ database }) });
   return { db, dialect: 'sqlite', close: () => db.destroy() };
 }
 

@@ -307,8 +307,7 @@ async function signedDataOf(layout: BundleLayout, file: string, o: Pick<InspectO
   try {
     return decryptEnvelope(layout.signature, keyPem, certPem);
   } catch (err) {
-    if (err instanceof UserError && err.where === undefined) throw new UserError(err.code, err.message, { where: file, cause: err });
-    throw err;
+    located(err, file);
   }
 }
 
@@ -317,26 +316,33 @@ function located(err: unknown, file: string): never {
   throw err;
 }
 
-/**
- * Read a bundle, and with `keyring` verify it: CMS signature and signer chain, then (unless
- * `verifyPayload` is false) the dm-verity tree over the payload and each image's SHA-256.
- * Failures are UserErrors located at the bundle: LAMA_E_BUNDLE_NOT_A_BUNDLE, _TRUNCATED, _TRAILER,
- * _BAD_SIGNATURE, _MANIFEST_TAMPERED, _UNTRUSTED_SIGNER, _PAYLOAD_TAMPERED / _HASH_TREE_TAMPERED
- * (with the byte offset), _IMAGE_TAMPERED, _WRONG_COMPATIBLE, _WRONG_DEVICE_KEY, _NEEDS_KEY.
- */
-export async function inspectBundle(file: string, o: InspectOptions = {}): Promise<BundleInfo> {
+/** A bundle read and checked up to (not including) its payload. */
+interface OpenedBundle {
+  layout: BundleLayout;
+  signedData: Buffer;
+  /** The signed manifest; includes the crypt key of a crypt bundle, so it never leaves this module. */
+  manifest: Manifest;
+  payload: number;
+  chain: CertSummary[];
+  signingTime?: Date;
+  verified: boolean;
+}
+
+async function layoutOf(file: string): Promise<BundleLayout> {
   const h = await openBundle(file);
-  let layout: BundleLayout;
   try {
-    layout = await readLayout(h, file);
+    return await readLayout(h, file);
   } finally {
     await h.close();
   }
+}
+
+async function openChecked(file: string, o: InspectOptions): Promise<OpenedBundle> {
+  const layout = await layoutOf(file);
   const sd = await signedDataOf(layout, file, o);
   let content: Buffer;
   let chain: CertSummary[] = [];
   let signingTime: Date | undefined;
-  const verified = o.keyring !== undefined;
   try {
     if (o.keyring) {
       const keyringPem = (await readUserFile(o.keyring, 'keyring')).toString('utf8');
@@ -372,12 +378,30 @@ export async function inspectBundle(file: string, o: InspectOptions = {}): Promi
       throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', `[image.${img.slotClass}] has no sha256 or size`, { where: file });
     }
   }
-  const verifyPayload = o.verifyPayload ?? verified;
+  return { layout, signedData: sd, manifest: m, payload, chain, ...(signingTime && { signingTime }), verified: o.keyring !== undefined };
+}
+
+/**
+ * Read a bundle, and with `keyring` verify it: CMS signature and signer chain, then (unless
+ * `verifyPayload` is false) the dm-verity tree over the payload and each image's SHA-256.
+ * Failures are UserErrors located at the bundle: LAMA_E_BUNDLE_NOT_A_BUNDLE, _TRUNCATED, _TRAILER,
+ * _BAD_SIGNATURE, _MANIFEST_TAMPERED, _UNTRUSTED_SIGNER, _PAYLOAD_TAMPERED / _HASH_TREE_TAMPERED
+ * (with the byte offset), _IMAGE_TAMPERED, _WRONG_COMPATIBLE, _WRONG_DEVICE_KEY, _NEEDS_KEY.
+ */
+export async function inspectBundle(file: string, o: InspectOptions = {}): Promise<BundleInfo> {
+  const b = await openChecked(file, o);
+  const verifyPayload = o.verifyPayload ?? b.verified;
   if (verifyPayload) {
-    await checkVerity(file, payload, m);
-    await checkImages(file, payload, m);
+    await checkVerity(file, b.payload, b.manifest);
+    await checkImages(file, b.payload, b.manifest);
   }
-  const signer = chain[0] ?? signerSummary(sd);
+  return describe(file, b, verifyPayload);
+}
+
+function describe(file: string, b: OpenedBundle, payloadVerified: boolean): BundleInfo {
+  const m = b.manifest;
+  const { layout, chain, signingTime } = b;
+  const signer = chain[0] ?? signerSummary(b.signedData);
   return {
     path: file,
     format: m.format,
@@ -404,9 +428,9 @@ export async function inspectBundle(file: string, o: InspectOptions = {}): Promi
     chain,
     ...(signingTime && { signingTime: signingTime.toISOString() }),
     ...(layout.cms === 'enveloped' && { recipients: recipientsOf(layout.signature) }),
-    sizes: { file: layout.fileSize, payload, hashTree: m.veritySize, signature: layout.signatureSize },
-    verified,
-    payloadVerified: verifyPayload,
+    sizes: { file: layout.fileSize, payload: b.payload, hashTree: m.veritySize ?? 0, signature: layout.signatureSize },
+    verified: b.verified,
+    payloadVerified,
   };
 }
 
@@ -492,24 +516,16 @@ async function checkImages(file: string, payload: number, m: Manifest): Promise<
  * (which must not exist yet), like `rauc extract`.
  */
 export async function extractBundle(file: string, dir: string, o: Omit<InspectOptions, 'verifyPayload'> & { keyring: string }): Promise<BundleInfo> {
-  const info = await inspectBundle(file, { ...o, verifyPayload: false });
   try {
     await fs.access(dir);
     throw new UserError('LAMA_E_EXISTS', `${dir} already exists`);
   } catch (err) {
     if (!isErrno(err, 'ENOENT')) throw err;
   }
-  const h = await openBundle(file);
-  let sd: Buffer;
-  try {
-    sd = await signedDataOf(await readLayout(h, file), file, o);
-  } finally {
-    await h.close();
-  }
-  const m = parseManifest(verifyEmbedded(sd, (await readUserFile(o.keyring, 'keyring')).toString('utf8')).content.toString('utf8'), `${file}: signed manifest`);
-  await checkVerity(file, info.sizes.payload, m);
-  await unpack(file, info.sizes.payload, m, dir);
-  return { ...info, payloadVerified: true };
+  const b = await openChecked(file, o);
+  await checkVerity(file, b.payload, b.manifest);
+  await unpack(file, b.payload, b.manifest, dir);
+  return describe(file, b, true);
 }
 
 /** What `encryptBundle` reports. */
@@ -531,13 +547,7 @@ export async function encryptBundle(
   recipients: string[],
   o: { deviceKey?: string; deviceCert?: string; keyring?: string; force?: boolean } = {},
 ): Promise<EncryptedBundle> {
-  const h = await openBundle(input);
-  let layout: BundleLayout;
-  try {
-    layout = await readLayout(h, input);
-  } finally {
-    await h.close();
-  }
+  const layout = await layoutOf(input);
   const sd = await signedDataOf(layout, input, o);
   const content = o.keyring ? verifyEmbedded(sd, (await readUserFile(o.keyring, 'keyring')).toString('utf8')).content : unverifiedContent(sd);
   const m = parseManifest(content.toString('utf8'), `${input}: signed manifest`);

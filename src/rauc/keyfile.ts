@@ -98,7 +98,7 @@ export function parseKeyFile(text: string, file: string): KeyFile {
     const line = (lines[n] ?? '').replace(/\r$/, '').replace(/^[ \t]+/, '');
     if (line === '' || line.startsWith('#')) continue;
     if (line.startsWith('[')) {
-      const m = /^\[([^\]\[]+)\][ \t]*$/.exec(line);
+      const m = /^\[([^\][]+)\][ \t]*$/.exec(line);
       if (!m?.[1]) throw new UserError('LAMA_E_KEYFILE', `malformed group header '${line}'`, { where });
       if (groups.has(m[1])) throw new UserError('LAMA_E_KEYFILE', `duplicate group [${m[1]}]`, { where });
       current = new Map();

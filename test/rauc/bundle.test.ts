@@ -1,9 +1,9 @@
-import { execFileSync, spawnSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createBundle, inspectBundle } from '../../src/rauc/index.js';
+import { createBundle, extractBundle, inspectBundle } from '../../src/rauc/index.js';
 import { makePki, type Pki } from './pki.js';
 
 let pki: Pki;
@@ -70,6 +70,16 @@ describe('verity bundle', () => {
     const ours = await inspectBundle(b, { keyring: pki.ca, compatible: 'lamadist-x86-64' });
     expect(ours.verified && ours.payloadVerified).toBe(true);
     expect(ours.manifest.images.map((i) => i.slotClass)).toEqual(['rootfs', 'verity', 'efi']);
+  });
+
+  it('extractBundle verifies and unpacks like rauc extract, refusing an existing directory', async () => {
+    const b = await make('e.raucb', 'crypt');
+    const x = path.join(dir, 'ours-x');
+    const info = await extractBundle(b, x, { keyring: pki.ca });
+    expect(info.payloadVerified).toBe(true);
+    expect(readFileSync(path.join(x, 'rootfs.erofs')).equals(readFileSync(rootfs))).toBe(true);
+    expect(readFileSync(path.join(x, 'rootfs.erofs.block-hash-index')).length).toBe((3 * 1024 * 1024 / 4096) * 32);
+    await expect(extractBundle(b, x, { keyring: pki.ca })).rejects.toMatchObject({ code: 'LAMA_E_EXISTS' });
   });
 
   it('is byte-identical when created twice with the same signing time', async () => {

@@ -149,7 +149,7 @@ export async function run(): Promise<void> {
       }),
     );
     console.log(`server: registered ${DEVICES} devices in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
-    const load = await pollLoad(s.url, tokens, 10);
+    const load = await pollLoad(s.url, tokens, POLL_SECONDS);
     const mem = await rssMiB(server.pid as number);
     console.log(
       `server: ${DEVICES} devices polling over ${CONNECTIONS} keep-alive connections: ${load.rate.toFixed(0)} polls/s, p50 ${load.p50.toFixed(2)} ms, p99 ${load.p99.toFixed(2)} ms, ` +

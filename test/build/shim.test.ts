@@ -1,3 +1,4 @@
+import { spawn } from 'node:child_process';
 import { chmodSync, cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -38,6 +39,7 @@ ln -sf lama-image-base-lamadist-orin-nx.rootfs.wic.zst "$d/images/lamadist-orin-
 head -c 4096 /dev/zero > "$d/images/lamadist-orin-nx/lama-bundle-lamadist-orin-nx.raucb"
 echo '{}' > "$d/images/lamadist-orin-nx/lama-image-base-lamadist-orin-nx.rootfs.spdx.json"
 head -c 100 /dev/zero > "$d/rpm/cortexa78ae/busybox-1.36.1-r0.cortexa78ae.rpm"
+if [ -n "$SHIM_SLEEP" ]; then echo $$ > "$SHIM_SLEEP"; exec sleep 60; fi
 exit "\${SHIM_EXIT:-0}"
 `;
 
@@ -146,6 +148,34 @@ describe('lamadist build with a recording podman', () => {
     expect(last).toMatch(/^lamadist: error: kas build exited with 1 after \d+ s; full log: (.*\.log) \[LAMA_E_BUILD_FAILED\]$/);
     const logFile = /full log: (.*\.log)/.exec(last)?.[1] ?? '';
     expect(existsSync(logFile)).toBe(true);
+  });
+
+  it('stops the container engine and exits 130 on Ctrl-C', async () => {
+    const pidFile = path.join(tmp, 'shim.pid');
+    const child = spawn(process.execPath, [BIN, 'build', '-C', src, '--no-network-check'], {
+      env: { ...process.env, NO_COLOR: '1', PATH: `${bin}:${process.env.PATH ?? ''}`, SHIM_LOG: path.join(tmp, 'argv-int.txt'), SHIM_SLEEP: pidFile },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stderr = '';
+    child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
+    const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
+    const deadline = Date.now() + 30_000;
+    while (!existsSync(pidFile) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    const enginePid = Number(readFileSync(pidFile, 'utf8'));
+    child.kill('SIGINT');
+    expect(await exited).toBe(130);
+    expect(stderr).toContain('interrupted, cleaning up');
+    const alive = (): boolean => {
+      try {
+        process.kill(enginePid, 0);
+        return true;
+      } catch {
+        return false;
+      }
+    };
+    const until = Date.now() + 5_000;
+    while (alive() && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
+    expect(alive()).toBe(false);
   });
 
   it('says in one line that a host without podman or docker cannot build, and what to do instead', async () => {

@@ -16,6 +16,7 @@ export const COMMANDS: Record<string, { summary: string; load: () => Promise<Com
   server: { summary: 'run the update server (hawkBit DDI, management API, dashboard)', load: () => import('./commands/server.js') },
   fleet: { summary: 'manage devices, releases and rollouts on an update server', load: () => import('./commands/fleet.js') },
   gpt: { summary: 'show and repair GUID partition tables with DPS roles', load: () => import('./commands/gpt.js') },
+  image: { summary: 'build and inspect the split A/B disk image', load: () => import('./commands/image.js') },
   luks: { summary: 'create and dump LUKS2 containers (userspace, aes-xts-plain64)', load: () => import('./commands/luks.js') },
   verity: { summary: 'write and verify dm-verity hash trees (veritysetup format)', load: () => import('./commands/verity.js') },
   version: { summary: 'print the build version from git (GitVersion style)', load: () => import('./commands/version.js') },

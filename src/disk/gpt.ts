@@ -120,9 +120,7 @@ export function planGpt(o: GptPlanOptions): GptTable {
     const size = alignUp(p.size, align) + (p.grow ? spare : 0);
     const first = offset / ss;
     offset += size;
-    let last = offset / ss - 1;
-    // The grow partition may end off the alignment, right before the backup table.
-    if (p.grow && i === o.partitions.length - 1) last = lastUsable;
+    const last = offset / ss - 1;
     return {
       number: i + 1,
       typeGuid: p.typeGuid.toLowerCase(),

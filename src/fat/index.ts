@@ -26,6 +26,8 @@ export interface EspOptions {
   label?: string;
   /** Absolute ESP paths (`/EFI/BOOT/BOOTX64.EFI`) to host files or contents. */
   files: Record<string, string | Buffer>;
+  /** Empty directories to create as well (`/EFI/RAUC/`). */
+  dirs?: string[];
   /** Time stamped on every directory and file. */
   timestamp: number;
 }
@@ -75,7 +77,8 @@ export async function buildEsp(o: EspOptions): Promise<void> {
   await run('mkfs.vfat', mkfsArgs(o), { userErrorCode: 'LAMA_E_FAT', env });
   const paths = Object.keys(o.files).sort();
   const img = target(o.image, o.offset);
-  const dirs = espDirectories(paths);
+  const extra = (o.dirs ?? []).map((d) => d.replace(/\/+$/, ''));
+  const dirs = espDirectories([...paths, ...extra.map((d) => `${d}/.`)]);
   if (dirs.length > 0)
     await run('mmd', ['-i', img, ...dirs.map((d) => `::${d}`)], { env, userErrorCode: 'LAMA_E_FAT' });
   const tmp = await makeTempDir('lamadist-esp-');

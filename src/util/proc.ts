@@ -18,6 +18,8 @@ export const TOOL_PACKAGES: Record<string, string> = {
   mmd: 'mtools',
   mdir: 'mtools',
   'mkfs.ext4': 'e2fsprogs',
+  debugfs: 'e2fsprogs',
+  tar: 'tar',
   'systemd-dissect': 'systemd-container',
   rauc: 'rauc',
   sbverify: 'sbsigntool',

@@ -35,7 +35,8 @@ do_install() {
     install -d -m 0700 ${D}${localstatedir}/lib/rauc
 }
 
-do_install[file-checksums] += "${LAMADIST_RAUC_KEYRING}:True"
+# A new CA certificate reinstalls the keyring (the key directory is outside the layer).
+do_install[file-checksums] += "${LAMADIST_RAUC_KEYRING}:${@os.path.exists(d.getVar('LAMADIST_RAUC_KEYRING'))}"
 do_install[vardeps] += "RAUC_COMPATIBLE LAMADIST_RAUC_FAMILY"
 
 PACKAGE_ARCH = "${MACHINE_ARCH}"

@@ -32,5 +32,11 @@ RAUC_SLOT_efi[hooks] = "install"
 LAMADIST_EROFS_TYPE ?= "erofs-lz4hc"
 LAMADIST_RAUC_ADAPTIVE ?= "block-hash-index"
 
+# Signed with the RAUC code-signing key of the key directory (`lamadist keys init`).
+RAUC_KEY_FILE = "${LAMADIST_SIGNING_DIR}/rauc-signing.key"
+RAUC_CERT_FILE = "${LAMADIST_SIGNING_DIR}/rauc-signing.crt"
+RAUC_KEYRING_FILE = "${LAMADIST_SIGNING_DIR}/rauc-ca.crt"
+LAMADIST_SIGNING_DIR ??= ""
+
 inherit lamadist-signing
 do_bundle[prefuncs] += "lamadist_require_signing_dir"

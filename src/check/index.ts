@@ -280,6 +280,7 @@ function extraCombos(extras: string[]): string[][] {
 
 async function checkCompositions(root: string, bsps: readonly Bsp[], add: Add): Promise<KasComposition[]> {
   const extras = (await listFiles(path.join(root, 'kas', 'extras'), /\.kas\.ya?ml$/)).map((f) => path.basename(f).replace(/\.kas\.ya?ml$/, ''));
+  const scanners = (await listFiles(path.join(root, 'kas', 'scanners'), /\.kas\.ya?ml$/)).map((f) => path.basename(f).replace(/\.kas\.ya?ml$/, ''));
   const installer = existsSync(path.join(root, 'kas', 'installer.kas.yml'));
   const recipes = await localRecipes(root);
   const out: KasComposition[] = [];
@@ -296,8 +297,8 @@ async function checkCompositions(root: string, bsps: readonly Bsp[], add: Add): 
       continue;
     }
     for (const combo of extraCombos(extras)) {
-      for (const inst of installer ? [false, true] : [false]) {
-        const files = kasFilesFor({ bsp: bsp.name, extras: combo, installer: inst });
+      for (const [inst, scanner] of (installer ? [false, true] : [false]).flatMap((i) => [undefined, ...scanners].map((sc) => [i, sc] as const))) {
+        const files = kasFilesFor({ bsp: bsp.name, extras: combo, installer: inst, scanners: scanner ? [scanner] : [] });
         try {
           const comp = await composeKas(files, { repoRoot: root });
           out.push(comp);

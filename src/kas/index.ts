@@ -177,10 +177,14 @@ export function getPath(value: unknown, keyPath: readonly (string | number)[]): 
   return cur;
 }
 
-/** What to build: the BSP, optional extras (kas/extras/<name>.kas.yml) and the installer overlay. */
+/**
+ * What to build: the BSP, optional extras (kas/extras/<name>.kas.yml), scanners
+ * (kas/scanners/<name>.kas.yml: CVE reports, SBOM settings) and the installer overlay.
+ */
 export interface KasSelection {
   bsp: string;
   extras?: readonly string[];
+  scanners?: readonly string[];
   installer?: boolean;
 }
 
@@ -190,6 +194,7 @@ export function kasFilesFor(sel: KasSelection): string[] {
     'kas/main.kas.yml',
     `kas/bsp/${sel.bsp}.kas.yml`,
     ...(sel.extras ?? []).map((x) => `kas/extras/${x}.kas.yml`),
+    ...(sel.scanners ?? []).map((x) => `kas/scanners/${x}.kas.yml`),
     ...(sel.installer ? ['kas/installer.kas.yml'] : []),
   ];
 }

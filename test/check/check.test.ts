@@ -39,8 +39,8 @@ describe('lamadist check on fixtures', () => {
     const report = await runChecks({ root: path.join(FIXTURES, 'good'), kasSchema: SCHEMA, dps });
     expect(report.problems).toEqual([]);
     expect(report.ok).toBe(true);
-    // 4 BSPs × {no extras, debug} × {with, without installer}
-    expect(report.checked).toEqual({ kasFiles: 7, compositions: 16, layers: 2, machines: 4, wks: 3, systemConfs: 2 });
+    // 4 BSPs × {no extras, debug} × {with, without installer} × {no scanner, cve}
+    expect(report.checked).toEqual({ kasFiles: 8, compositions: 32, layers: 2, machines: 4, wks: 3, systemConfs: 2 });
   });
 
   const broken = readdirSync(path.join(FIXTURES, 'broken')).sort();

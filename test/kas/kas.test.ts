@@ -61,10 +61,11 @@ describe('kas merge semantics', () => {
   });
 
   it('names the kas files of a selection in merge order', () => {
-    expect(kasFilesFor({ bsp: 'rk1', extras: ['debug'], installer: true })).toEqual([
+    expect(kasFilesFor({ bsp: 'rk1', extras: ['debug'], scanners: ['cve'], installer: true })).toEqual([
       'kas/main.kas.yml',
       'kas/bsp/rk1.kas.yml',
       'kas/extras/debug.kas.yml',
+      'kas/scanners/cve.kas.yml',
       'kas/installer.kas.yml',
     ]);
     expect(kasConfigArg({ bsp: 'x86_64' })).toBe('kas/main.kas.yml:kas/bsp/x86_64.kas.yml');
@@ -84,12 +85,22 @@ describe('lamadist dump', () => {
     }
   });
 
-  it('adds extras and writes JSON with --json', async () => {
-    const r = await runCli(['--json', 'dump', '--bsp', 'orin-nx', '--extra', 'debug'], { cwd: REPO_ROOT });
+  it('adds extras and scanners and writes JSON with --json', async () => {
+    const base = await runCli(['--json', 'dump', '--bsp', 'orin-nx'], { cwd: REPO_ROOT });
+    const r = await runCli(['--json', 'dump', '--bsp', 'orin-nx', '--extra', 'debug', '--scanner', 'cve'], { cwd: REPO_ROOT });
     expect(r.code).toBe(0);
-    const cfg = JSON.parse(r.stdout) as { machine: string; local_conf_header: Record<string, string> };
+    const plain = JSON.parse(base.stdout) as { local_conf_header: Record<string, string> };
+    const cfg = JSON.parse(r.stdout) as { machine: string; distro: string; local_conf_header: Record<string, string> };
     expect(cfg.machine).toBe('lamadist-orin-nx');
-    expect(Object.keys(cfg.local_conf_header).length).toBeGreaterThan(0);
+    const added = Object.keys(cfg.local_conf_header).filter((k) => !(k in plain.local_conf_header));
+    expect(added).toContain('scanner-cve');
+    expect(cfg.local_conf_header['scanner-cve']).toContain('INHERIT += "cve-check"');
+  });
+
+  it('rejects an unknown scanner with the known ones', async () => {
+    const r = await runCli(['dump', '--scanner', 'nope'], { cwd: REPO_ROOT });
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/unknown scanner 'nope' \(known: cve, sbom\) \[LAMA_E_UNKNOWN_SCANNER\]/);
   });
 
   it('names file:line:col when a kas file is malformed', async () => {

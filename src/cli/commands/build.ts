@@ -27,7 +27,13 @@ import type { Context } from '../context.js';
 export interface SelectionFlags {
   bsp: string;
   extra: string[];
+  scanner: string[];
   installer?: boolean;
+}
+
+/** The kas selection the flags describe. */
+export function selectionFrom(f: SelectionFlags): KasSelection {
+  return { bsp: f.bsp, extras: f.extra, scanners: f.scanner, installer: Boolean(f.installer) };
 }
 
 /** Container flags shared by build, shell and container. */
@@ -47,6 +53,7 @@ export function selectionOptions(cmd: Command): Command {
   return cmd
     .option('--bsp <name>', 'board support package (lamadist bsp list)', DEFAULT_BSP)
     .option('--extra <names>', 'extra kas overlays from kas/extras/ (comma-separated, repeatable)', collectList, [])
+    .option('--scanner <names>', 'scanner overlays from kas/scanners/, e.g. cve (comma-separated, repeatable)', collectList, [])
     .option('--installer', 'add the USB installer overlay (kas/installer.kas.yml)');
 }
 
@@ -69,14 +76,15 @@ export function overridesFrom(f: ContainerFlags): SettingsOverrides {
   };
 }
 
-/** Check a selection against the repository: known BSP, existing extras. */
+/** Check a selection against the repository: known BSP, existing extras and scanners. */
 export function validateSelection(root: string, sel: KasSelection): void {
   getBsp(sel.bsp);
-  for (const x of sel.extras ?? []) {
-    if (!existsSync(path.join(root, 'kas', 'extras', `${x}.kas.yml`))) {
-      const dir = path.join(root, 'kas', 'extras');
+  for (const [kind, dirName, names] of [['extra', 'extras', sel.extras ?? []], ['scanner', 'scanners', sel.scanners ?? []]] as const) {
+    const dir = path.join(root, 'kas', dirName);
+    for (const x of names) {
+      if (existsSync(path.join(dir, `${x}.kas.yml`))) continue;
       const known = existsSync(dir) ? readdirSync(dir).filter((f) => f.endsWith('.kas.yml')).map((f) => f.replace(/\.kas\.yml$/, '')) : [];
-      throw new UserError('LAMA_E_UNKNOWN_EXTRA', `unknown extra '${x}' (known: ${known.join(', ') || 'none'})`);
+      throw new UserError(kind === 'extra' ? 'LAMA_E_UNKNOWN_EXTRA' : 'LAMA_E_UNKNOWN_SCANNER', `unknown ${kind} '${x}' (known: ${known.join(', ') || 'none'})`);
     }
   }
   if (sel.installer && !existsSync(path.join(root, 'kas', 'installer.kas.yml'))) {
@@ -130,7 +138,8 @@ export async function build(ctx: Context, root: string, req: BuildRequest, opts:
   const stamp = new Date().toISOString().replace(/[:.]/g, '-');
   const logFile = path.join(src, 'build', 'logs', `build-${req.bsp}-${stamp}.log`);
   ctx.detail(shellLine(inv));
-  ctx.info(`building ${req.bsp}${req.extras?.length ? ` + ${req.extras.join(', ')}` : ''}${req.installer ? ' (installer)' : ''}; log: ${path.relative(process.cwd(), logFile) || logFile}`);
+  const overlays = [...(req.extras ?? []), ...(req.scanners ?? []), ...(req.installer ? ['installer'] : [])];
+  ctx.info(`building ${req.bsp}${overlays.length ? ` + ${overlays.join(', ')}` : ''}; log: ${path.relative(process.cwd(), logFile) || logFile}`);
 
   const started = Date.now();
   const bar = ctx.progress('bitbake', 0);
@@ -170,7 +179,7 @@ export function configure(cmd: Command): void {
         await build(
           ctx,
           opts.dir,
-          { bsp: opts.bsp, extras: opts.extra, installer: Boolean(opts.installer), ci: Boolean(opts.ci), bitbakeArgs: args },
+          { ...selectionFrom(opts), ci: Boolean(opts.ci), bitbakeArgs: args },
           { overrides: overridesFrom(opts), networkCheck: opts.networkCheck, dryRun: Boolean(opts.dryRun) },
         );
       }),

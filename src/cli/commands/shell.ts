@@ -6,7 +6,7 @@ import type { KasSelection } from '../../kas/index.js';
 import { run } from '../../util/proc.js';
 import { act } from '../action.js';
 import type { Context } from '../context.js';
-import { containerOptions, overridesFrom, selectionOptions, shellLine, validateSelection, type ContainerFlags, type SelectionFlags } from './build.js';
+import { containerOptions, overridesFrom, selectionFrom, selectionOptions, shellLine, validateSelection, type ContainerFlags, type SelectionFlags } from './build.js';
 
 /** `lamadist shell`: an interactive `kas shell` (BitBake environment) in the build container. */
 export async function shell(ctx: Context, root: string, sel: KasSelection, flags: ContainerFlags): Promise<void> {
@@ -25,7 +25,7 @@ export function configure(cmd: Command): void {
     .option('-C, --dir <path>', 'repository root', '.')
     .action(
       act<SelectionFlags & ContainerFlags & { dir: string }>(async (ctx, _args, opts) => {
-        await shell(ctx, opts.dir, { bsp: opts.bsp, extras: opts.extra, installer: Boolean(opts.installer) }, opts);
+        await shell(ctx, opts.dir, selectionFrom(opts), opts);
       }),
     );
 }

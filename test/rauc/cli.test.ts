@@ -93,6 +93,12 @@ describe('lamadist bundle', () => {
     const info = rauc(['info', '--conf', conf, '--keyring', path.join(kd, 'rauc-ca.crt'), '--key', path.join(kd, 'device-node1.key'), out]);
     expect(info.code, info.out).toBe(0);
     expect(info.out).toContain('Bundle Format: \tcrypt');
+    const unenc = path.join(dir, 'c-unenc.raucb');
+    expect((await runCli(['bundle', 'create', '-o', unenc, '--bsp', 'x86_64', '--version', '2', ...images(), '--keys', kd, '--format', 'crypt'])).code).toBe(0);
+    const enc = path.join(dir, 'c-enc.raucb');
+    const e = await runCli(['bundle', 'encrypt', unenc, '-o', enc, '--to', path.join(kd, 'device-node1.crt'), '--keyring', path.join(kd, 'rauc-ca.crt')]);
+    expect(e.code, e.stderr).toBe(0);
+    expect(rauc(['info', '--conf', conf, '--keyring', path.join(kd, 'rauc-ca.crt'), '--key', path.join(kd, 'device-node1.key'), enc]).code).toBe(0);
     const noKey = await runCli(['bundle', 'inspect', out]);
     expect(noKey.code).toBe(2);
     expect(noKey.stderr).toContain('LAMA_E_BUNDLE_NEEDS_KEY');

@@ -33,6 +33,19 @@ describe('CMS SignedData', () => {
     expect(v.signingTime).toBeInstanceOf(Date);
   });
 
+  it('signs with an EC (P-256) key as well; openssl verifies it', () => {
+    const run = (args: string[]): void => void execFileSync('openssl', args, { cwd: pki.dir, stdio: 'ignore' });
+    run(['req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', 'ec.key', '-out', 'ec.csr', '-subj', '/CN=ec-signer']);
+    writeFileSync(path.join(pki.dir, 'ec.ext'), 'extendedKeyUsage=codeSigning\n');
+    run(['x509', '-req', '-in', 'ec.csr', '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial', '-out', 'ec.pem', '-days', '30', '-extfile', 'ec.ext']);
+    const der = signEmbedded(Buffer.from('ec content'), { certPem: readFileSync(path.join(pki.dir, 'ec.pem'), 'utf8'), keyPem: readFileSync(path.join(pki.dir, 'ec.key'), 'utf8') }, T);
+    const f = path.join(pki.dir, 'ec.der');
+    writeFileSync(f, der);
+    const out = execFileSync('openssl', ['cms', '-verify', '-inform', 'DER', '-in', f, '-CAfile', pki.ca, '-purpose', 'any', '-binary'], { stdio: ['ignore', 'pipe', 'ignore'] });
+    expect(out.toString()).toBe('ec content');
+    expect(verifyEmbedded(der, pki.caPem).chain[0]?.subject).toBe('CN=ec-signer');
+  });
+
   it('is deterministic for a fixed signing time', () => {
     expect(signEmbedded(Buffer.from('m'), signer(), T)).toEqual(signEmbedded(Buffer.from('m'), signer(), T));
   });

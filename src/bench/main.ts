@@ -6,7 +6,6 @@
 
 const BENCHES: Record<string, () => Promise<{ run: () => Promise<void> }>> = {
   boot: () => import('./boot.js'),
-  boot: () => import('./boot.js'),
   rauc: () => import('./rauc.js'),
   server: () => import('./server.js'),
 };

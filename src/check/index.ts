@@ -86,6 +86,8 @@ interface Layout {
 }
 
 const SLOT_CLASSES = new Set(['rootfs', 'verity', 'efi']);
+/** Slot types RAUC 1.8 accepts in system.conf. */
+const RAUC_SLOT_TYPES = new Set(['raw', 'ext4', 'vfat', 'nand', 'nor', 'ubifs', 'ubivol', 'jffs2', 'boot-emmc', 'boot-mbr-switch', 'boot-gpt-switch', 'boot-raw-fallback']);
 const RAUC_BOOTLOADERS: Record<Bsp['raucFamily'], string[]> = { efi: ['efi', 'custom'], uboot: ['uboot', 'custom'] };
 
 /**
@@ -644,6 +646,12 @@ function checkSystemConf(file: string, text: string, family: Bsp['raucFamily'], 
     if (!device) {
       add('rauc', at(file, s.pos), 'LAMA_E_RAUC_SLOT', `slot [${s.name}] has no device=`);
       continue;
+    }
+    const type = s.keys.get('type');
+    if (type && !RAUC_SLOT_TYPES.has(type.value)) {
+      add('rauc', at(file, type.pos), 'LAMA_E_RAUC_SLOT_TYPE', `slot type '${type.value}' is not one RAUC knows (${[...RAUC_SLOT_TYPES].join(', ')})`);
+    } else if (type && (cls === 'rootfs' || cls === 'verity') && type.value !== 'raw') {
+      add('rauc', at(file, type.pos), 'LAMA_E_RAUC_SLOT_TYPE', `${cls} slot [${s.name}] must be type=raw: EROFS images and hash trees are written block for block`);
     }
     for (const layout of layouts) checkSlotDevice(file, s, cls, device, layout, slots, covered, add);
     if (cls === 'rootfs' && !s.keys.has('bootname')) add('rauc', at(file, s.pos), 'LAMA_E_RAUC_SLOT', `rootfs slot [${s.name}] has no bootname= (A/B switching needs it)`);

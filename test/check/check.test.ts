@@ -54,8 +54,9 @@ describe('lamadist check on fixtures', () => {
       expect(existsSync(root)).toBe(true);
       const report = await runChecks({ root, kasSchema: SCHEMA, dps });
       expect(report.ok).toBe(false);
-      const got = report.problems.map((p) => ({ where: p.where, code: p.code }));
-      for (const e of spec.expect) expect(got).toContainEqual(e);
+      // exactly the expected problems: the right place, and no noise elsewhere
+      const key = (p: { where: string; code: string }): string => `${p.where} ${p.code}`;
+      expect(report.problems.map(key).sort()).toEqual(spec.expect.map(key).sort());
     });
   }
 });

@@ -58,7 +58,7 @@ export interface CreatedBundle {
   verityHash: string;
   veritySalt: string;
   veritySize: number;
-  /** The signed manifest as stored in the CMS. */
+  /** The signed manifest as stored in the CMS, without the crypt key of a crypt bundle. */
   manifest: Manifest;
   signatureSize: number;
 }
@@ -211,6 +211,8 @@ export async function createBundle(o: CreateBundleOptions): Promise<CreatedBundl
       }
       const end = payloadSize + v.hashTreeBytes;
       await writeSignature(out, end, cms);
+      // The crypt key stays inside the signature: results end up in logs and --json output.
+      const { cryptKey: _secret, ...publicManifest } = signed;
       return {
         path: out.final,
         size: end + cms.length + 8,
@@ -219,7 +221,7 @@ export async function createBundle(o: CreateBundleOptions): Promise<CreatedBundl
         verityHash: signed.verityHash,
         veritySalt: signed.veritySalt,
         veritySize: v.hashTreeBytes,
-        manifest: signed,
+        manifest: publicManifest,
         signatureSize: cms.length,
       };
     });

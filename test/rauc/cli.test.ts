@@ -88,8 +88,9 @@ describe('lamadist bundle', () => {
     const inv = path.join(dir, 'hosts.yaml');
     expect((await runCli(['host', 'add', 'node1', '--inventory', inv])).code).toBe(0);
     const out = path.join(dir, 'c.raucb');
-    const c = await runCli(['bundle', 'create', '-o', out, '--bsp', 'x86_64', '--version', '2', ...images(), '--keys', kd, '--format', 'crypt', '--to-hosts', inv]);
+    const c = await runCli(['--json', 'bundle', 'create', '-o', out, '--bsp', 'x86_64', '--version', '2', ...images(), '--keys', kd, '--format', 'crypt', '--to-hosts', inv]);
     expect(c.code, c.stderr).toBe(0);
+    expect(c.stdout).not.toMatch(/crypt-?key/i);
     const info = rauc(['info', '--conf', conf, '--keyring', path.join(kd, 'rauc-ca.crt'), '--key', path.join(kd, 'device-node1.key'), out]);
     expect(info.code, info.out).toBe(0);
     expect(info.out).toContain('Bundle Format: \tcrypt');

@@ -17,6 +17,7 @@ import * as x509 from '@peculiar/x509';
 import * as openpgp from 'openpgp';
 import { UserError, isErrno } from '../errors.js';
 import { makeAuthVariable, makeEsl } from '../secureboot/index.js';
+import { onCleanup } from '../util/cleanup.js';
 import { writeFileAtomic } from '../util/fsx.js';
 
 type CryptoKey = webcrypto.CryptoKey;
@@ -152,7 +153,9 @@ async function exists(p: string): Promise<boolean> {
 
 /**
  * Write planned files: every target is checked before the first write, so a refusal (existing key,
- * no --force) leaves the directory untouched; each file is atomic, secrets 0600, manifest last.
+ * no --force) leaves the directory untouched; each file is atomic, secrets 0600, manifest last. A
+ * new directory is filled under a temporary name and renamed into place, so an interrupted
+ * `keys init` never leaves a half key directory behind.
  */
 async function writePlanned(dir: string, planned: PlannedFile[], manifest: KeyManifest, force: boolean): Promise<void> {
   if (!force) {
@@ -161,9 +164,27 @@ async function writePlanned(dir: string, planned: PlannedFile[], manifest: KeyMa
       if (await exists(target)) throw new UserError('LAMA_E_EXISTS', `${target} already exists (use --force to replace it)`);
     }
   }
-  await fs.mkdir(dir, { recursive: true, mode: 0o700 });
-  for (const p of planned) await writeFileAtomic(path.join(dir, p.entry.file), p.data, { force: true, mode: p.entry.secret ? 0o600 : 0o644 });
-  await writeFileAtomic(path.join(dir, MANIFEST), JSON.stringify(manifest, null, 2) + '\n', { force: true, mode: 0o644 });
+  const fresh = !(await exists(dir));
+  let target = dir;
+  let unregister = (): void => undefined;
+  if (fresh) {
+    const parent = path.dirname(path.resolve(dir));
+    await fs.mkdir(parent, { recursive: true });
+    target = await fs.mkdtemp(path.join(parent, `.${path.basename(dir)}.`));
+    await fs.chmod(target, 0o700);
+    const temp = target;
+    unregister = onCleanup(() => fs.rm(temp, { recursive: true, force: true }));
+  }
+  try {
+    for (const p of planned) await writeFileAtomic(path.join(target, p.entry.file), p.data, { force: true, mode: p.entry.secret ? 0o600 : 0o644 });
+    await writeFileAtomic(path.join(target, MANIFEST), JSON.stringify(manifest, null, 2) + '\n', { force: true, mode: 0o644 });
+    if (fresh) await fs.rename(target, dir);
+  } catch (err) {
+    if (fresh) await fs.rm(target, { recursive: true, force: true });
+    throw err;
+  } finally {
+    unregister();
+  }
 }
 
 /**

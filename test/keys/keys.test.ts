@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { chmodSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { keyPath, readManifest, type KeyManifest } from '../../src/keys/index.js';
@@ -31,6 +31,8 @@ describe('keys init', () => {
     }
     expect(manifest.files.filter((f) => f.secret).map((f) => f.file).sort()).toEqual(['KEK.key', 'PK.key', 'db.key', 'rauc-ca.key', 'rauc-signing.key', 'rpm-signing.asc']);
     expect(JSON.stringify(manifest)).not.toMatch(/PRIVATE KEY/);
+    expect(statSync(dir).mode & 0o777).toBe(0o700);
+    expect(readdirSync(t.dir).filter((f) => f.startsWith('.keys.'))).toEqual([]);
   });
 
   it('openssl x509 reads the certificates with the right extensions', () => {

@@ -6,6 +6,7 @@
 
 const BENCHES: Record<string, () => Promise<{ run: () => Promise<void> }>> = {
   boot: () => import('./boot.js'),
+  check: () => import('./check.js'),
   rauc: () => import('./rauc.js'),
   server: () => import('./server.js'),
 };

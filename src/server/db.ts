@@ -228,8 +228,10 @@ function openSqlite(file: string): OpenDb {
     throw new UserError('LAMA_E_SERVER_DB', `cannot open SQLite database ${file}: ${(err as Error).message}`, { cause: err });
   }
   handle.pragma('journal_mode = WAL');
-  // FULL: a committed feedback or rollout step survives power loss too, not only a process crash.
-  handle.pragma('synchronous = FULL');
+  // better-sqlite3 runs on the event loop, so an fsync per commit would stall every request behind
+  // it. WAL with NORMAL never corrupts and loses nothing on a process crash (kill -9); only a power
+  // cut or kernel crash can drop the last commits, which then vanish whole (transactions stay atomic).
+  handle.pragma('synchronous = NORMAL');
   handle.pragma('foreign_keys = ON');
   handle.pragma('busy_timeout = 5000');
   // Kysely prepares every query anew; the poll path runs the same few statements thousands of times

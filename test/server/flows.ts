@@ -76,6 +76,10 @@ export function serverFlows(label: string, database: () => Promise<{ url: string
         await d.putConfig(p.links.configData?.href ?? '', { version: '1.0.0', boot_id: `${id}-boot-1`, hw: 'qemu' });
         expect((await d.poll()).links.configData).toBeUndefined();
       }
+      // Contact times are batched in memory; after a flush they are in the database.
+      await server.service.flushSeen();
+      const rows = await server.service.db.selectFrom('devices').select(['controller_id', 'last_seen']).orderBy('controller_id').execute();
+      for (const r of rows) expect(Date.now() - Number(r.last_seen), r.controller_id).toBeLessThan(60_000);
       const list = await fleet.listDevices();
       expect(list.map((d) => [d.controllerId, d.version, d.status])).toEqual([
         ['node-a', '1.0.0', 'online'],

@@ -1,6 +1,6 @@
 import { UserError } from '../errors.js';
 import type { Bsp } from '../bsp/index.js';
-import { dpsTypeFor, planGpt, type GptTable } from '../disk/index.js';
+import { GPT_ATTRIBUTES, dpsTypeFor, planGpt, type GptTable } from '../disk/index.js';
 import { randomUuid, type RandomSource } from '../disk/random.js';
 import { LUKS2_DATA_OFFSET } from '../luks/index.js';
 import type { Layout } from './layout.js';
@@ -117,6 +117,8 @@ export function planImage(input: PlanInput): { plan: ImagePlan; gpt: GptTable } 
       uuid: randomUuid(random, `gpt:${p.label}`),
       size: p.sizeMiB * MiB,
       grow: p.grow,
+      // An empty slot is not bootable: no-auto keeps auto-discovery (systemd-dissect, gpt-auto) off it.
+      attributes: p.slot && !input.slots[p.slot] ? 1n << BigInt(GPT_ATTRIBUTES['no-auto'] as number) : 0n,
     })),
   });
   const slotOf = (s: 'a' | 'b' | undefined): SlotContent | undefined => (s ? input.slots[s] : undefined);

@@ -281,15 +281,16 @@ function extraCombos(extras: string[]): string[][] {
 }
 
 async function checkCompositions(root: string, bsps: readonly Bsp[], add: Add): Promise<KasComposition[]> {
-  const extras = (await listFiles(path.join(root, 'kas', 'extras'), /\.kas\.ya?ml$/)).map((f) => path.basename(f).replace(/\.kas\.ya?ml$/, ''));
-  const scanners = (await listFiles(path.join(root, 'kas', 'scanners'), /\.kas\.ya?ml$/)).map((f) => path.basename(f).replace(/\.kas\.ya?ml$/, ''));
+  const overlays = async (dir: string): Promise<string[]> =>
+    (await listFiles(path.join(root, 'kas', dir), /\.kas\.ya?ml$/)).map((f) => path.basename(f).replace(/\.kas\.ya?ml$/, ''));
+  const extras = await overlays('extras');
+  const scanners = await overlays('scanners');
   const installer = existsSync(path.join(root, 'kas', 'installer.kas.yml'));
   const recipes = await localRecipes(root);
   const out: KasComposition[] = [];
-  for (const bspFile of await listFiles(path.join(root, 'kas', 'bsp'), /\.kas\.ya?ml$/)) {
-    const name = path.basename(bspFile).replace(/\.kas\.ya?ml$/, '');
+  for (const name of await overlays('bsp')) {
     if (!bsps.some((b) => b.name === name)) {
-      add('machines', `${path.relative(root, bspFile)}:1:1`, 'LAMA_E_BSP_UNKNOWN', `kas BSP file for '${name}' has no row in the BSP table (src/bsp/index.ts)`);
+      add('machines', `kas/bsp/${name}.kas.yml:1:1`, 'LAMA_E_BSP_UNKNOWN', `kas BSP file for '${name}' has no row in the BSP table (src/bsp/index.ts)`);
     }
   }
   for (const bsp of bsps) {

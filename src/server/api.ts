@@ -256,38 +256,23 @@ export function registerApi(app: FastifyInstance, svc: FleetService, store: Arti
     api.get('/metrics', { schema: { tags: ['metrics'], summary: 'Prometheus metrics' } }, async (_req, reply) => {
       const g = await svc.gauges();
       const c = svc.counters;
+      const metric = (name: string, type: 'gauge' | 'counter', help: string, samples: [string, number][]): string[] => [
+        `# HELP ${name} ${help}`,
+        `# TYPE ${name} ${type}`,
+        ...samples.map(([labels, v]) => `${name}${labels} ${v}`),
+      ];
+      const by = (label: string, m: Record<string, number>): [string, number][] => Object.entries(m).map(([k, v]) => [`{${label}="${k}"}`, v]);
       const lines = [
-        '# HELP lamadist_devices Registered devices by connection status.',
-        '# TYPE lamadist_devices gauge',
-        ...Object.entries(g.devices).map(([s, n]) => `lamadist_devices{status="${s}"} ${n}`),
-        '# HELP lamadist_actions Update actions by state.',
-        '# TYPE lamadist_actions gauge',
-        ...Object.entries(g.actions).map(([s, n]) => `lamadist_actions{state="${s}"} ${n}`),
-        '# HELP lamadist_rollouts Rollouts by status.',
-        '# TYPE lamadist_rollouts gauge',
-        ...Object.entries(g.rollouts).map(([s, n]) => `lamadist_rollouts{status="${s}"} ${n}`),
-        '# HELP lamadist_releases Stored releases.',
-        '# TYPE lamadist_releases gauge',
-        `lamadist_releases ${g.releases}`,
-        '# HELP lamadist_polls_total Device base polls served.',
-        '# TYPE lamadist_polls_total counter',
-        `lamadist_polls_total ${c.polls}`,
-        '# HELP lamadist_feedback_total Device feedback messages received.',
-        '# TYPE lamadist_feedback_total counter',
-        `lamadist_feedback_total ${c.feedback}`,
-        '# HELP lamadist_artifact_requests_total Artifact GET/HEAD requests (including ranges).',
-        '# TYPE lamadist_artifact_requests_total counter',
-        `lamadist_artifact_requests_total ${c.artifactRequests}`,
-        '# HELP lamadist_artifact_bytes_total Artifact payload bytes sent.',
-        '# TYPE lamadist_artifact_bytes_total counter',
-        `lamadist_artifact_bytes_total ${c.artifactBytes}`,
-        '# HELP lamadist_uploads_total Bundle uploads by result.',
-        '# TYPE lamadist_uploads_total counter',
-        `lamadist_uploads_total{result="accepted"} ${c.uploadsAccepted}`,
-        `lamadist_uploads_total{result="refused"} ${c.uploadsRefused}`,
-        '# HELP lamadist_auth_failures_total Requests refused with 401.',
-        '# TYPE lamadist_auth_failures_total counter',
-        `lamadist_auth_failures_total ${c.authFailures}`,
+        ...metric('lamadist_devices', 'gauge', 'Registered devices by connection status.', by('status', g.devices)),
+        ...metric('lamadist_actions', 'gauge', 'Update actions by state.', by('state', g.actions)),
+        ...metric('lamadist_rollouts', 'gauge', 'Rollouts by status.', by('status', g.rollouts)),
+        ...metric('lamadist_releases', 'gauge', 'Stored releases.', [['', g.releases]]),
+        ...metric('lamadist_polls_total', 'counter', 'Device base polls served.', [['', c.polls]]),
+        ...metric('lamadist_feedback_total', 'counter', 'Device feedback messages received.', [['', c.feedback]]),
+        ...metric('lamadist_artifact_requests_total', 'counter', 'Artifact GET/HEAD requests (including ranges).', [['', c.artifactRequests]]),
+        ...metric('lamadist_artifact_bytes_total', 'counter', 'Artifact payload bytes sent.', [['', c.artifactBytes]]),
+        ...metric('lamadist_uploads_total', 'counter', 'Bundle uploads by result.', by('result', { accepted: c.uploadsAccepted, refused: c.uploadsRefused })),
+        ...metric('lamadist_auth_failures_total', 'counter', 'Requests refused with 401.', [['', c.authFailures]]),
       ];
       return reply.type('text/plain; version=0.0.4').send(lines.join('\n') + '\n');
     });

@@ -6,6 +6,19 @@ import { Kysely, Migrator, PostgresDialect, SqliteDialect, sql, type Generated, 
 import pg from 'pg';
 import { UserError } from '../errors.js';
 
+/** What is known about a stored bundle (database row and API view share these). */
+export interface ReleaseFields {
+  version: string;
+  compatible: string;
+  filename: string;
+  format: string;
+  signer: string;
+  sha256: string;
+  sha1: string;
+  md5: string;
+  size: number;
+}
+
 /** Rows as stored. Times are Unix milliseconds; JSON columns are text so both databases agree. */
 export interface Database {
   tenants: { name: string; gateway_token_hash: string | null; created_at: number };
@@ -24,19 +37,7 @@ export interface Database {
     attributes_at: number | null;
     created_at: number;
   };
-  releases: {
-    id: Generated<number>;
-    version: string;
-    compatible: string;
-    filename: string;
-    format: string;
-    signer: string;
-    sha256: string;
-    sha1: string;
-    md5: string;
-    size: number;
-    created_at: number;
-  };
+  releases: ReleaseFields & { id: Generated<number>; created_at: number };
   rollouts: {
     id: Generated<number>;
     name: string;

@@ -2,7 +2,7 @@ import type { Kysely, Transaction } from 'kysely';
 import { BSPS } from '../bsp/index.js';
 import { UserError } from '../errors.js';
 import { hashToken, newToken, tokenMatches } from './auth.js';
-import { nowMs, sql, type Database, type OpenDb } from './db.js';
+import { nowMs, sql, type Database, type OpenDb, type ReleaseFields } from './db.js';
 import {
   DONE_STATES,
   assignWaves,
@@ -46,17 +46,8 @@ export interface DeviceView {
   hasToken: boolean;
 }
 
-export interface ReleaseView {
+export interface ReleaseView extends ReleaseFields {
   id: number;
-  version: string;
-  compatible: string;
-  filename: string;
-  format: string;
-  signer: string;
-  sha256: string;
-  sha1: string;
-  md5: string;
-  size: number;
   createdAt: string;
 }
 
@@ -239,6 +230,32 @@ export class FleetService {
     };
   }
 
+  private async insertDevice(
+    db: Db,
+    tenant: string,
+    controllerId: string,
+    fields: Partial<Pick<DeviceRow, 'token_hash' | 'name' | 'bsp' | 'tags' | 'attributes'>>,
+  ): Promise<void> {
+    await db
+      .insertInto('devices')
+      .values({
+        tenant,
+        controller_id: controllerId,
+        token_hash: null,
+        name: controllerId,
+        bsp: null,
+        tags: '[]',
+        attributes: '{}',
+        ...fields,
+        version: null,
+        boot_id: null,
+        last_seen: null,
+        attributes_at: null,
+        created_at: nowMs(),
+      })
+      .execute();
+  }
+
   private async deviceRow(db: Db, tenant: string, controllerId: string): Promise<DeviceRow> {
     const row = await db.selectFrom('devices').selectAll().where('tenant', '=', tenant).where('controller_id', '=', controllerId).executeTakeFirst();
     if (!row) throw new UserError('LAMA_E_SERVER_NOT_FOUND', `device ${tenant}/${controllerId} is not registered`);
@@ -268,23 +285,13 @@ export class FleetService {
         .where('controller_id', '=', input.controllerId)
         .executeTakeFirst();
       if (exists) throw new UserError('LAMA_E_SERVER_EXISTS', `device ${input.tenant}/${input.controllerId} is already registered`);
-      await trx
-        .insertInto('devices')
-        .values({
-          tenant: input.tenant,
-          controller_id: input.controllerId,
-          token_hash: hashToken(token),
-          name: input.name ?? input.controllerId,
-          bsp: input.bsp ?? null,
-          tags: JSON.stringify([...new Set(input.tags ?? [])].sort()),
-          attributes: JSON.stringify(input.attributes ?? {}),
-          version: null,
-          boot_id: null,
-          last_seen: null,
-          attributes_at: null,
-          created_at: nowMs(),
-        })
-        .execute();
+      await this.insertDevice(trx, input.tenant, input.controllerId, {
+        token_hash: hashToken(token),
+        name: input.name ?? input.controllerId,
+        bsp: input.bsp ?? null,
+        tags: JSON.stringify([...new Set(input.tags ?? [])].sort()),
+        attributes: JSON.stringify(input.attributes ?? {}),
+      });
       await this.audit(trx, actor, 'device.register', `${input.tenant}/${input.controllerId}`, { bsp: input.bsp, tags: input.tags });
       return this.deviceRow(trx, input.tenant, input.controllerId);
     });
@@ -403,23 +410,7 @@ export class FleetService {
       const t = await this.db.selectFrom('tenants').select('gateway_token_hash').where('name', '=', tenant).executeTakeFirst();
       if (!tokenMatches(auth.token, t?.gateway_token_hash)) return undefined;
       if (row) return row;
-      await this.db
-        .insertInto('devices')
-        .values({
-          tenant,
-          controller_id: controllerId,
-          token_hash: null,
-          name: controllerId,
-          bsp: null,
-          tags: '[]',
-          attributes: '{}',
-          version: null,
-          boot_id: null,
-          last_seen: null,
-          attributes_at: null,
-          created_at: nowMs(),
-        })
-        .execute();
+      await this.insertDevice(this.db, tenant, controllerId, {});
       return this.deviceRow(this.db, tenant, controllerId);
     }
     return undefined;

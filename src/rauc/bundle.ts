@@ -7,10 +7,10 @@ import { AtomicFile, makeTempDir, readUserFile, withAtomicFile } from '../util/f
 import { onCleanup } from '../util/cleanup.js';
 import { run } from '../util/proc.js';
 import { formatVerity, verifyVerity } from '../verity/index.js';
-import { decryptEnvelope, envelope, recipientsOf, signEmbedded, signerSummary, unverifiedContent, verifyEmbedded, type CertSummary, type SignerMaterial } from './cms.js';
+import { decryptEnvelope, detachedDigestName, envelope, isDetached, recipientsOf, signEmbedded, signerSummary, unverifiedContent, verifyDetached, verifyEmbedded, type CertSummary, type SignerMaterial } from './cms.js';
 import { readLayout, type BundleLayout } from './layout.js';
 import { parseManifest, renderManifest, type ImageHook, type Manifest, type ManifestImage } from './manifest.js';
-import { BLOCK, cryptInPlace, digestImage, makeSquashfs } from './payload.js';
+import { BLOCK, cryptInPlace, digestImage, digestPrefix, makeSquashfs } from './payload.js';
 
 /** One image to put into a bundle. */
 export interface BundleImageInput {
@@ -339,9 +339,34 @@ async function layoutOf(file: string): Promise<BundleLayout> {
   }
 }
 
+/**
+ * A plain bundle: the detached signature covers the whole squashfs and the manifest is the one
+ * inside it (RAUC's original format; LamaDist devices refuse it, but we read what `rauc bundle`
+ * makes by default).
+ */
+async function openPlain(file: string, layout: BundleLayout, sd: Buffer, o: InspectOptions): Promise<OpenedBundle> {
+  let chain: CertSummary[] = [];
+  let signingTime: Date | undefined;
+  if (o.keyring) {
+    const keyringPem = (await readUserFile(o.keyring, 'keyring')).toString('utf8');
+    const digest = await digestPrefix(file, layout.signatureOffset, detachedDigestName(sd));
+    try {
+      ({ chain, signingTime } = verifyDetached(sd, keyringPem, digest, o.useSigningTime ?? false));
+    } catch (err) {
+      located(err, file);
+    }
+  }
+  const r = await run('unsquashfs', ['-cat', file, 'manifest.raucm'], { allowFailure: true });
+  if (r.code !== 0) throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', 'plain bundle payload holds no manifest.raucm', { where: file });
+  const m = parseManifest(r.stdout, `${file}: manifest.raucm`);
+  if (m.format !== 'plain') throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', `detached signature but the manifest says format '${m.format}'`, { where: file });
+  return checked(file, { layout, signedData: sd, manifest: m, payload: layout.signatureOffset, chain, ...(signingTime && { signingTime }), verified: o.keyring !== undefined }, o);
+}
+
 async function openChecked(file: string, o: InspectOptions): Promise<OpenedBundle> {
   const layout = await layoutOf(file);
   const sd = await signedDataOf(layout, file, o);
+  if (layout.cms === 'signed' && isDetached(sd)) return openPlain(file, layout, sd, o);
   let content: Buffer;
   let chain: CertSummary[] = [];
   let signingTime: Date | undefined;
@@ -363,7 +388,7 @@ async function openChecked(file: string, o: InspectOptions): Promise<OpenedBundl
     throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', `an encrypted signature must belong to a crypt bundle, manifest says '${m.format}'`, { where: file });
   }
   if (m.format === 'plain') {
-    throw new UserError('LAMA_E_BUNDLE_FORMAT', "plain-format bundles are not supported (their signature covers the whole file); rebuild in 'verity' format", { where: file });
+    throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', 'an embedded manifest cannot be in plain format', { where: file });
   }
   if (!m.verityHash || !m.veritySalt || !m.veritySize) {
     throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', `${m.format} manifest lacks verity-hash, verity-salt or verity-size`, { where: file });
@@ -372,6 +397,12 @@ async function openChecked(file: string, o: InspectOptions): Promise<OpenedBundl
   if (payload <= 0 || payload % BLOCK !== 0) {
     throw new UserError('LAMA_E_BUNDLE_TRUNCATED', `payload and hash tree end at byte ${layout.signatureOffset}, which cannot hold a ${m.veritySize}-byte hash tree`, { where: file });
   }
+  return checked(file, { layout, signedData: sd, manifest: m, payload, chain, ...(signingTime && { signingTime }), verified: o.keyring !== undefined }, o);
+}
+
+/** Checks common to every format once the manifest is known. */
+function checked(file: string, b: OpenedBundle, o: InspectOptions): OpenedBundle {
+  const m = b.manifest;
   if (o.compatible !== undefined && m.compatible !== o.compatible) {
     throw new UserError('LAMA_E_BUNDLE_WRONG_COMPATIBLE', `bundle is for '${m.compatible}', expected '${o.compatible}'`, { where: file });
   }
@@ -380,7 +411,7 @@ async function openChecked(file: string, o: InspectOptions): Promise<OpenedBundl
       throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', `[image.${img.slotClass}] has no sha256 or size`, { where: file });
     }
   }
-  return { layout, signedData: sd, manifest: m, payload, chain, ...(signingTime && { signingTime }), verified: o.keyring !== undefined };
+  return b;
 }
 
 /**
@@ -394,7 +425,8 @@ export async function inspectBundle(file: string, o: InspectOptions = {}): Promi
   const b = await openChecked(file, o);
   const verifyPayload = o.verifyPayload ?? b.verified;
   if (verifyPayload) {
-    await checkVerity(file, b.payload, b.manifest);
+    // A plain bundle's payload was covered by the signature digest already.
+    if (b.manifest.format !== 'plain') await checkVerity(file, b.payload, b.manifest);
     await checkImages(file, b.payload, b.manifest);
   }
   return describe(file, b, verifyPayload);
@@ -525,7 +557,7 @@ export async function extractBundle(file: string, dir: string, o: Omit<InspectOp
     if (!isErrno(err, 'ENOENT')) throw err;
   }
   const b = await openChecked(file, o);
-  await checkVerity(file, b.payload, b.manifest);
+  if (b.manifest.format !== 'plain') await checkVerity(file, b.payload, b.manifest);
   await unpack(file, b.payload, b.manifest, dir);
   return describe(file, b, true);
 }

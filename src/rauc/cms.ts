@@ -269,19 +269,60 @@ function timeOk(c: X509Certificate, at: Date): boolean {
 export function verifyEmbedded(der: Buffer, keyringPem: string, useSigningTime = false): SignedContent {
   const sd = getSignedData(der);
   const content = embeddedContent(sd);
+  const r = verifySigner(sd, keyringPem, useSigningTime, {
+    digest: (name) => createHash(name).update(content).digest(),
+    content,
+    mismatch: new UserError('LAMA_E_BUNDLE_MANIFEST_TAMPERED', 'the signed manifest does not match the digest in its signature'),
+  });
+  return { content, ...r };
+}
+
+/** True when the SignedData carries no content (a plain bundle's signature over the payload). */
+export function isDetached(der: Buffer): boolean {
+  return getSignedData(der).encapContentInfo.eContent === undefined;
+}
+
+/** The node:crypto name of the digest a detached signature was made with, so the caller can stream the content. */
+export function detachedDigestName(der: Buffer): string {
+  const si = getSignedData(der).signerInfos[0];
+  const name = si ? DIGESTS[si.digestAlgorithm.algorithmId] : undefined;
+  if (!name) throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', 'signature names no supported digest algorithm');
+  return name;
+}
+
+/**
+ * Verify a detached SignedData (RAUC's plain format) given the digest of the content, computed by
+ * the caller with `detachedDigestName`. Same checks and errors as `verifyEmbedded`, except that a
+ * digest mismatch is LAMA_E_BUNDLE_PAYLOAD_TAMPERED.
+ */
+export function verifyDetached(der: Buffer, keyringPem: string, contentDigest: Buffer, useSigningTime = false): Omit<SignedContent, 'content'> {
+  return verifySigner(getSignedData(der), keyringPem, useSigningTime, {
+    digest: () => contentDigest,
+    mismatch: new UserError('LAMA_E_BUNDLE_PAYLOAD_TAMPERED', 'the payload does not match the digest in the signature (plain bundles have no per-block hashes to say where)'),
+  });
+}
+
+function verifySigner(
+  sd: pkijs.SignedData,
+  keyringPem: string,
+  useSigningTime: boolean,
+  c: { digest: (name: string) => Buffer; content?: Buffer; mismatch: UserError },
+): Omit<SignedContent, 'content'> {
   if (sd.signerInfos.length !== 1) {
     throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', `signature has ${sd.signerInfos.length} signers, expected exactly one`);
   }
   const si = sd.signerInfos[0] as pkijs.SignerInfo;
   const included = (sd.certificates ?? []).map(certDerOf).filter((d): d is Buffer => d !== undefined).map((d) => new X509Certificate(d));
   const sid = si.sid as pkijs.IssuerAndSerialNumber | asn1js.Primitive;
-  const signerCert = sid instanceof pkijs.IssuerAndSerialNumber ? included.find((c) => sameIssuerSerial(c, sid)) : undefined;
+  const signerCert = sid instanceof pkijs.IssuerAndSerialNumber ? included.find((x) => sameIssuerSerial(x, sid)) : undefined;
   if (!signerCert) throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', 'the signer certificate is not included in the signature');
   const digestName = DIGESTS[si.digestAlgorithm.algorithmId];
   if (!digestName) throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', `unsupported digest algorithm ${si.digestAlgorithm.algorithmId}`);
   let signingTime: Date | undefined;
   if (!si.signedAttrs) {
-    if (!verifyAttrSignature(si, content, signerCert.publicKey, digestName)) {
+    // Without signed attributes the signature covers the content itself (never written by OpenSSL's CMS_sign).
+    if (!c.content) throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', 'a detached signature without signed attributes is not supported');
+    if (!verifyAttrSignature(si, c.content, signerCert.publicKey, digestName)) {
       throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', 'the signature value does not verify with the signer certificate');
     }
   } else {
@@ -291,10 +332,7 @@ export function verifyEmbedded(der: Buffer, keyringPem: string, useSigningTime =
     }
     const md = si.signedAttrs.attributes.find((a) => a.type === OID.messageDigest)?.values[0] as asn1js.OctetString | undefined;
     if (!md) throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', 'signature has no messageDigest attribute');
-    const actual = createHash(digestName).update(content).digest();
-    if (Buffer.compare(actual, Buffer.from(md.valueBlock.valueHexView)) !== 0) {
-      throw new UserError('LAMA_E_BUNDLE_MANIFEST_TAMPERED', 'the signed manifest does not match the digest in its signature');
-    }
+    if (Buffer.compare(c.digest(digestName), Buffer.from(md.valueBlock.valueHexView)) !== 0) throw c.mismatch;
     const st = si.signedAttrs.attributes.find((a) => a.type === OID.signingTime)?.values[0] as asn1js.UTCTime | undefined;
     if (st) signingTime = st.toDate();
   }
@@ -303,7 +341,7 @@ export function verifyEmbedded(der: Buffer, keyringPem: string, useSigningTime =
   if (eku && eku.length > 0 && ![OID.codeSigning, OID.emailProtection, OID.anyEku].some((o) => eku.includes(o))) {
     throw new UserError('LAMA_E_BUNDLE_UNTRUSTED_SIGNER', `signer ${signerCert.subject.replaceAll('\n', ', ')} is not allowed to sign code (extended key usage ${eku.join(', ')})`);
   }
-  return { content, ...(signingTime && { signingTime }), chain: chain.map(summarize) };
+  return { ...(signingTime && { signingTime }), chain: chain.map(summarize) };
 }
 
 function buildChain(leaf: X509Certificate, included: X509Certificate[], keyringPem: string, at: Date): X509Certificate[] {

@@ -1,7 +1,7 @@
 /**
  * RAUC update bundles, byte-compatible with RAUC 1.8: create signed `verity` bundles and `crypt`
- * bundles, encrypt crypt bundles for device certificates, and inspect/verify any verity or crypt
- * bundle (ours or made by `rauc bundle`/`rauc encrypt`).
+ * bundles, encrypt crypt bundles for device certificates, and inspect/verify any verity, crypt or
+ * plain bundle (ours or made by `rauc bundle`/`rauc encrypt`).
  *
  * Public API:
  * - `createBundle(options)` → `CreatedBundle`: squashfs payload (mksquashfs, fixed timestamps),

@@ -63,6 +63,24 @@ export async function digestImage(file: string, options: { blockIndex?: boolean 
   }
 }
 
+/** Digest of the first `length` bytes of a file, streamed (a plain bundle's signed payload). */
+export async function digestPrefix(file: string, length: number, algorithm: string): Promise<Buffer> {
+  const h = await openInput(file, 'bundle');
+  try {
+    const hash = createHash(algorithm);
+    const buf = Buffer.allocUnsafe(CHUNK);
+    for (let pos = 0; pos < length; ) {
+      const { bytesRead } = await h.read(buf, 0, Math.min(CHUNK, length - pos), pos);
+      if (bytesRead === 0) throw new UserError('LAMA_E_BUNDLE_TRUNCATED', `bundle ends at byte ${pos}, expected ${length}`, { where: file });
+      hash.update(buf.subarray(0, bytesRead));
+      pos += bytesRead;
+    }
+    return hash.digest();
+  } finally {
+    await h.close();
+  }
+}
+
 /**
  * Bytes an adaptive (block-hash-index) update fetches: every block of the new image whose hash the
  * device cannot find anywhere in its current image. Pure: both indexes in, byte count out.

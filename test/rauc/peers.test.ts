@@ -106,6 +106,25 @@ describe('bundles made by rauc bundle', () => {
     expect(i.chain.map((x) => x.spkiSha256)).toEqual([...info.out.matchAll(/SPKI sha256: (\S+)/g)].map((m) => m[1]));
   });
 
+  it('we read and verify a rauc plain bundle (detached signature over the payload) like rauc info', async () => {
+    const c = makeContent('plain');
+    const b = path.join(dir, 'rauc-plain.raucb');
+    const made = rauc(['bundle', '--conf', pki.conf, '--cert', pki.cert, '--key', pki.key, c, b]);
+    expect(made.code, made.out).toBe(0);
+    const info = raucInfo(b);
+    expect(info.code, info.out).toBe(0);
+    const i = await inspectBundle(b, { keyring: pki.ca });
+    expect(i).toMatchObject({ format: 'plain', verified: true, payloadVerified: true });
+    expect(i.manifest.version).toBe(field(info.out, 'Version'));
+    expect(info.out).toContain(i.manifest.images[0]?.sha256);
+    const bad = path.join(dir, 'rauc-plain-bad.raucb');
+    const data = readFileSync(b);
+    data.writeUInt8(data.readUInt8(5000) ^ 1, 5000);
+    writeFileSync(bad, data);
+    expect(raucInfo(bad).code).not.toBe(0);
+    await expect(inspectBundle(bad, { keyring: pki.ca })).rejects.toMatchObject({ code: 'LAMA_E_BUNDLE_PAYLOAD_TAMPERED' });
+  });
+
   it('payload, hash tree and block-hash-index are byte-identical to rauc bundle for the same content', async () => {
     const c = makeContent('verity');
     const b = path.join(dir, 'rauc-same.raucb');

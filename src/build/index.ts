@@ -204,6 +204,8 @@ export interface Artifact {
   kind: 'image' | 'bundle' | 'sbom' | 'rpm';
   path: string;
   size: number;
+  /** Written by this build (false: left by an earlier one, e.g. restored from sstate unchanged). */
+  fresh: boolean;
 }
 
 const IMAGE_SUFFIXES = ['.wic', '.wic.zst', '.wic.xz', '.wic.gz', '.wic.bz2', '.wic.bmap', '.erofs', '.efi', '.uki', '.img', '.ext4', '.tar.zst'];
@@ -218,10 +220,12 @@ export function classifyArtifact(name: string): Artifact['kind'] | undefined {
 }
 
 /**
- * Find the artifacts under the build directory's deploy trees (tmp/deploy and tmp-<libc>/deploy).
- * Symlinks (Yocto's "latest" names) are skipped so each file is listed once.
+ * Find the artifacts under the build directory's deploy trees (tmp/deploy and tmp-<libc>/deploy):
+ * with `machine`, images only from deploy/images/<machine>/ (the tree is shared by every BSP).
+ * Symlinks (Yocto's "latest" names) are skipped so each file is listed once; files older than
+ * `since` are kept but marked as not fresh.
  */
-export async function scanArtifacts(buildDir: string, since?: number): Promise<Artifact[]> {
+export async function scanArtifacts(buildDir: string, options: { since?: number; machine?: string } = {}): Promise<Artifact[]> {
   const out: Artifact[] = [];
   const tmps = (await fs.readdir(buildDir).catch(() => [] as string[])).filter((d) => /^tmp(-.+)?$/.test(d));
   const walk = async (dir: string): Promise<void> => {
@@ -231,9 +235,10 @@ export async function scanArtifacts(buildDir: string, since?: number): Promise<A
       else if (e.isFile()) {
         const kind = classifyArtifact(e.name);
         if (!kind) continue;
+        const images = `${path.sep}deploy${path.sep}images${path.sep}`;
+        if (options.machine && p.includes(images) && !p.includes(`${images}${options.machine}${path.sep}`)) continue;
         const st = await fs.stat(p);
-        if (since !== undefined && st.mtimeMs < since) continue;
-        out.push({ kind, path: p, size: st.size });
+        out.push({ kind, path: p, size: st.size, fresh: options.since === undefined || st.mtimeMs >= options.since });
       }
     }
   };

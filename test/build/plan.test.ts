@@ -1,3 +1,6 @@
+import { mkdirSync, mkdtempSync, rmSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import {
   classifyArtifact,
@@ -7,6 +10,7 @@ import {
   planContainerBuild,
   planContainerRun,
   planKasCommand,
+  scanArtifacts,
   type ContainerSettings,
 } from '../../src/build/index.js';
 import { planClean } from '../../src/cli/commands/clean.js';
@@ -100,6 +104,23 @@ describe('artifact summary', () => {
     expect(classifyArtifact('lama-image-base.wic.bmap')).toBeUndefined();
     expect(classifyArtifact('README_-_DO_NOT_DELETE_FILES_IN_THIS_DIRECTORY.txt')).toBeUndefined();
   });
+  it('keeps artifacts an earlier build left, marked as not fresh, and skips symlinks', async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'lamadist-artifacts-'));
+    try {
+      const images = path.join(dir, 'tmp/deploy/images/m1');
+      mkdirSync(images, { recursive: true });
+      writeFileSync(path.join(images, 'a.wic.zst'), 'abc');
+      symlinkSync('a.wic.zst', path.join(images, 'latest.wic.zst'));
+      const old = new Date(Date.now() - 3_600_000);
+      utimesSync(path.join(images, 'a.wic.zst'), old, old);
+      const found = await scanArtifacts(dir, { since: Date.now() - 1000, machine: 'm1' });
+      expect(found).toEqual([{ kind: 'image', path: path.join(images, 'a.wic.zst'), size: 3, fresh: false }]);
+      expect(await scanArtifacts(dir, { machine: 'm2' })).toEqual([]);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('formats sizes with binary units', () => {
     expect(formatSize(512)).toBe('512 B');
     expect(formatSize(3 * 1024 * 1024 + 512 * 1024)).toBe('3.5 MiB');

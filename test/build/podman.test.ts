@@ -34,8 +34,8 @@ mkdir -p /work/build
 echo sstate > "$SSTATE_DIR/from-container"
 echo downloads > "$DL_DIR/from-container"
 echo "NOTE: Running task 1 of 1 (probe.bb:do_image)"
-mkdir -p /work/build/tmp/deploy/images/probe
-echo image > /work/build/tmp/deploy/images/probe/probe.wic
+mkdir -p /work/build/tmp/deploy/images/lamadist-rk1
+echo image > /work/build/tmp/deploy/images/lamadist-rk1/probe.wic
 `;
 
 /** The reference kas schema, marked so the test can tell which copy `check` used. */
@@ -120,7 +120,7 @@ describe('lamadist build with real podman', () => {
     expect(readFileSync(path.join(downloads, 'from-container'), 'utf8')).toBe('downloads\n');
 
     const summary = JSON.parse(r.stdout) as { artifacts: { kind: string; path: string; size: number }[] };
-    expect(summary.artifacts).toEqual([{ kind: 'image', path: path.join(src, 'build/tmp/deploy/images/probe/probe.wic'), size: 6 }]);
+    expect(summary.artifacts).toEqual([{ kind: 'image', path: path.join(src, 'build/tmp/deploy/images/lamadist-rk1/probe.wic'), size: 6, fresh: true }]);
   });
 
   it('lets check read the kas schema from the kas installed in the build container image', async () => {

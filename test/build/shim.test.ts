@@ -98,13 +98,13 @@ describe('lamadist build with a recording podman', () => {
     const summary = JSON.parse(r.stdout) as { exitCode: number; logFile: string; elapsedMs: number; artifacts: { kind: string; path: string; size: number }[] };
     expect(summary.exitCode).toBe(0);
     expect(summary.elapsedMs).toBeGreaterThan(0);
-    const rel = summary.artifacts.map((a) => ({ kind: a.kind, path: path.relative(src, a.path), size: a.size }));
+    const rel = summary.artifacts.map((a) => ({ ...a, path: path.relative(src, a.path) }));
     const d = 'build/tmp-glibc/deploy';
     expect(rel).toEqual([
-      { kind: 'bundle', path: `${d}/images/lamadist-orin-nx/lama-bundle-lamadist-orin-nx.raucb`, size: 4096 },
-      { kind: 'image', path: `${d}/images/lamadist-orin-nx/lama-image-base-lamadist-orin-nx.rootfs.wic.zst`, size: 2048 },
-      { kind: 'rpm', path: `${d}/rpm/cortexa78ae/busybox-1.36.1-r0.cortexa78ae.rpm`, size: 100 },
-      { kind: 'sbom', path: `${d}/images/lamadist-orin-nx/lama-image-base-lamadist-orin-nx.rootfs.spdx.json`, size: 3 },
+      { kind: 'bundle', path: `${d}/images/lamadist-orin-nx/lama-bundle-lamadist-orin-nx.raucb`, size: 4096, fresh: true },
+      { kind: 'image', path: `${d}/images/lamadist-orin-nx/lama-image-base-lamadist-orin-nx.rootfs.wic.zst`, size: 2048, fresh: true },
+      { kind: 'rpm', path: `${d}/rpm/cortexa78ae/busybox-1.36.1-r0.cortexa78ae.rpm`, size: 100, fresh: true },
+      { kind: 'sbom', path: `${d}/images/lamadist-orin-nx/lama-image-base-lamadist-orin-nx.rootfs.spdx.json`, size: 3, fresh: true },
     ]);
     expect(path.dirname(summary.logFile)).toBe(path.join(src, 'build/logs'));
     const logText = readFileSync(summary.logFile, 'utf8');
@@ -112,20 +112,26 @@ describe('lamadist build with a recording podman', () => {
     expect(logText).toContain('WARNING: shim warning');
   });
 
-  it('prints a human summary with sizes and elapsed time', async () => {
-    const r = await runCli(['build', '-C', src, '--no-network-check'], {
+  it('prints a human summary with sizes and elapsed time, for the BSP built', async () => {
+    // images of another machine in the shared deploy tree are not this build's
+    const other = path.join(src, 'build/tmp-glibc/deploy/images/lamadist-rk1');
+    mkdirSync(other, { recursive: true });
+    writeFileSync(path.join(other, 'lama-image-base-lamadist-rk1.rootfs.wic.zst'), 'x');
+    const r = await runCli(['build', '-C', src, '--bsp', 'orin-nx', '--no-network-check'], {
       env: { PATH: `${bin}:${process.env.PATH ?? ''}`, SHIM_LOG: path.join(tmp, 'argv2.txt') },
     });
     expect(r.code).toBe(0);
     expect(r.stdout).toMatch(/^bundle\s+4\.0 KiB\s+build\/tmp-glibc\/deploy\/images\/lamadist-orin-nx\/lama-bundle-lamadist-orin-nx\.raucb$/m);
-    expect(r.stdout).toMatch(/^4 artifact\(s\) in \d+ s; log: build\/logs\/build-x86_64-.*\.log$/m);
+    expect(r.stdout).toMatch(/^rpm\s+100 B\s+1 package\(s\), 1 new, under deploy\/rpm$/m);
+    expect(r.stdout).toMatch(/^4 artifact\(s\) in \d+ s; log: build\/logs\/build-orin-nx-.*\.log$/m);
+    expect(r.stdout).not.toContain('lamadist-rk1');
     // not a terminal: BitBake's output passes through, no progress bar
     expect(r.stderr).toContain('NOTE: Running task 2 of 2');
     expect(r.stderr).not.toContain('\x1b[2K');
   });
 
   it('draws a progress bar on a terminal instead of the BitBake lines', async () => {
-    const r = await run('script', ['-qec', `${process.execPath} ${BIN} build -C ${src} --no-network-check`, '/dev/null'], {
+    const r = await run('script', ['-qec', `${process.execPath} ${BIN} build -C ${src} --bsp orin-nx --no-network-check`, '/dev/null'], {
       env: { ...process.env, PATH: `${bin}:${process.env.PATH ?? ''}`, SHIM_LOG: path.join(tmp, 'argv-tty.txt'), NO_COLOR: '1', TERM: 'xterm' },
       allowFailure: true,
       timeoutMs: 60_000,

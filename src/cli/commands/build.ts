@@ -154,10 +154,17 @@ export async function build(ctx: Context, root: string, req: BuildRequest, opts:
   if (code !== 0) {
     throw new UserError('LAMA_E_BUILD_FAILED', `kas build exited with ${code} after ${(elapsedMs / 1000).toFixed(0)} s; full log: ${logFile}`);
   }
-  const artifacts = await scanArtifacts(path.join(src, 'build'), started - 1000);
+  const artifacts = await scanArtifacts(path.join(src, 'build'), { since: started - 1000, machine: getBsp(req.bsp).machine });
   const summary: BuildSummary = { exitCode: code, logFile, elapsedMs, artifacts };
   ctx.result(summary, () => {
-    const lines = artifacts.map((a) => `${a.kind.padEnd(6)} ${formatSize(a.size).padStart(10)}  ${path.relative(src, a.path)}`);
+    const lines = artifacts
+      .filter((a) => a.kind !== 'rpm')
+      .map((a) => `${a.kind.padEnd(6)} ${formatSize(a.size).padStart(10)}  ${path.relative(src, a.path)}${a.fresh ? '' : ' (unchanged)'}`);
+    const rpms = artifacts.filter((a) => a.kind === 'rpm');
+    if (rpms.length > 0) {
+      const total = rpms.reduce((n, a) => n + a.size, 0);
+      lines.push(`${'rpm'.padEnd(6)} ${formatSize(total).padStart(10)}  ${rpms.length} package(s), ${rpms.filter((a) => a.fresh).length} new, under deploy/rpm`);
+    }
     const mins = Math.floor(elapsedMs / 60000);
     const secs = Math.round((elapsedMs % 60000) / 1000);
     lines.push(`${artifacts.length} artifact(s) in ${mins > 0 ? `${mins} min ` : ''}${secs} s; log: ${path.relative(src, logFile)}`);

@@ -141,14 +141,24 @@ export function registerApi(app: FastifyInstance, svc: FleetService, store: Arti
         },
       },
       async (req, reply) => {
+        // A refusal before the whole body has arrived must not leave the rest on a reused connection.
+        const closeIfUnread = (): void => {
+          if (!req.raw.readableEnded) reply.header('Connection', 'close');
+        };
         const declared = Number(req.headers['content-length'] ?? 0);
-        if (declared > opts.maxBundleBytes) throw new UserError('LAMA_E_SERVER_TOO_LARGE', `upload of ${declared} bytes exceeds the limit of ${opts.maxBundleBytes}`);
+        if (declared > opts.maxBundleBytes) {
+          closeIfUnread();
+          throw new UserError('LAMA_E_SERVER_TOO_LARGE', `upload of ${declared} bytes exceeds the limit of ${opts.maxBundleBytes}`);
+        }
         if (!req.body || typeof (req.body as Readable).pipe !== 'function') {
           throw new UserError('LAMA_E_SERVER_UPLOAD', 'send the bundle as Content-Type: application/octet-stream');
         }
         const wanted = (req.query as { filename?: string }).filename;
         if (wanted !== undefined) checkFilename(wanted);
-        const pending = await store.receive(req.body as Readable, opts.maxBundleBytes);
+        const pending = await store.receive(req.body as Readable, opts.maxBundleBytes).catch((err: unknown) => {
+          closeIfUnread();
+          throw err;
+        });
         try {
           const known = await svc.releaseBySha256(pending.sha256);
           if (known) {

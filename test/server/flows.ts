@@ -50,7 +50,7 @@ export function serverFlows(label: string, database: () => Promise<{ url: string
       await run('mksquashfs', [path.join(dir, 'lamadist-x86-64-1.0.0.content'), bundles.unsigned, '-noappend', '-no-progress', '-quiet']);
       const db = await database();
       drop = db.drop;
-      server = await startServer({ db: db.url, store: path.join(dir, 'store'), listen: '127.0.0.1:0', keyring: pki.caCert, pollSeconds: 60 });
+      server = await startServer({ db: db.url, store: path.join(dir, 'store'), listen: '127.0.0.1:0', keyring: pki.caCert, pollSeconds: 60, maxBundleBytes: 4 * 1024 * 1024 });
       fleet = new FleetClient({ url: server.url, token: (await fs.readFile(server.adminTokenFile as string, 'utf8')).trim() });
     });
 
@@ -110,6 +110,26 @@ export function serverFlows(label: string, database: () => Promise<{ url: string
         expect(err?.code, `${name}: ${err?.message}`).toMatch(code);
         expect(err?.message).toMatch(/HTTP (422|400)/);
       }
+      // Over the size limit: refused from the declared length, and while streaming when none is declared.
+      const adminToken = (await fs.readFile(server.adminTokenFile as string, 'utf8')).trim();
+      const headers = { Authorization: `Bearer ${adminToken}`, 'Content-Type': 'application/octet-stream' };
+      const declared = await fetch(`${server.url}/api/v1/releases`, { method: 'POST', headers, body: Buffer.alloc(5 * 1024 * 1024) });
+      expect(declared.status).toBe(413);
+      const chunk = Buffer.alloc(1024 * 1024);
+      let sent = 0;
+      const chunked = await fetch(`${server.url}/api/v1/releases`, {
+        method: 'POST',
+        headers,
+        duplex: 'half',
+        body: new ReadableStream({
+          pull(controller) {
+            if (sent++ < 6) controller.enqueue(chunk);
+            else controller.close();
+          },
+        }),
+      } as RequestInit);
+      expect(chunked.status).toBe(413);
+      expect(((await chunked.json()) as { error: string }).error).toBe('LAMA_E_SERVER_TOO_LARGE');
       const stored = await listFiles(path.join(dir, 'store', 'artifacts'));
       expect(stored).toEqual([path.join(dir, 'store', 'artifacts', first.release.sha256.slice(0, 2), first.release.sha256)]);
       expect(await listFiles(path.join(dir, 'store', 'tmp'))).toEqual([]);

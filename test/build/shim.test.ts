@@ -204,5 +204,8 @@ describe('lamadist build with a recording podman', () => {
     expect(a.stderr).toMatch(/unknown BSP 'pi5'.*LAMA_E_UNKNOWN_BSP/);
     const b = await runCli(['build', '-C', src, '--extra', 'nope'], { env: { PATH: `${bin}:${process.env.PATH ?? ''}` } });
     expect(b.stderr).toMatch(/unknown extra 'nope' \(known: debug\)/);
+    const c = await runCli(['build', '-C', tmp], { env: { PATH: `${bin}:${process.env.PATH ?? ''}` } });
+    expect(c.code).toBe(2);
+    expect(c.stderr).toMatch(/is not a LamaDist checkout \(no kas\/main\.kas\.yml\); run from the repository root or pass -C DIR/);
   });
 });

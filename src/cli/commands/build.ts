@@ -79,6 +79,12 @@ export function overridesFrom(f: ContainerFlags): SettingsOverrides {
 /** Check a selection against the repository: known BSP, existing extras and scanners. */
 export function validateSelection(root: string, sel: KasSelection): void {
   getBsp(sel.bsp);
+  if (!existsSync(path.join(root, 'kas', 'main.kas.yml'))) {
+    throw new UserError('LAMA_E_NOT_FOUND', `${path.resolve(root)} is not a LamaDist checkout (no kas/main.kas.yml); run from the repository root or pass -C DIR`);
+  }
+  if (!existsSync(path.join(root, 'kas', 'bsp', `${sel.bsp}.kas.yml`))) {
+    throw new UserError('LAMA_E_NOT_FOUND', `this checkout has no kas/bsp/${sel.bsp}.kas.yml`);
+  }
   for (const [kind, dirName, names] of [['extra', 'extras', sel.extras ?? []], ['scanner', 'scanners', sel.scanners ?? []]] as const) {
     const dir = path.join(root, 'kas', dirName);
     for (const x of names) {

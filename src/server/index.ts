@@ -126,6 +126,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     versionAttribute: options.versionAttribute ?? 'version',
     bootIdAttribute: options.bootIdAttribute ?? 'boot_id',
   });
+  await service.recoverRollouts();
   const admin = await adminToken(storeDir, options.adminToken);
 
   let https: { cert: Buffer; key: Buffer; ca?: Buffer; requestCert?: boolean; rejectUnauthorized?: boolean } | undefined;

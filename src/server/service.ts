@@ -815,6 +815,15 @@ export class FleetService {
     });
   }
 
+  /**
+   * Re-evaluate every running rollout. Called at start-up: a crash between a device's feedback
+   * commit and the wave decision it should trigger must not leave a rollout waiting forever.
+   */
+  async recoverRollouts(): Promise<void> {
+    const running = await this.db.selectFrom('rollouts').select('id').where('status', '=', 'running').execute();
+    for (const r of running) await this.advanceRollout(r.id as number, false);
+  }
+
   private async waveCounts(db: Db, rolloutId: number, wave: number): Promise<WaveCounts> {
     const rows = await db
       .selectFrom('actions')

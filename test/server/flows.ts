@@ -292,5 +292,19 @@ export function serverFlows(label: string, database: () => Promise<{ url: string
       expect((await fetch(`${server.url}/metrics`)).status).toBe(401);
       expect((await fetch(`${server.url}/api/v1/devices`, { headers: { Authorization: 'Bearer wrong' } })).status).toBe(401);
     });
+
+    it('re-evaluates running rollouts at start-up (a wave decision lost in a crash is taken then)', async () => {
+      const v1 = (await fleet.listReleases()).find((x) => x.version === '1.0.0');
+      const r = await fleet.createRollout({ releaseId: v1?.id ?? 0, filter: { devices: ['node-a', 'node-b'] }, waves: [{ count: 1 }] });
+      expect(r.progress.map((w) => w.states)).toEqual([{ pending: 1 }, { scheduled: 1 }]);
+      // As if the device's success was committed and the server died before deciding the wave.
+      await server.service.db.updateTable('actions').set({ state: 'success' }).where('rollout_id', '=', r.id).where('wave', '=', 0).execute();
+      expect((await fleet.getRollout(r.id)).currentWave).toBe(0);
+      await server.service.recoverRollouts();
+      const after = await fleet.getRollout(r.id);
+      expect(after.currentWave).toBe(1);
+      expect(after.progress[1]?.states).toEqual({ pending: 1 });
+      await fleet.rolloutOp(r.id, 'cancel');
+    });
   });
 }

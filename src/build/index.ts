@@ -300,6 +300,24 @@ export function planImageRemove(s: Pick<ContainerSettings, 'engine' | 'engineArg
   return { cmd: s.engine, args: [...s.engineArgs, 'rmi', s.image] };
 }
 
+/**
+ * Build the container image from container/Containerfile, logging to build/logs/container-<time>.log.
+ * Fails with a UserError naming the log when the engine fails.
+ */
+export async function buildContainerImage(
+  s: ContainerSettings,
+  opts: { noCache?: boolean; onLine?: (line: string) => void; onStart?: (log: string, inv: Invocation) => void } = {},
+): Promise<string> {
+  const containerfile = path.join(s.sourceDir, 'container', 'Containerfile');
+  if (!existsSync(containerfile)) throw new UserError('LAMA_E_NOT_FOUND', `${containerfile} does not exist`);
+  const inv = planContainerBuild(s, opts);
+  const log = path.join(s.sourceDir, 'build', 'logs', `container-${new Date().toISOString().replace(/[:.]/g, '-')}.log`);
+  opts.onStart?.(log, inv);
+  const code = await runLogged(inv, log, opts.onLine ?? (() => undefined));
+  if (code !== 0) throw new UserError('LAMA_E_CONTAINER_BUILD', `${s.engine} build of ${s.image} exited with ${code}; full log: ${log}`);
+  return log;
+}
+
 /** Whether the engine has the image locally. */
 export async function imageExists(s: Pick<ContainerSettings, 'engine' | 'engineArgs' | 'image'>): Promise<boolean> {
   const r = await run(s.engine, [...s.engineArgs, 'image', 'inspect', '--format', '{{.Id}}', s.image], { allowFailure: true });

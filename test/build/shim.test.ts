@@ -15,12 +15,30 @@ import { BIN, REPO_ROOT, runCli } from '../helpers/cli.js';
 /** A string as a literal regular-expression source. */
 const escape = (s: string): string => s.replace(/[\\^$.*+?()[\]{}|]/g, '\\$&');
 
+/** The recorded invocations of the shim, each as its argv. */
+function invocations(log: string): string[][] {
+  const out: string[][] = [];
+  let cur: string[] = [];
+  for (const line of readFileSync(log, 'utf8').split('\n')) {
+    if (line === '--end--') {
+      out.push(cur);
+      cur = [];
+    } else if (line !== '' || cur.length > 0) cur.push(line);
+  }
+  return out;
+}
+
 let tmp: string;
 let src: string;
 let bin: string;
 const SHIM = `#!/bin/sh
-# Records its argv (one per line) and behaves like a short BitBake run inside kas.
-printf '%s\\n' "$@" > "$SHIM_LOG"
+# Records each invocation's argv (one per line, then a line "--end--"). \`image inspect\` succeeds
+# once $SHIM_IMAGE exists, \`build\` creates it; \`run\` behaves like a short BitBake run inside kas.
+printf '%s\\n' "$@" "--end--" >> "$SHIM_LOG"
+case "$1" in
+  image) [ -e "$SHIM_IMAGE" ] || exit 1; echo sha256:0123456789abcdef; exit 0 ;;
+  build) echo "STEP 1/1: FROM ubuntu:22.04"; touch "$SHIM_IMAGE"; exit 0 ;;
+esac
 src=""
 prev=""
 for a in "$@"; do
@@ -64,6 +82,9 @@ beforeAll(async () => {
   await run('git', ['-C', src, 'commit', '-q', '-m', 'fixture'], { env: e });
   await run('git', ['-C', src, 'tag', 'v1.4.0'], { env: e });
   mkdirSync(bin);
+  // the image "exists" unless a test removes this file
+  process.env.SHIM_IMAGE = path.join(tmp, 'image-present');
+  writeFileSync(process.env.SHIM_IMAGE, '');
   writeFileSync(path.join(bin, 'podman'), SHIM);
   chmodSync(path.join(bin, 'podman'), 0o755);
 });
@@ -78,7 +99,9 @@ describe('lamadist build with a recording podman', () => {
     );
     expect(r.stderr).toContain('WARNING: shim warning');
     expect(r.code).toBe(0);
-    const argv = readFileSync(log, 'utf8').trimEnd().split('\n');
+    const calls = invocations(log);
+    expect(calls.map((c) => c[0])).toEqual(['image', 'run']);
+    const argv = calls[1] ?? [];
     const uid = process.getuid?.() ?? 0;
     const gid = process.getgid?.() ?? 0;
     expect(argv).toEqual([
@@ -154,6 +177,20 @@ describe('lamadist build with a recording podman', () => {
     expect(last).toMatch(/^lamadist: error: kas build exited with 1 after \d+ s; full log: (.*\.log) \[LAMA_E_BUILD_FAILED\]$/);
     const logFile = /full log: (.*\.log)/.exec(last)?.[1] ?? '';
     expect(existsSync(logFile)).toBe(true);
+  });
+
+  it('builds the container image first when the engine does not have it', async () => {
+    rmSync(process.env.SHIM_IMAGE ?? '', { force: true });
+    const log = path.join(tmp, 'argv-image.txt');
+    const r = await runCli(['build', '-C', src, '--bsp', 'orin-nx', '--no-network-check'], {
+      env: { PATH: `${bin}:${process.env.PATH ?? ''}`, SHIM_LOG: log },
+    });
+    expect(r.code).toBe(0);
+    const calls = invocations(log);
+    expect(calls.map((c) => c[0])).toEqual(['image', 'build', 'run']);
+    expect(calls[1]).toEqual(['build', '-t', 'lamadist-builder:latest', '-f', `${src}/container/Containerfile`, `${src}/container`]);
+    expect(r.stderr).toMatch(/the build container lamadist-builder:latest is not built yet; building it first/);
+    expect(r.stderr).toMatch(/building lamadist-builder:latest; log: .*build\/logs\/container-.*\.log/);
   });
 
   it('stops the container engine and exits 130 on Ctrl-C', async () => {

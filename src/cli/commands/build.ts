@@ -2,7 +2,9 @@ import { existsSync, readdirSync, promises as fs } from 'node:fs';
 import path from 'node:path';
 import { Option, type Command } from 'commander';
 import {
+  buildContainerImage,
   formatSize,
+  imageExists,
   parseBitbakeProgress,
   planContainerRun,
   planKasCommand,
@@ -104,6 +106,17 @@ export function shellLine(inv: Invocation): string {
   return [inv.cmd, ...inv.args].map(q).join(' ');
 }
 
+/** Progress callbacks for an image build: where the log is, the engine's output with -v. */
+export function imageBuildOutput(ctx: Context, image: string): { onStart: (log: string, inv: Invocation) => void; onLine: (line: string) => void } {
+  return {
+    onStart: (log, inv) => {
+      ctx.info(`building ${image}; log: ${log}`);
+      ctx.detail(shellLine(inv));
+    },
+    onLine: (l) => ctx.detail(l),
+  };
+}
+
 async function versionEnv(root: string): Promise<Record<string, string>> {
   try {
     return { LAMADIST_VERSION: (await gitVersion(root)).FullSemVer };
@@ -138,6 +151,10 @@ export async function build(ctx: Context, root: string, req: BuildRequest, opts:
   if (reason) throw new UserError('LAMA_E_CANNOT_BUILD', reason);
   const settings = await resolveSettings(src, opts.overrides);
   settings.env = await versionEnv(src);
+  if (!(await imageExists(settings))) {
+    ctx.info(`the build container ${settings.image} is not built yet; building it first (lamadist container build)`);
+    await buildContainerImage(settings, imageBuildOutput(ctx, settings.image));
+  }
   await fs.mkdir(settings.sstateDir, { recursive: true });
   await fs.mkdir(settings.downloadsDir, { recursive: true });
   const inv = planContainerRun(settings, planKasCommand('build', req));

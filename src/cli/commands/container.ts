@@ -1,29 +1,19 @@
-import { existsSync } from 'node:fs';
-import path from 'node:path';
 import type { Command } from 'commander';
-import { imageExists, planContainerBuild, planContainerRun, planImageRemove, resolveSettings, runLogged } from '../../build/index.js';
+import { buildContainerImage, imageExists, planContainerRun, planImageRemove, resolveSettings } from '../../build/index.js';
 import { UserError } from '../../errors.js';
 import { run } from '../../util/proc.js';
 import { act } from '../action.js';
 import type { Context } from '../context.js';
-import { containerOptions, overridesFrom, shellLine, type ContainerFlags } from './build.js';
+import { containerOptions, imageBuildOutput, overridesFrom, shellLine, type ContainerFlags } from './build.js';
 
 /** `lamadist container build`: build the kas build container from container/Containerfile. */
 export async function containerBuild(ctx: Context, root: string, flags: ContainerFlags, opts: { noCache?: boolean } = {}): Promise<string> {
   const settings = await resolveSettings(root, overridesFrom(flags));
-  if (!existsSync(path.join(settings.sourceDir, 'container', 'Containerfile'))) {
-    throw new UserError('LAMA_E_NOT_FOUND', `${path.join(settings.sourceDir, 'container', 'Containerfile')} does not exist`);
-  }
-  const inv = planContainerBuild(settings, opts);
-  const stamp = new Date().toISOString().replace(/[:.]/g, '-');
-  const log = path.join(settings.sourceDir, 'build', 'logs', `container-${stamp}.log`);
-  ctx.info(`building ${settings.image}; log: ${log}`);
-  ctx.detail(shellLine(inv));
-  const code = await runLogged(inv, log, (l) => ctx.detail(l));
-  if (code !== 0) throw new UserError('LAMA_E_CONTAINER_BUILD', `${settings.engine} build exited with ${code}; full log: ${log}`);
+  const log = await buildContainerImage(settings, { ...opts, ...imageBuildOutput(ctx, settings.image) });
   ctx.result({ image: settings.image, log }, `built ${settings.image}`);
   return settings.image;
 }
+
 
 /** `lamadist container shell`: a plain shell in the build container (no kas environment). */
 export async function containerShell(ctx: Context, root: string, flags: ContainerFlags): Promise<void> {

@@ -8,6 +8,9 @@ import { runCli } from '../helpers/cli.js';
 // End to end through bin/lamadist.js (built by `npm test`'s pretest): keys from `lamadist keys`,
 // bundles checked by the real `rauc info`.
 
+// Each test spawns the CLI several times (a node start-up each); generous for a loaded 2-core runner.
+const CLI_TIMEOUT = 240_000;
+
 let dir: string;
 let kd: string;
 let conf: string;
@@ -51,7 +54,7 @@ describe('lamadist bundle', () => {
     const again = await runCli(['bundle', 'create', '-o', out, '--bsp', 'x86_64', '--version', '1.0', ...images(), '--keys', kd]);
     expect(again.code).toBe(2);
     expect(again.stderr).toContain('LAMA_E_EXISTS');
-  });
+  }, CLI_TIMEOUT);
 
   it('create --manifest takes a hand-written RAUC manifest with images next to it', async () => {
     const m = path.join(dir, 'manifest.raucm');
@@ -67,7 +70,7 @@ describe('lamadist bundle', () => {
     const bad = await runCli(['bundle', 'create', '-o', path.join(dir, 'bad.raucb'), '--manifest', m, '--keys', kd]);
     expect(bad.code).toBe(2);
     expect(bad.stderr).toContain(`${m}:3: malformed group header`);
-  });
+  }, CLI_TIMEOUT);
 
   it('a tampered bundle exits 2 with one line naming the file, offset and code', async () => {
     const out = path.join(dir, 'b.raucb');
@@ -82,7 +85,7 @@ describe('lamadist bundle', () => {
     const wrong = await runCli(['bundle', 'verify', path.join(dir, 'a.raucb'), '--keyring', path.join(kd, 'rauc-ca.crt'), '--bsp', 'rk1']);
     expect(wrong.code).toBe(2);
     expect(wrong.stderr).toContain('LAMA_E_BUNDLE_WRONG_COMPATIBLE');
-  });
+  }, CLI_TIMEOUT);
 
   it('crypt bundle for --to-hosts: rauc info opens it with the device key', async () => {
     const inv = path.join(dir, 'hosts.yaml');
@@ -106,5 +109,5 @@ describe('lamadist bundle', () => {
     const i = await runCli(['--json', 'bundle', 'inspect', out, '--keyring', path.join(kd, 'rauc-ca.crt'), '--key', path.join(kd, 'device-node1.key')]);
     expect(i.code, i.stderr).toBe(0);
     expect(JSON.parse(i.stdout)).toMatchObject({ format: 'crypt', encrypted: true, verified: true, payloadVerified: true });
-  });
+  }, CLI_TIMEOUT);
 });

@@ -26,6 +26,10 @@ export function mkfsExt4Args(o: {
     '-F',
     '-t',
     'ext4',
+    // 4 KiB blocks always: mke2fs picks 1 KiB for small sizes, which a dm-crypt device with 4096-byte
+    // sectors refuses to mount.
+    '-b',
+    '4096',
     '-L',
     o.label,
     '-U',

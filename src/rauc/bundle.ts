@@ -39,8 +39,10 @@ export interface CreateBundleOptions {
   installCheck?: boolean;
   format?: 'verity' | 'crypt';
   signer: SignerMaterial;
-  /** Signing time; also every timestamp inside the squashfs. Default: now. */
+  /** Signing time (the only thing that differs between two runs over the same inputs). Default: now. */
   signingTime?: Date;
+  /** Every timestamp inside the squashfs payload. Default: the epoch, so the payload depends only on content. */
+  contentTime?: Date;
   /** dm-verity salt; default: derived from the manifest so identical inputs give identical bundles. */
   salt?: Buffer;
   /** Crypt bundles: envelope the signature for these recipient certificates (PEM texts) right away. */
@@ -176,7 +178,7 @@ export async function createBundle(o: CreateBundleOptions): Promise<CreatedBundl
     await fs.chmod(path.join(staging.dir, 'manifest.raucm'), 0o644);
     return await withAtomicFile(o.out, { force: o.force ?? false }, async (out) => {
       step('creating squashfs payload');
-      await makeSquashfs(staging.dir, out.temp, signingTime.getTime() / 1000);
+      await makeSquashfs(staging.dir, out.temp, (o.contentTime?.getTime() ?? 0) / 1000);
       await staging.remove();
       let payloadSize = (await out.fd.stat()).size;
       if (payloadSize % BLOCK !== 0) throw new Error(`mksquashfs produced ${payloadSize} bytes, not a multiple of ${BLOCK}`);

@@ -37,7 +37,7 @@ afterAll(() => {
 
 const signer = (): { certPem: string; keyPem: string } => ({ certPem: readFileSync(pki.cert, 'utf8'), keyPem: readFileSync(pki.key, 'utf8') });
 
-async function make(out: string, format: 'verity' | 'crypt' = 'verity'): Promise<string> {
+async function make(out: string, format: 'verity' | 'crypt' = 'verity', signingTime = T): Promise<string> {
   const p = path.join(dir, out);
   await createBundle({
     out: p,
@@ -51,7 +51,7 @@ async function make(out: string, format: 'verity' | 'crypt' = 'verity'): Promise
     ],
     format,
     signer: signer(),
-    signingTime: T,
+    signingTime,
   });
   return p;
 }
@@ -82,9 +82,16 @@ describe('verity bundle', () => {
     await expect(extractBundle(b, x, { keyring: pki.ca })).rejects.toMatchObject({ code: 'LAMA_E_EXISTS' });
   });
 
-  it('is byte-identical when created twice with the same signing time', async () => {
+  it('is byte-identical when created twice with the same signing time, and differs only in the signature otherwise', async () => {
     const a = await make('r1.raucb');
     const b = await make('r2.raucb');
     expect(readFileSync(a).equals(readFileSync(b))).toBe(true);
+    const c = readFileSync(await make('r3.raucb', 'verity', new Date('2026-02-01T00:00:07Z')));
+    const i = await inspectBundle(a);
+    const sigAt = i.sizes.payload + i.sizes.hashTree;
+    const x = readFileSync(a);
+    expect(c.length).toBe(x.length);
+    expect(c.subarray(0, sigAt).equals(x.subarray(0, sigAt))).toBe(true);
+    expect(c.subarray(sigAt).equals(x.subarray(sigAt))).toBe(false);
   });
 });

@@ -183,6 +183,7 @@ export async function bundleCreate(ctx: Context, o: CreateCliOptions): Promise<C
     format,
     signer,
     signingTime: parseSigningTime(o.signingTime),
+    ...(process.env.SOURCE_DATE_EPOCH && { contentTime: parseSigningTime(undefined) }),
     ...(recipientPems.length > 0 && { recipients: recipientPems }),
     force: o.force ?? false,
     onStep: (s) => {
@@ -342,7 +343,7 @@ export function configure(cmd: Command): void {
     .option('--key <pem>', 'signing key')
     .option('--keys <dir>', 'key directory from `lamadist keys init`')
     .option('--intermediate <pem>', 'intermediate CA certificate to embed (repeatable)', collect)
-    .option('--signing-time <time>', 'ISO 8601 or epoch seconds (default SOURCE_DATE_EPOCH, else now); fixes every timestamp')
+    .option('--signing-time <time>', 'ISO 8601 or epoch seconds (default SOURCE_DATE_EPOCH, else now); payload timestamps are SOURCE_DATE_EPOCH or 0')
     .option('--force', 'replace an existing output')
     .action(act<CreateCliOptions>(async (ctx, _a, o) => void (await bundleCreate(ctx, o))));
   cmd

@@ -19,4 +19,4 @@ do_install() {
 }
 
 SYSTEMD_SERVICE:${PN} = "lamadist-install.service"
-RDEPENDS:${PN} = "zstd gptfdisk util-linux-lsblk util-linux-blkid coreutils efibootmgr"
+RDEPENDS:${PN} = "zstd gptfdisk util-linux-lsblk util-linux-blkid util-linux-blockdev util-linux-findmnt coreutils gawk efibootmgr"

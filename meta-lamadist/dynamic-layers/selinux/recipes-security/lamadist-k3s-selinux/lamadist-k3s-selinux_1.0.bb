@@ -41,5 +41,5 @@ pkg_postinst:${PN}() {
 }
 
 FILES:${PN} = "${datadir}/selinux/${POLICY_NAME}/lamadist_k3s.pp"
-RDEPENDS:${PN} = "virtual/refpolicy"
+RDEPENDS:${PN} = "refpolicy"
 PACKAGE_ARCH = "${MACHINE_ARCH}"

@@ -68,15 +68,13 @@ export function computeVersion(f: GitFacts): GitVersion {
   let metaOnly = false;
   const branch = f.branch ?? '(detached)';
   const release = f.branch ? /^release[/-]v?(\d+)\.(\d+)(?:\.(\d+))?$/.exec(f.branch) : null;
-  if (onTag) {
-    // exactly the tagged release
-  } else if (release) {
+  if (!onTag && release) {
     [major, minor, patch] = [Number(release[1]), Number(release[2]), Number(release[3] ?? 0)];
     pre = 'beta';
-  } else if (f.branch === 'develop') {
+  } else if (!onTag && f.branch === 'develop') {
     if (f.tag) [minor, patch] = [minor + 1, 0];
     pre = 'alpha';
-  } else {
+  } else if (!onTag) {
     if (f.tag) patch += 1;
     if (f.branch === 'main' || f.branch === 'master') metaOnly = true;
     else pre = f.branch ? label(f.branch) : 'detached';

@@ -585,15 +585,19 @@ export async function encryptBundle(
 ): Promise<EncryptedBundle> {
   const layout = await layoutOf(input);
   const sd = await signedDataOf(layout, input, o);
-  const content = o.keyring ? verifyEmbedded(sd, (await readUserFile(o.keyring, 'keyring')).toString('utf8')).content : unverifiedContent(sd);
+  const keyringPem = o.keyring ? (await readUserFile(o.keyring, 'keyring')).toString('utf8') : undefined;
+  let content: Buffer;
+  try {
+    content = keyringPem ? verifyEmbedded(sd, keyringPem).content : unverifiedContent(sd);
+  } catch (err) {
+    located(err, input);
+  }
   const m = parseManifest(content.toString('utf8'), `${input}: signed manifest`);
   if (m.format !== 'crypt') {
     throw new UserError('LAMA_E_BUNDLE_FORMAT', `only crypt bundles can be encrypted; ${input} is in '${m.format}' format (create it with --format crypt)`, { where: input });
   }
   const pems = await Promise.all(recipients.map(async (r) => (await readUserFile(r, 'recipient certificate')).toString('utf8')));
   const cms = envelope(sd, pems);
-  const same = path.resolve(input) === path.resolve(out);
-  if (same && !o.force) throw new UserError('LAMA_E_EXISTS', `${out} already exists (use --force to replace it)`);
   await withAtomicFile(out, { force: o.force ?? false }, async (f) => {
     await fs.copyFile(input, f.temp, constants.COPYFILE_FICLONE);
     await writeSignature(f, layout.signatureOffset, cms);

@@ -3,7 +3,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createBundle, extractBundle, inspectBundle } from '../../src/rauc/index.js';
+import { createBundle, encryptBundle, extractBundle, inspectBundle } from '../../src/rauc/index.js';
 import { makePki, type Pki } from './pki.js';
 
 let pki: Pki;
@@ -80,6 +80,16 @@ describe('verity bundle', () => {
     expect(readFileSync(path.join(x, 'rootfs.erofs')).equals(readFileSync(rootfs))).toBe(true);
     expect(readFileSync(path.join(x, 'rootfs.erofs.block-hash-index')).length).toBe((3 * 1024 * 1024 / 4096) * 32);
     await expect(extractBundle(b, x, { keyring: pki.ca })).rejects.toMatchObject({ code: 'LAMA_E_EXISTS' });
+  });
+
+  it('encrypt refuses verity bundles, an untrusted signer and an existing output', async () => {
+    const v = await make('v.raucb');
+    await expect(encryptBundle(v, path.join(dir, 'v-enc.raucb'), [pki.device])).rejects.toMatchObject({ code: 'LAMA_E_BUNDLE_FORMAT' });
+    const c = await make('c.raucb', 'crypt');
+    await expect(encryptBundle(c, path.join(dir, 'c-enc.raucb'), [pki.device], { keyring: pki.otherCa })).rejects.toMatchObject({ code: 'LAMA_E_BUNDLE_UNTRUSTED_SIGNER', where: c });
+    await expect(encryptBundle(c, c, [pki.device])).rejects.toMatchObject({ code: 'LAMA_E_EXISTS' });
+    await encryptBundle(c, c, [pki.device], { keyring: pki.ca, force: true });
+    expect((await inspectBundle(c, { keyring: pki.ca, deviceKey: pki.deviceKey })).encrypted).toBe(true);
   });
 
   it('is byte-identical when created twice with the same signing time, and differs only in the signature otherwise', async () => {

@@ -7,6 +7,7 @@
 const BENCHES: Record<string, () => Promise<{ run: () => Promise<void> }>> = {
   boot: () => import('./boot.js'),
   check: () => import('./check.js'),
+  disk: () => import('./disk.js'),
   rauc: () => import('./rauc.js'),
   server: () => import('./server.js'),
 };

@@ -209,7 +209,8 @@ export async function formatVerity(options: VerityOptions): Promise<VerityResult
     // A tree-less single block still owns its superblock's whole hash block, as with veritysetup.
     const end = params.hashOffset + geometry.hashTreeBytes;
     if ((await hash.stat()).size < end) await hash.truncate(end);
-    await hash.sync();
+    // No fsync here (veritysetup does none either): callers writing final outputs commit them through
+    // AtomicFile, which syncs, and a disk image being assembled is synced once when complete.
     return result(r, rootHash, uuid);
   } finally {
     await hash?.close();

@@ -1,4 +1,4 @@
-import type { Kysely, Transaction } from 'kysely';
+import type { CompiledQuery, Kysely, Transaction } from 'kysely';
 import { BSPS } from '../bsp/index.js';
 import { UserError } from '../errors.js';
 import { hashToken, newToken, tokenMatches } from './auth.js';
@@ -146,8 +146,17 @@ export class FleetService {
   private rolloutLock: Promise<unknown> = Promise.resolve();
   readonly counters = { polls: 0, feedback: 0, artifactRequests: 0, artifactBytes: 0, uploadsAccepted: 0, uploadsRefused: 0, authFailures: 0 };
 
+  private readonly pollQuery: CompiledQuery;
+
   constructor(open: OpenDb, opts: ServiceOptions) {
     this.db = open.db;
+    this.pollQuery = this.db
+      .selectFrom('actions')
+      .select(['id', 'state'])
+      .where('device_id', '=', 0)
+      .where('state', 'in', [sql.lit('pending'), sql.lit('running'), sql.lit('canceling'), sql.lit('installed')])
+      .orderBy('id')
+      .compile();
     this.dialect = open.dialect;
     this.opts = opts;
     this.flushTimer = setInterval(() => void this.flushSeen().catch(() => undefined), 1000);
@@ -424,13 +433,8 @@ export class FleetService {
   /** Base poll: say what the device should do next. */
   async poll(device: DeviceRow): Promise<PollAnswer> {
     this.counters.polls++;
-    const open = await this.db
-      .selectFrom('actions')
-      .select(['id', 'state'])
-      .where('device_id', '=', device.id)
-      .where('state', 'in', ['pending', 'running', 'canceling', 'installed'])
-      .orderBy('id')
-      .execute();
+    // The hot query of the server: compiled once, run with this device's id as its only parameter.
+    const open = (await this.db.executeQuery<{ id: number; state: string }>({ ...this.pollQuery, parameters: [device.id] })).rows;
     const installed = open.some((a) => a.state === 'installed');
     const first = open.find((a) => a.state !== 'installed');
     const answer: PollAnswer = { configData: installed || device.attributes_at === null };

@@ -16,7 +16,7 @@ import {
   type KasSchema,
 } from '../kas/index.js';
 import { writeFileAtomic } from '../util/fsx.js';
-import { run } from '../util/proc.js';
+import { hasTool, run } from '../util/proc.js';
 import { parseYamlLocated, type LocatedYaml } from '../util/yaml.js';
 import { at, parseBbConf, parseIni, parseWks, wksSizeMiB, type BbAssignment, type IniSection, type WksDirective } from './parsers.js';
 
@@ -65,6 +65,8 @@ export interface CheckReport {
   schema: string;
   problems: Problem[];
   checked: { kasFiles: number; compositions: number; layers: number; machines: number; wks: number; systemConfs: number };
+  /** Real tools that also read the files (rauc loads each system.conf when installed). */
+  peers: string[];
 }
 
 interface LayoutPartition {
@@ -222,6 +224,7 @@ export async function runChecks(options: CheckOptions): Promise<CheckReport> {
   }
 
   let systemConfs = 0;
+  const withRauc = await hasTool('rauc');
   for (const family of [...new Set(bsps.map((b) => b.raucFamily))]) {
     const file = path.join(root, 'meta-lamadist', 'recipes-core', 'rauc', 'files', family, 'system.conf');
     if (!existsSync(file)) {
@@ -231,7 +234,12 @@ export async function runChecks(options: CheckOptions): Promise<CheckReport> {
     systemConfs++;
     const familyBsps = bsps.filter((b) => b.raucFamily === family);
     const famLayouts = familyBsps.map((b) => layouts.get(b.layout)).filter((l): l is Layout => l !== undefined);
-    checkSystemConf(relp(file), await fs.readFile(file, 'utf8'), family, familyBsps, famLayouts, add);
+    const text = await fs.readFile(file, 'utf8');
+    checkSystemConf(relp(file), text, family, familyBsps, famLayouts, add);
+    if (withRauc) {
+      const p = await raucLoadProblem(file, relp(file), text);
+      if (p && !problems.some((q) => q.where === p.where)) add('rauc', p.where, 'LAMA_E_RAUC_CONFIG', p.message);
+    }
   }
 
   return {
@@ -239,6 +247,7 @@ export async function runChecks(options: CheckOptions): Promise<CheckReport> {
     schema: schemaFile,
     problems,
     checked: { kasFiles, compositions: compositions.length, layers: layers.length, machines, wks, systemConfs },
+    peers: withRauc ? ['rauc'] : [],
   };
 }
 
@@ -613,6 +622,36 @@ function wksOffsetKiB(value: string): number | undefined {
   if (!m) return undefined;
   const n = Number(m[1]);
   return { s: n / 2, K: n, '': n, M: n * 1024, G: n * 1024 * 1024 }[m[2] ?? ''];
+}
+
+/**
+ * Let rauc itself load a system.conf (`rauc --conf FILE info` loads the configuration before it
+ * looks at the bundle) and locate its complaint, if any, in the file.
+ */
+async function raucLoadProblem(abs: string, file: string, text: string): Promise<{ where: string; message: string } | undefined> {
+  const r = await run('rauc', [`--conf=${abs}`, 'info', '/nonexistent/lamadist-check.raucb'], { allowFailure: true, timeoutMs: 30_000 });
+  const msg = /Failed to load system config \([^)]*\): (.*)$/m.exec(r.stderr)?.[1]?.trim();
+  if (!msg) return undefined;
+  const { sections } = parseIni(text);
+  const section = (name: string): IniSection | undefined => sections.find((s) => s.name === name);
+  let pos: { line: number; col: number } | undefined;
+  const badKey = /Invalid key '([^']+)' in group '\[([^\]]+)\]'/.exec(msg);
+  const slotType = /slot type '[^']*' for slot ([\w.-]+)/.exec(msg);
+  const parent = /Parent slot '([^']+)' not found/.exec(msg);
+  const line = /contains line “([^”]*)”/.exec(msg);
+  const missing = /does not have key “[^”]+” in group “([^”]+)”/.exec(msg);
+  const badValue = /contains key “([^”]+)”/.exec(msg);
+  if (badKey) pos = section(badKey[2] ?? '')?.keys.get(badKey[1] ?? '')?.keyPos;
+  else if (missing) pos = section(missing[1] ?? '')?.pos;
+  else if (badValue) pos = sections.map((s) => s.keys.get(badValue[1] ?? '')?.pos).find((p) => p !== undefined);
+  else if (slotType) pos = section(`slot.${slotType[1] ?? ''}`)?.keys.get('type')?.pos;
+  else if (parent) pos = sections.flatMap((s) => [...s.keys.entries()]).find(([k, v]) => k === 'parent' && v.value === parent[1])?.[1].pos;
+  else if (/bootloader/.test(msg)) pos = section('system')?.keys.get('bootloader')?.pos;
+  else if (line) {
+    const n = text.split('\n').findIndex((l) => l.trim() === line[1]);
+    if (n >= 0) pos = { line: n + 1, col: 1 };
+  }
+  return { where: pos ? at(file, pos) : `${file}:1:1`, message: `rauc refuses this system.conf: ${msg}` };
 }
 
 function checkSystemConf(file: string, text: string, family: Bsp['raucFamily'], bsps: Bsp[], layouts: Layout[], add: Add): void {

@@ -41,6 +41,8 @@ describe('lamadist check on fixtures', () => {
     expect(report.ok).toBe(true);
     // 4 BSPs × {no extras, debug} × {with, without installer} × {no scanner, cve}
     expect(report.checked).toEqual({ kasFiles: 8, compositions: 32, layers: 2, machines: 4, wks: 3, systemConfs: 2 });
+    // rauc itself loaded both system.conf files and accepted them
+    expect(report.peers).toEqual(['rauc']);
   });
 
   const broken = readdirSync(path.join(FIXTURES, 'broken')).sort();

@@ -17,7 +17,7 @@ describe('lamadist check command', () => {
     const r = await runCli(['check']);
     expect(r.stderr).toBe('');
     expect(r.code).toBe(0);
-    expect(r.stdout).toMatch(/^ok: \d+ kas files, \d+ compositions, 2 layers, 4 machines, 3 wks files, 2 system\.conf$/m);
+    expect(r.stdout).toMatch(/^ok: \d+ kas files, \d+ compositions, 2 layers, 4 machines, 3 wks files, 2 system\.conf \(also loaded by rauc\)$/m);
   });
 
   it('reports every problem with file:line:col, as JSON for CI, and exits 2', async () => {

@@ -14,7 +14,7 @@ export async function check(ctx: Context, root: string, opts: { kasSchema?: stri
   ctx.result(report, () => {
     const lines = report.problems.map((p) => `${p.where}: ${p.message} [${p.code}]`);
     const c = report.checked;
-    const what = `${c.kasFiles} kas files, ${c.compositions} compositions, ${c.layers} layers, ${c.machines} machines, ${c.wks} wks files, ${c.systemConfs} system.conf`;
+    const what = `${c.kasFiles} kas files, ${c.compositions} compositions, ${c.layers} layers, ${c.machines} machines, ${c.wks} wks files, ${c.systemConfs} system.conf${report.peers.length ? ` (also loaded by ${report.peers.join(', ')})` : ''}`;
     lines.push(report.ok ? ctx.c.green(`ok: ${what}`) : ctx.c.red(`${report.problems.length} problem(s) in ${what}`));
     return lines.join('\n');
   });

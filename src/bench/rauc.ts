@@ -1,9 +1,9 @@
-import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { createBundle, adaptiveFetchBytes, digestImage } from '../rauc/index.js';
 import { run as runTool } from '../util/proc.js';
+import { MiB, scaled, writeCompressible } from './data.js';
 
 /**
  * RAUC bundle benchmarks, each against the peer measured in the same run:
@@ -12,28 +12,6 @@ import { run as runTool } from '../util/proc.js';
  *   from the block-hash indexes of the two images.
  * LAMADIST_BENCH_SCALE (e.g. 0.1) shrinks both sizes.
  */
-
-const MiB = 1024 * 1024;
-
-function scaled(bytes: number): number {
-  const s = Number(process.env.LAMADIST_BENCH_SCALE ?? '1');
-  const f = Number.isFinite(s) && s > 0 ? s : 1;
-  return Math.max(MiB, Math.floor((bytes * f) / MiB) * MiB);
-}
-
-/** Half random, half zero per 4 KiB block: compresses about 2:1 like a real root filesystem. */
-async function writeImage(file: string, size: number): Promise<void> {
-  const h = await fs.open(file, 'w');
-  try {
-    const chunk = Buffer.alloc(8 * MiB);
-    for (let pos = 0; pos < size; pos += chunk.length) {
-      for (let b = 0; b < chunk.length; b += 4096) randomBytes(2048).copy(chunk, b);
-      await h.write(chunk, 0, Math.min(chunk.length, size - pos), pos);
-    }
-  } finally {
-    await h.close();
-  }
-}
 
 async function pki(dir: string): Promise<{ cert: string; key: string; conf: string }> {
   const cert = path.join(dir, 'signer.pem');
@@ -56,7 +34,7 @@ async function bundleCreate(dir: string): Promise<void> {
   const content = path.join(dir, 'content');
   await fs.mkdir(content, { mode: 0o755 });
   const image = path.join(content, 'rootfs.img');
-  await writeImage(image, size);
+  await writeCompressible(image, size);
   const manifest = '[update]\ncompatible=bench\nversion=1\n\n[bundle]\nformat=verity\n\n[image.rootfs]\nfilename=rootfs.img\nadaptive=block-hash-index\n';
   await fs.writeFile(path.join(content, 'manifest.raucm'), manifest);
   const signer = { certPem: await fs.readFile(keys.cert, 'utf8'), keyPem: await fs.readFile(keys.key, 'utf8') };

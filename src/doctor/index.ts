@@ -2,7 +2,7 @@ import { existsSync, promises as fs } from 'node:fs';
 import { lookup } from 'node:dns/promises';
 import net from 'node:net';
 import path from 'node:path';
-import { BUILDER_IMAGE, detectEngine, type Engine } from '../build/index.js';
+import { BUILDER_IMAGE, detectEngine, noEngine, type Engine } from '../build/index.js';
 import { BSPS } from '../bsp/index.js';
 import { composeKas, kasFilesFor, type KasSelection } from '../kas/index.js';
 import { TOOL_PACKAGES, hasTool, run } from '../util/proc.js';
@@ -98,9 +98,7 @@ async function reachable(host: string, port: number, timeoutMs: number): Promise
 /** Why this host cannot build, or undefined when it can. One line, with what to do instead. */
 export async function cannotBuildReason(options: DoctorOptions): Promise<string | undefined> {
   const engine = await detectEngine();
-  if (!engine) {
-    return 'this host cannot build: neither podman nor docker is installed (apt-get install podman); run `lamadist vm demo` to try LamaDist without a build';
-  }
+  if (!engine) return noEngine().message;
   if (options.probeNetwork === false) return undefined;
   const repos = missingCheckouts(options.root, await layerRepos(options.root, options.selection));
   const hosts = [...new Map(repos.map((r) => [`${r.host}:${r.port}`, r])).values()];

@@ -36,12 +36,15 @@ export interface Overview {
   overdue: string[];
 }
 
+/** A device with its action history. */
 export type DeviceDetail = DeviceView & { actions: ActionView[] };
 
+/** The management API over HTTP(S); every method is one request. */
 export class FleetClient {
   private readonly base: URL;
   private readonly opts: FleetClientOptions;
 
+  /** Refuses a URL that is not http(s). */
   constructor(opts: FleetClientOptions) {
     try {
       this.base = new URL(opts.url);
@@ -137,10 +140,12 @@ export class FleetClient {
     return this.request('POST', `/api/v1/releases${q}`, { stream: createReadStream(file), length: st.size });
   }
 
+  /** All releases, newest first. */
   listReleases(): Promise<ReleaseView[]> {
     return this.request('GET', '/api/v1/releases');
   }
 
+  /** One release by id. */
   getRelease(id: number): Promise<ReleaseView> {
     return this.request('GET', `/api/v1/releases/${id}`);
   }
@@ -159,10 +164,12 @@ export class FleetClient {
     return this.request('POST', `/api/v1/rollouts${q}`, { json: input });
   }
 
+  /** All rollouts with per-wave progress, newest first. */
   listRollouts(): Promise<RolloutView[]> {
     return this.request('GET', '/api/v1/rollouts');
   }
 
+  /** One rollout with per-wave progress. */
   getRollout(id: number): Promise<RolloutView> {
     return this.request('GET', `/api/v1/rollouts/${id}`);
   }
@@ -172,10 +179,12 @@ export class FleetClient {
     return this.request('POST', `/api/v1/rollouts/${id}/${op}`);
   }
 
+  /** The audit log of management changes, newest first. */
   audit(limit?: number): Promise<{ id: number; time: string; actor: string; action: string; target: string; details: unknown }[]> {
     return this.request('GET', `/api/v1/audit${limit ? `?limit=${limit}` : ''}`);
   }
 
+  /** Devices by version and status, and the overdue ones. */
   overview(): Promise<Overview> {
     const q = this.opts.tenant ? `?tenant=${encodeURIComponent(this.opts.tenant)}` : '';
     return this.request('GET', `/api/v1/overview${q}`);

@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import type { FileHandle } from 'node:fs/promises';
 import { crc32 } from 'node:zlib';
 import { UserError } from '../errors.js';
+import { readAt } from './io.js';
 
 /**
  * GUID Partition Table (UEFI spec, chapter 5): protective MBR, primary header and entry array at the
@@ -279,17 +280,6 @@ interface ParsedHeader {
   entryCount: number;
   entrySize: number;
   entriesCrc: number;
-}
-
-async function readAt(h: FileHandle, length: number, position: number): Promise<Buffer> {
-  const b = Buffer.alloc(length);
-  let got = 0;
-  while (got < length) {
-    const { bytesRead } = await h.read(b, got, length - got, position + got);
-    if (bytesRead === 0) break;
-    got += bytesRead;
-  }
-  return b.subarray(0, got);
 }
 
 function parseHeader(b: Buffer, lba: bigint, what: string): ParsedHeader {

@@ -17,6 +17,7 @@ import { GPT_ATTRIBUTES, readGptFrom, writeGpt, type GptReadResult, type GptTabl
  */
 
 export * from './dps.js';
+export { readAt, readInto } from './io.js';
 export {
   DEFAULT_ENTRY_COUNT,
   ENTRY_SIZE,

@@ -2,7 +2,7 @@ import { promises as fs } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { UserError, isErrno } from '../errors.js';
-import { dpsRoleOf, partitionExtent, readGptFrom, type GptReadResult } from '../disk/index.js';
+import { dpsRoleOf, partitionExtent, readAt, readGptFrom, type GptReadResult } from '../disk/index.js';
 import { decodeErofsSuperblock, readErofsSuperblockFrom, type ErofsSuperblock } from '../erofs/index.js';
 import { listEsp, readEspFile } from '../fat/index.js';
 import {
@@ -65,12 +65,6 @@ export interface ImageReport {
   partitions: PartitionReport[];
   esp: { files: string[]; ukis: UkiReport[] };
   slots: SlotReport[];
-}
-
-async function readAt(h: FileHandle, length: number, position: number): Promise<Buffer> {
-  const b = Buffer.alloc(length);
-  const { bytesRead } = await h.read(b, 0, length, position);
-  return b.subarray(0, bytesRead);
 }
 
 function ext4Info(b: Buffer): { label: string; uuid: string } | undefined {

@@ -2,6 +2,7 @@ import { createCipheriv, createDecipheriv, createHash, pbkdf2Sync, timingSafeEqu
 import { promises as fs } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { UserError, isErrno } from '../errors.js';
+import { readAt, readInto } from '../disk/index.js';
 import { createRandom, randomUuid, type RandomSource } from '../disk/random.js';
 import { afMerge, afSplit } from './af.js';
 import {
@@ -202,16 +203,6 @@ export function planLuks2(o: Luks2PlanOptions): Luks2Plan {
 /** Chunk size for payload encryption: large sequential I/O, a whole number of sectors. */
 const CHUNK = 8 * 1024 * 1024;
 
-async function readFull(h: FileHandle, buf: Buffer, length: number, position: number): Promise<number> {
-  let got = 0;
-  while (got < length) {
-    const { bytesRead } = await h.read(buf, got, length - got, position + got);
-    if (bytesRead === 0) break;
-    got += bytesRead;
-  }
-  return got;
-}
-
 export interface EncryptPayloadOptions {
   source: FileHandle;
   sourceOffset?: number;
@@ -232,7 +223,7 @@ export async function encryptPayload(o: EncryptPayloadOptions): Promise<void> {
   const buf = Buffer.alloc(CHUNK);
   for (let done = 0; done < o.length;) {
     const want = Math.min(CHUNK, o.length - done);
-    const got = await readFull(o.source, buf, want, (o.sourceOffset ?? 0) + done);
+    const got = await readInto(o.source, buf, 0, want, (o.sourceOffset ?? 0) + done);
     if (got < want)
       throw new UserError('LAMA_E_TRUNCATED', `payload ended after ${done + got} of ${o.length} bytes`);
     const padded = Math.ceil(want / ss) * ss;
@@ -256,7 +247,7 @@ export async function decryptSectors(
   ivTweak = 0n,
 ): Promise<Buffer> {
   const buf = Buffer.alloc(count * sectorSize);
-  const got = await readFull(h, buf, buf.length, segmentOffset + first * sectorSize);
+  const got = await readInto(h, buf, 0, buf.length, segmentOffset + first * sectorSize);
   if (got < buf.length)
     throw new UserError(
       'LAMA_E_TRUNCATED',
@@ -275,11 +266,7 @@ async function openFile(file: string): Promise<FileHandle> {
 }
 
 function reader(h: FileHandle, base: number): (len: number, pos: number) => Promise<Buffer> {
-  return async (len, pos) => {
-    const b = Buffer.alloc(len);
-    const got = await readFull(h, b, len, base + pos);
-    return b.subarray(0, got);
-  };
+  return (len, pos) => readAt(h, len, base + pos);
 }
 
 /** Read the LUKS2 metadata of a container at `offset` of an open file. */

@@ -2,6 +2,7 @@ import { createHash, randomUUID } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import path from 'node:path';
+import { readAt } from '../disk/index.js';
 import { UserError, isErrno } from '../errors.js';
 import {
   VERITY_SUPERBLOCK_SIZE,
@@ -99,17 +100,6 @@ async function openRead(file: string, what: string): Promise<FileHandle> {
     if (isErrno(err, 'ENOENT')) throw new UserError('LAMA_E_NOT_FOUND', `${what} ${file} does not exist`);
     throw err;
   }
-}
-
-async function readExactly(h: FileHandle, length: number, position: number): Promise<Buffer> {
-  const buf = Buffer.alloc(length);
-  let got = 0;
-  while (got < length) {
-    const { bytesRead } = await h.read(buf, got, length - got, position + got);
-    if (bytesRead === 0) break;
-    got += bytesRead;
-  }
-  return got === length ? buf : buf.subarray(0, got);
 }
 
 function sameFile(a: string, b: string): boolean {
@@ -260,7 +250,7 @@ async function buildTree(
   const hbs = p.hashBlockSize;
   const dataBytes = p.dataBlocks * p.dataBlockSize;
   if (g.levels.length === 0) {
-    return hashOne(p.algorithm, p.salt, await readExactly(data, p.dataBlockSize, r.dataOffset));
+    return hashOne(p.algorithm, p.salt, await readAt(data, p.dataBlockSize, r.dataOffset));
   }
   for (const level of g.levels) {
     const source =
@@ -274,14 +264,14 @@ async function buildTree(
     }
   }
   const top = g.levels[g.levels.length - 1] as VerityLevel;
-  return hashOne(p.algorithm, p.salt, await readExactly(hash, hbs, top.offset));
+  return hashOne(p.algorithm, p.salt, await readAt(hash, hbs, top.offset));
 }
 
 /** Read the veritysetup superblock at `offset` of `file`, or undefined when there is none. */
 export async function readVeritySuperblock(file: string, offset = 0): Promise<VeritySuperblock | undefined> {
   const h = await openRead(file, 'hash file');
   try {
-    return decodeVeritySuperblock(await readExactly(h, VERITY_SUPERBLOCK_SIZE, offset));
+    return decodeVeritySuperblock(await readAt(h, VERITY_SUPERBLOCK_SIZE, offset));
   } finally {
     await h.close();
   }
@@ -309,7 +299,7 @@ export async function verifyVerity(options: VerityVerifyOptions): Promise<Verity
     const hashOffset = options.hashOffset ?? (hash === data ? dataSize : 0);
     let sb: VeritySuperblock | undefined;
     if (superblock) {
-      sb = decodeVeritySuperblock(await readExactly(hash, VERITY_SUPERBLOCK_SIZE, hashOffset));
+      sb = decodeVeritySuperblock(await readAt(hash, VERITY_SUPERBLOCK_SIZE, hashOffset));
       if (!sb)
         throw new UserError(
           'LAMA_E_VERITY_NO_SUPERBLOCK',
@@ -378,7 +368,7 @@ async function checkTree(
   const hbs = p.hashBlockSize;
   const hex = (b: Buffer): string => b.toString('hex');
   if (g.levels.length === 0) {
-    const got = hashOne(p.algorithm, p.salt, await readExactly(data, p.dataBlockSize, r.dataOffset));
+    const got = hashOne(p.algorithm, p.salt, await readAt(data, p.dataBlockSize, r.dataOffset));
     if (!got.equals(options.rootHash)) {
       throw mismatch(
         `root hash mismatch: data block 0 at byte offset ${r.dataOffset} hashes to ${hex(got)}, expected ${hex(options.rootHash)}`,
@@ -388,7 +378,7 @@ async function checkTree(
     return;
   }
   const top = g.levels[g.levels.length - 1] as VerityLevel;
-  const topHash = hashOne(p.algorithm, p.salt, await readExactly(hash, hbs, top.offset));
+  const topHash = hashOne(p.algorithm, p.salt, await readAt(hash, hbs, top.offset));
   if (!topHash.equals(options.rootHash)) {
     throw mismatch(
       `root hash mismatch: the tree's top block at byte offset ${top.offset} hashes to ${hex(topHash)}, expected ${hex(options.rootHash)}`,
@@ -404,7 +394,7 @@ async function checkTree(
     const blockSize = child ? hbs : p.dataBlockSize;
     const base = child ? child.offset : r.dataOffset;
     for await (const chunk of hashBlocks(job)) {
-      const stored = await readExactly(
+      const stored = await readAt(
         hash,
         Math.ceil(chunk.blocks / g.hashesPerBlock) * hbs,
         parent.offset + (chunk.firstBlock / g.hashesPerBlock) * hbs,

@@ -13,6 +13,7 @@ import { readUserFile } from '../../util/fsx.js';
 import { act, intOption } from '../action.js';
 import type { Context } from '../context.js';
 import { formatBytes, gptRows, gptTableText } from './gpt.js';
+import { collect } from './luks.js';
 
 export interface ImageBuildCliOptions {
   output: string;
@@ -171,10 +172,6 @@ export async function imageInspect(
       where: image,
     });
   return r;
-}
-
-function collect(value: string, previous: string[]): string[] {
-  return [...previous, value];
 }
 
 export function configure(cmd: Command): void {

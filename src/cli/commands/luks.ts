@@ -103,7 +103,8 @@ export async function luksDump(ctx: Context, file: string, opts: { offset?: numb
   return r.header;
 }
 
-function collect(value: string, previous: string[]): string[] {
+/** commander reducer for repeatable options. */
+export function collect(value: string, previous: string[]): string[] {
   return [...previous, value];
 }
 

@@ -38,11 +38,14 @@ export function mkfsArgs(o: Pick<EspOptions, 'image' | 'offset' | 'size' | 'volu
     throw new UserError('LAMA_E_FAT', `ESP offset ${o.offset} is not a multiple of 512`);
   if (!/^[0-9a-fA-F]{8}$/.test(o.volumeId))
     throw new UserError('LAMA_E_FAT', `FAT volume id '${o.volumeId}' must be 8 hex digits`);
-  // FAT32 needs at least 65525 clusters; smaller (test) partitions get FAT16/12, which UEFI reads too.
-  const fat32 = o.size >= 260 * 1024 * 1024 ? ['-F', '32'] : [];
+  // mkfs.vfat would pick the FAT type from the size of the whole image file, not of the partition:
+  // choose it here. FAT32 needs at least 65525 clusters; smaller (test) partitions get FAT16, which
+  // UEFI reads too.
+  const fatType = o.size >= 260 * 1024 * 1024 ? '32' : '16';
   return [
     '--invariant',
-    ...fat32,
+    '-F',
+    fatType,
     '-i',
     o.volumeId,
     '-n',

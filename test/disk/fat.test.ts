@@ -43,6 +43,7 @@ describe('ESP via mkfs.vfat --offset and mtools', () => {
       '/EFI/BOOT',
       '/EFI/Linux',
     ]);
+    expect(mkfsArgs({ image: 'i', offset: MiB, size: 16 * MiB, volumeId: 'deadbeef' })).toContain('16');
     expect(mkfsArgs({ image: 'i', offset: MiB, size: 512 * MiB, volumeId: 'deadbeef' })).toEqual([
       '--invariant',
       '-F',
@@ -91,5 +92,20 @@ describe('ESP via mkfs.vfat --offset and mtools', () => {
     const whole = await fs.readFile(a);
     expect(whole.subarray(0, MiB).every((x) => x === 0)).toBe(true);
     expect(whole.subarray(33 * MiB).every((x) => x === 0)).toBe(true);
+  });
+
+  it('formats a small ESP inside a much larger image (the FAT type follows the partition, not the file)', async () => {
+    const image = path.join(dir, 'large.img');
+    await fs.writeFile(image, '');
+    await fs.truncate(image, 700 * MiB);
+    await buildEsp({
+      image,
+      offset: MiB,
+      size: 64 * MiB,
+      volumeId: '0badcafe',
+      timestamp: 0,
+      files: { '/EFI/BOOT/BOOTX64.EFI': Buffer.from('x') },
+    });
+    expect(await listEsp(image, MiB)).toEqual(['/EFI/BOOT/BOOTX64.EFI']);
   });
 });

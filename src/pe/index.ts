@@ -126,34 +126,47 @@ export function alignUp(n: number, a: number): number {
 
 /**
  * The PE image checksum (the algorithm of imagehlp's CheckSumMappedFile): the file summed as 16-bit
- * little-endian words with the checksum field counted as zero, carries folded back in, plus the file
- * length. Words are summed two at a time from 32-bit reads and folded once at the end, which gives
- * the same result as folding after every word.
+ * little-endian words with the checksum field counted as zero, carries folded back in (a ones'
+ * complement sum), plus the file length. Because 0x10000 ≡ 1 (mod 0xffff), a 32-bit word adds the
+ * same as its two halves modulo 0xffff, so whole 32-bit words are summed and reduced per chunk; a
+ * nonzero sum that reduces to 0 is 0xffff in ones' complement.
  */
 export function peChecksum(buf: Buffer, checksumOffset: number): number {
+  if (checksumOffset % 4 !== 0) {
+    // Never seen in practice; a zeroed copy keeps the fast path simple.
+    const copy = Buffer.from(buf);
+    copy.fill(0, checksumOffset, Math.min(copy.length, checksumOffset + 4));
+    return (onesComplementSum(copy, -1) + buf.length) >>> 0;
+  }
+  return (onesComplementSum(buf, checksumOffset >>> 2) + buf.length) >>> 0;
+}
+
+/** Ones' complement sum of 16-bit little-endian words, leaving out the 32-bit word at index `skip`. */
+function onesComplementSum(buf: Buffer, skip: number): number {
   const words32 = buf.length >>> 2;
   const aligned = buf.byteOffset % 4 === 0 ? new Uint32Array(buf.buffer, buf.byteOffset, words32) : undefined;
-  // Each 32-bit read adds at most 2 × 0xffff, so a double stays exact for files up to ~270 GB.
-  const sumWords = (from: number, to: number): number => {
-    let s = 0;
+  // 2^20 words of at most 2^32 each stay below 2^53, exact in a double.
+  const CHUNK = 1 << 20;
+  let total = 0;
+  let nonzero = false;
+  for (let start = 0; start < words32; start += CHUNK) {
+    const end = Math.min(words32, start + CHUNK);
+    let acc = 0;
     if (aligned) {
-      for (let i = from; i < to; i++) {
-        const w = aligned[i] as number;
-        s += (w & 0xffff) + (w >>> 16);
-      }
+      for (let i = start; i < end; i++) acc += aligned[i] as number;
     } else {
-      for (let i = from; i < to; i++) s += buf.readUInt16LE(i * 4) + buf.readUInt16LE(i * 4 + 2);
+      for (let i = start; i < end; i++) acc += buf.readUInt32LE(i * 4);
     }
-    return s;
-  };
-  const skip = checksumOffset % 4 === 0 ? checksumOffset >>> 2 : -1;
-  let sum = skip >= 0 ? sumWords(0, Math.min(skip, words32)) + sumWords(skip + 1, words32) : sumWords(0, words32);
-  for (let i = words32 * 4; i < buf.length; i += 2) sum += i + 1 < buf.length ? buf.readUInt16LE(i) : (buf[i] ?? 0);
-  // An unaligned checksum field (never seen in practice) is taken out afterwards; adding 2 × 0xffff
-  // first keeps the sum positive without changing it modulo 0xffff.
-  if (skip < 0 && checksumOffset + 4 <= buf.length) sum += 0x1fffe - buf.readUInt16LE(checksumOffset) - buf.readUInt16LE(checksumOffset + 2);
-  while (sum > 0xffff) sum = (sum % 0x10000) + Math.floor(sum / 0x10000);
-  return (sum + buf.length) >>> 0;
+    if (skip >= start && skip < end) acc -= buf.readUInt32LE(skip * 4);
+    if (acc > 0) nonzero = true;
+    total = (total + (acc % 0xffff)) % 0xffff;
+  }
+  for (let i = words32 * 4; i < buf.length; i += 2) {
+    const v = i + 1 < buf.length ? buf.readUInt16LE(i) : (buf[i] ?? 0);
+    if (v > 0) nonzero = true;
+    total = (total + v) % 0xffff;
+  }
+  return total === 0 && nonzero ? 0xffff : total;
 }
 
 /** Recompute and store the checksum in place. */

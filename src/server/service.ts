@@ -446,7 +446,7 @@ export class FleetService {
   /**
    * PUT configData: store attributes (merge, replace or remove) and settle an update awaiting boot —
    * success when the reported version is the release's, "rolled back" when the device runs another
-   * version after a new boot (or reports no boot id at all).
+   * version after a new boot (or reports no boot id at all). Attributes without a version decide nothing.
    */
   async putConfigData(device: DeviceRow, body: unknown): Promise<void> {
     const data = (body as { data?: unknown } | null)?.data;
@@ -481,7 +481,7 @@ export class FleetService {
       for (const a of waiting) {
         let next: ActionState | undefined;
         if (version !== null && version === a.version) next = 'success';
-        else if (bootId === null || bootId !== a.from_boot_id) next = 'rolled_back';
+        else if (version !== null && (bootId === null || bootId !== a.from_boot_id)) next = 'rolled_back';
         if (!next) continue;
         await trx.updateTable('actions').set({ state: next, updated_at: nowMs() }).where('id', '=', a.id).execute();
         await trx

@@ -172,6 +172,9 @@ export function serverFlows(label: string, database: () => Promise<{ url: string
       // A report from the same boot on the old version is not yet a verdict.
       await a.putConfig(after.links.configData?.href ?? '', { version: '1.0.0', boot_id: 'node-a-boot-1' });
       expect((await fleet.getRollout(rollout.id)).progress[0]?.states).toEqual({ installed: 1 });
+      // Attributes without a version (a client with a static attribute list) decide nothing either.
+      await a.putConfig(after.links.configData?.href ?? '', { hw: 'qemu' }, 'replace');
+      expect((await fleet.getRollout(rollout.id)).progress[0]?.states).toEqual({ installed: 1 });
       await a.putConfig(after.links.configData?.href ?? '', { version: '2.0.0', boot_id: 'node-a-boot-2' });
       r = await fleet.getRollout(rollout.id);
       expect(r.progress[0]?.states).toEqual({ success: 1 });

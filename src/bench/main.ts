@@ -10,6 +10,7 @@ const BENCHES: Record<string, () => Promise<{ run: () => Promise<void> }>> = {
   disk: () => import('./disk.js'),
   rauc: () => import('./rauc.js'),
   server: () => import('./server.js'),
+  vm: () => import('./vm.js'),
 };
 
 async function main(argv: string[]): Promise<number> {

@@ -16,6 +16,13 @@
  *   swtpm are always killed and temp files removed on return, timeout, abort or Ctrl-C.
  * - `planQemu(opts, runtime)`, `planSwtpm(...)`: the command lines as data.
  * - `OVMF`: Debian's firmware paths; `SERIAL_CONSOLE`: kernel arguments for the serial console.
+ *
+ * Test fixture and emulated device (acceptance tests, bench, `lamadist vm demo`):
+ * - `fixtureRootfs({ keyring?, log? })` → `{ dir, kernel }`: debootstrap bookworm + meta-lamadist's
+ *   on-target files, cached under ~/.cache/lamadist/rootfs/.
+ * - `fixtureInitramfs(kernel, out)`: meta-lamadist's lamadist-init with its tools and modules.
+ * - `prepareDevice({ dir, hostname?, machineId?, encrypt? })` → Device (keys, disk, enrolled vars, TPM dir).
+ * - `bootDevice(device, { mode: 'secure' | 'direct', timeoutMs?, serialLog? })` → QemuResult + `report`.
  */
 export { debianKernel, cacheRoot, type DebianKernel } from './kernel.js';
 export { buildInitramfs, gatherInitramfs, planInitramfs, parseLdd, mergedPath, type InitramfsSpec, type InitramfsFile } from './initramfs.js';
@@ -34,16 +41,6 @@ export {
 } from './qemu.js';
 export { detectAccel } from './accel.js';
 
-/** Debian 12's OVMF builds (package ovmf). */
-export const OVMF = {
-  /** Secure Boot capable code (needs SMM; runQemu turns it on). */
-  secbootCode: '/usr/share/OVMF/OVMF_CODE_4M.secboot.fd',
-  code: '/usr/share/OVMF/OVMF_CODE_4M.fd',
-  /** Empty variable store (Secure Boot not enrolled). */
-  vars: '/usr/share/OVMF/OVMF_VARS_4M.fd',
-  /** Variable store with Microsoft's keys enrolled (Secure Boot on, our keys refused). */
-  msVars: '/usr/share/OVMF/OVMF_VARS_4M.ms.fd',
-} as const;
-
-/** Kernel arguments that put the console on the VM's serial port (what runQemu streams). */
-export const SERIAL_CONSOLE = 'console=ttyS0,115200';
+export { OVMF, SERIAL_CONSOLE } from './constants.js';
+export { fixtureRootfs, fixtureInitramfs, repoRoot, FIXTURE_PACKAGES, ON_TARGET_FILES, type FixtureRootfs } from './fixture.js';
+export { prepareDevice, bootDevice, parseReport, DEVICE_SIZES, type Device, type BootMode } from './device.js';

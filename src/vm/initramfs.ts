@@ -7,7 +7,7 @@ import { writeFileAtomic } from '../util/fsx.js';
 import { hasTool, missingTool, run } from '../util/proc.js';
 import { encodeNewc, type CpioEntry } from './cpio.js';
 import { debianKernel } from './kernel.js';
-import { modulesDepText, resolveModules, type ResolvedModule } from './modules.js';
+import { modulesAliasText, modulesDepText, resolveModules, type ResolvedModule } from './modules.js';
 
 /** Content of an extra initramfs file: text or bytes (mode 0755 when it starts with "#!"), or explicit. */
 export type InitramfsFile = string | Buffer | { data: string | Buffer; mode: number };
@@ -137,6 +137,7 @@ export async function planInitramfs(inputs: InitramfsInputs): Promise<CpioEntry[
       put({ type: 'file', path: `${base}/${m.rel}`, mode: 0o644, data: await fs.readFile(path.join(inputs.modules.dir, m.rel)) });
     }
     put({ type: 'file', path: `${base}/modules.dep`, mode: 0o644, data: Buffer.from(modulesDepText(inputs.modules.list)) });
+    put({ type: 'file', path: `${base}/modules.alias`, mode: 0o644, data: Buffer.from(modulesAliasText(inputs.modules.list)) });
     // Dependencies first: `for m in $(cat …/modules.load); do insmod …; done` works without modprobe.
     put({ type: 'file', path: `${base}/modules.load`, mode: 0o644, data: Buffer.from(inputs.modules.list.map((m) => `${m.rel}\n`).join('')) });
   }

@@ -65,6 +65,8 @@ export interface ResolvedModule {
   name: string;
   rel: string;
   deps: string[];
+  /** `alias=` entries of its modinfo, for modules.alias (the kernel's request_module asks by alias). */
+  aliases?: string[];
 }
 
 /**
@@ -81,10 +83,27 @@ export async function resolveModules(modulesDir: string, names: readonly string[
       .filter(Boolean)
       .map((l) => moduleKey(path.basename(l))),
   );
+  // Soft dependencies name algorithms or aliases (libcrc32c wants "crc32c", which crc32c_generic
+  // provides); the alias index costs a read of every module, so it is built only when needed.
+  let aliases: Map<string, string> | undefined;
+  const byAlias = async (name: string): Promise<string | undefined> => {
+    if (!aliases) {
+      aliases = new Map();
+      for (const [mod, rel] of index) {
+        if (!rel.endsWith('.ko')) continue;
+        for (const a of readModinfo(await fs.readFile(path.join(modulesDir, rel))).get('alias') ?? []) {
+          if (!aliases.has(moduleKey(a))) aliases.set(moduleKey(a), mod);
+        }
+      }
+    }
+    return aliases.get(moduleKey(name));
+  };
   const order: ResolvedModule[] = [];
   const state = new Map<string, 'visiting' | 'done'>();
   const visit = async (name: string, soft: boolean): Promise<void> => {
-    const key = moduleKey(name);
+    let key = moduleKey(name);
+    if (state.has(key) || builtin.has(key)) return;
+    if (!index.has(key)) key = (await byAlias(key)) ?? key;
     if (state.has(key) || builtin.has(key)) return;
     const rel = index.get(key);
     if (!rel) {
@@ -95,11 +114,12 @@ export async function resolveModules(modulesDir: string, names: readonly string[
       throw new UserError('LAMA_E_MODULE', `kernel module ${rel} is compressed; busybox insmod needs plain .ko files`);
     }
     state.set(key, 'visiting');
-    const { hard, soft: softDeps } = moduleDeps(readModinfo(await fs.readFile(path.join(modulesDir, rel))));
+    const info = readModinfo(await fs.readFile(path.join(modulesDir, rel)));
+    const { hard, soft: softDeps } = moduleDeps(info);
     for (const d of softDeps) await visit(d, true);
     for (const d of hard) await visit(d, false);
     state.set(key, 'done');
-    order.push({ name: key, rel, deps: hard.filter((d) => index.has(d) && !builtin.has(d)) });
+    order.push({ name: key, rel, deps: hard.filter((d) => index.has(d) && !builtin.has(d)), aliases: info.get('alias') ?? [] });
   };
   for (const n of names) await visit(n, false);
   return order;
@@ -125,4 +145,9 @@ export function modulesDepText(mods: readonly ResolvedModule[]): string {
     return [...seen.values()].sort((a, b) => (position.get(b.name) ?? 0) - (position.get(a.name) ?? 0));
   };
   return mods.map((m) => `${m.rel}:${closure(m).map((d) => ` ${d.rel}`).join('')}\n`).join('');
+}
+
+/** modules.alias text for the chosen modules, as depmod writes it. */
+export function modulesAliasText(mods: readonly ResolvedModule[]): string {
+  return mods.flatMap((m) => (m.aliases ?? []).map((a) => `alias ${a} ${m.name}\n`)).join('');
 }

@@ -149,3 +149,22 @@ describe('initramfs pieces', () => {
     }
   });
 });
+
+describe('fixture device report', () => {
+  it('reads the last report block from the serial console', async () => {
+    const { parseReport } = await import('../../src/vm/index.js');
+    const serial = [
+      'LAMADIST-REPORT-BEGIN', 'LAMADIST-REPORT hostname=old', 'LAMADIST-REPORT-END',
+      'noise', 'LAMADIST-REPORT-BEGIN\r', 'LAMADIST-REPORT root=/dev/mapper/root erofs ro,relatime\r', 'LAMADIST-REPORT persist=\r', 'LAMADIST-REPORT-END\r',
+    ].join('\n');
+    expect(parseReport(serial)).toEqual({ root: '/dev/mapper/root erofs ro,relatime', persist: '' });
+    expect(parseReport('LAMADIST-REPORT-BEGIN\nLAMADIST-REPORT a=b\n')).toBeUndefined();
+  });
+
+  it('writes modules.alias lines for the request_module path', async () => {
+    const { modulesAliasText } = await import('../../src/vm/modules.js');
+    expect(modulesAliasText([{ name: 'crc32c_generic', rel: 'kernel/crypto/crc32c_generic.ko', deps: [], aliases: ['crypto-crc32c', 'crc32c'] }])).toBe(
+      'alias crypto-crc32c crc32c_generic\nalias crc32c crc32c_generic\n',
+    );
+  });
+});

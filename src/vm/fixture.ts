@@ -1,0 +1,295 @@
+import { createHash } from 'node:crypto';
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { UserError, isErrno } from '../errors.js';
+import { run } from '../util/proc.js';
+import { buildInitramfs } from './initramfs.js';
+import { cacheRoot, debianKernel, type DebianKernel } from './kernel.js';
+
+/**
+ * The test root file system fixture: Debian bookworm from debootstrap with what a LamaDist device
+ * runs (systemd, RAUC, cryptsetup, tpm2-tools, efibootmgr, curl), Debian's kernel modules, and
+ * every LamaDist-specific on-target file copied from meta-lamadist at build time. It stands in for
+ * a Yocto rootfs when no build host is at hand; it is a test fixture, not a product image.
+ */
+
+/** Packages debootstrap installs on top of minbase. */
+export const FIXTURE_PACKAGES = [
+  'systemd', 'systemd-sysv', 'udev', 'dbus', 'kmod', 'rauc', 'cryptsetup-bin', 'tpm2-tools', 'efibootmgr',
+  'curl', 'ca-certificates', 'jq', 'dmsetup', 'e2fsprogs', 'dosfstools', 'util-linux', 'iproute2', 'procps',
+  'libtss2-esys-3.0.2-0', 'libtss2-rc0', 'libtss2-mu0', 'libtss2-tcti-device0',
+] as const;
+
+/** Bumped when the fixture's own configuration below changes, so cached trees are rebuilt. */
+const FIXTURE_REVISION = '1';
+
+/** The repository root (src/vm/ or dist/vm/ → two levels up). */
+export function repoRoot(): string {
+  return path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+}
+
+/**
+ * Where each on-target file of meta-lamadist goes, as its recipe's do_install puts it (libexecdir
+ * /usr/libexec, systemd_system_unitdir /usr/lib/systemd/system, sysconfdir /etc).
+ */
+export const ON_TARGET_FILES: readonly { from: string; to: string; mode: number }[] = [
+  { from: 'meta-lamadist/recipes-core/lamadist-health/files/lamadist-health', to: '/usr/libexec/lamadist/lamadist-health', mode: 0o755 },
+  { from: 'meta-lamadist/recipes-core/lamadist-health/files/lamadist-health.service', to: '/usr/lib/systemd/system/lamadist-health.service', mode: 0o644 },
+  { from: 'meta-lamadist/recipes-core/lamadist-health/files/health.conf', to: '/etc/lamadist/health.conf', mode: 0o644 },
+  { from: 'meta-lamadist/recipes-core/lamadist-boot/files/lamadist-enroll', to: '/usr/lib/lamadist/lamadist-enroll', mode: 0o755 },
+  { from: 'meta-lamadist/recipes-core/rauc/files/efi/system.conf', to: '/etc/rauc/system.conf', mode: 0o644 },
+];
+
+/** The initramfs /init and its helper, from meta-lamadist's lamadist-boot recipe. */
+export const INIT_FILE = 'meta-lamadist/recipes-core/lamadist-boot/files/lamadist-init';
+
+/**
+ * Fixture-only configuration (what a Yocto image sets through its recipes and that Debian lacks):
+ * DHCP on the virtio NIC, an empty machine-id so systemd takes systemd.machine_id= from the
+ * command line, no fstab (lamadist-init mounts everything), and a console report of the state the
+ * acceptance tests check. SELinux is not part of the Debian fixture, so its health check is off.
+ */
+const FIXTURE_FILES: Record<string, { data: string; mode: number }> = {
+  '/etc/systemd/network/20-wired.network': { data: '[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n', mode: 0o644 },
+  '/etc/fstab': { data: '# lamadist-init mounts /, /var, /etc and /boot\n', mode: 0o644 },
+  '/etc/lamadist/health.d/.keep': { data: '', mode: 0o644 },
+  // lamadist-init opens dm-verity itself; systemd's generator would see roothash= and wait 90 s
+  // for a verity data device of its own. Masked here as a Yocto image does by leaving it out.
+  '/etc/systemd/system-generators/systemd-veritysetup-generator': { data: '', mode: 0o644 },
+  '/usr/lib/systemd/system/lamadist-fixture-report.service': {
+    data: [
+      '[Unit]',
+      'Description=LamaDist test fixture: report the booted state on the console',
+      'After=multi-user.target',
+      '',
+      '[Service]',
+      'Type=oneshot',
+      'ExecStart=/usr/libexec/lamadist/lamadist-fixture-report',
+      'StandardOutput=tty',
+      'TTYPath=/dev/ttyS0',
+      '',
+      '[Install]',
+      'WantedBy=multi-user.target',
+      '',
+    ].join('\n'),
+    mode: 0o644,
+  },
+  '/usr/libexec/lamadist/lamadist-fixture-report': {
+    data: [
+      '#!/bin/sh',
+      '# Test fixture: one key=value line per fact the acceptance tests check, between markers.',
+      'r() { echo "LAMADIST-REPORT $1=$2"; }',
+      'echo LAMADIST-REPORT-BEGIN',
+      'r root "$(findmnt -n -o SOURCE,FSTYPE,OPTIONS /)"',
+      'r root_dm "$(dmsetup table root 2>/dev/null | cut -d" " -f3)"',
+      'r var "$(findmnt -n -o SOURCE,FSTYPE /var)"',
+      'r var_luks "$(cryptsetup status var 2>/dev/null | sed -n "s/^ *type: *//p")"',
+      'r etc "$(findmnt -n -o FSTYPE,OPTIONS /etc)"',
+      'r hostname "$(hostname)"',
+      'r machine_id "$(cat /etc/machine-id)"',
+      'r slot "$(sed -n "s/.*lamadist\\.slot=\\([ab]\\).*/\\1/p" /proc/cmdline)"',
+      'r health "$(systemctl show -p ActiveState,Result --value lamadist-health.service | tr "\\n" " ")"',
+      'r tpm_token "$(cryptsetup luksDump /dev/disk/by-partlabel/var 2>/dev/null | grep -c systemd-tpm2)"',
+      'r persist "$(cat /etc/lamadist-fixture-persist 2>/dev/null)"',
+      'r var_marker "$(cat /var/lamadist-fixture-marker 2>/dev/null)"',
+      '# first boot leaves a marker in /etc (overlay) and /var for the next boot to report',
+      'if [ ! -s /etc/lamadist-fixture-persist ]; then',
+      '  m="boot-$(cat /proc/sys/kernel/random/boot_id)"',
+      '  echo "$m" >/etc/lamadist-fixture-persist; echo "$m" >/var/lamadist-fixture-marker',
+      'fi',
+      'sync',
+      'echo LAMADIST-REPORT-END',
+      '',
+    ].join('\n'),
+    mode: 0o755,
+  },
+};
+
+/** Module directories (under lib/modules/<version>/kernel) the fixture leaves out: hardware a VM lacks. */
+const PRUNED_MODULE_DIRS = [
+  'sound', 'drivers/gpu', 'drivers/media', 'drivers/net/wireless', 'drivers/net/ethernet', 'drivers/infiniband',
+  'drivers/staging', 'drivers/iio', 'drivers/bluetooth', 'drivers/isdn', 'drivers/input', 'drivers/hid', 'drivers/usb',
+  'drivers/scsi', 'drivers/net/can', 'net/wireless', 'net/mac80211', 'net/bluetooth',
+];
+
+/** Kernel modules the fixture initramfs carries (lamadist-init loads those it finds). */
+export const INITRAMFS_MODULES = [
+  'virtio_pci', 'virtio_blk', 'dm_mod', 'dm_crypt', 'dm_verity', 'erofs', 'overlay', 'ext4', 'vfat',
+  'nls_cp437', 'nls_iso8859_1', 'nls_utf8', 'nls_ascii', 'efivarfs', 'tpm_crb',
+  'xts', 'ecb', 'aesni_intel', 'algif_skcipher', 'algif_hash', 'crc32c_generic',
+];
+
+/** Host programs and shared objects the fixture initramfs carries for lamadist-init and lamadist-enroll. */
+export const INITRAMFS_BINARIES = [
+  'cryptsetup', 'veritysetup', 'blkid', 'mountpoint', 'mkfs.ext4', 'e2fsck', 'systemd-cryptenroll', '/usr/lib/systemd/systemd-cryptsetup',
+  '/usr/lib/x86_64-linux-gnu/cryptsetup/libcryptsetup-token-systemd-tpm2.so',
+  '/usr/lib/x86_64-linux-gnu/libtss2-esys.so.0', '/usr/lib/x86_64-linux-gnu/libtss2-rc.so.0',
+  '/usr/lib/x86_64-linux-gnu/libtss2-mu.so.0', '/usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0',
+];
+
+function sha(parts: (string | Buffer)[]): string {
+  const h = createHash('sha256');
+  for (const p of parts) h.update(p).update('\0');
+  return h.digest('hex').slice(0, 16);
+}
+
+/** The Debian mirror apt uses on this host (deb822 or one-line sources), else deb.debian.org. */
+async function debianMirror(): Promise<string> {
+  const files = ['/etc/apt/sources.list.d/debian.sources', '/etc/apt/sources.list'];
+  for (const f of files) {
+    const text = await fs.readFile(f, 'utf8').catch(() => '');
+    const m = /^URIs:\s*(\S+\/debian)\/?\s*$/m.exec(text) ?? /^deb\s+(?:\[[^\]]*\]\s+)?(\S+\/debian)\/?\s+bookworm\s/m.exec(text);
+    if (m?.[1]) return m[1];
+  }
+  return 'http://deb.debian.org/debian';
+}
+
+/**
+ * Remove a half-built tree. debootstrap mounts /proc and /sys (and may bind /dev) inside the
+ * target; a failed run can leave them mounted, and a recursive delete must never descend into them.
+ */
+async function removeTree(dir: string): Promise<void> {
+  const mounts = (await fs.readFile('/proc/self/mounts', 'utf8'))
+    .split('\n')
+    .map((l) => l.split(' ')[1]?.replace(/\\040/g, ' ') ?? '')
+    .filter((m) => m === dir || m.startsWith(`${dir}/`))
+    .sort((a, b) => b.length - a.length);
+  for (const m of mounts) await run('umount', ['-l', m], { allowFailure: true });
+  const still = (await fs.readFile('/proc/self/mounts', 'utf8')).includes(` ${dir}/`);
+  if (still) throw new Error(`cannot remove ${dir}: file systems are still mounted inside it`);
+  await fs.rm(dir, { recursive: true, force: true });
+}
+
+async function renameInto(tmp: string, final: string): Promise<void> {
+  try {
+    await fs.rename(tmp, final);
+  } catch (err) {
+    // A concurrent build finished the same tree first; keep theirs.
+    if (!isErrno(err, 'ENOTEMPTY') && !isErrno(err, 'EEXIST')) throw err;
+    await fs.rm(tmp, { recursive: true, force: true });
+  }
+}
+
+async function exists(p: string): Promise<boolean> {
+  return fs.access(p).then(
+    () => true,
+    () => false,
+  );
+}
+
+/** Stage 1: debootstrap + Debian's kernel modules, cached by package list and kernel version. */
+async function baseTree(kernel: DebianKernel, log: (m: string) => void): Promise<string> {
+  const root = path.join(cacheRoot(), 'rootfs');
+  const key = sha([FIXTURE_REVISION, ...FIXTURE_PACKAGES, kernel.version, kernel.debVersion]);
+  const final = path.join(root, `base-${key}`);
+  if (await exists(path.join(final, '.lamadist-complete'))) return final;
+  await fs.mkdir(root, { recursive: true });
+  const tmp = await fs.mkdtemp(path.join(root, '.base-'));
+  try {
+    const mirror = await debianMirror();
+    log(`debootstrap bookworm from ${mirror} (minbase + ${FIXTURE_PACKAGES.length} packages)`);
+    await run('debootstrap', ['--variant=minbase', `--include=${FIXTURE_PACKAGES.join(',')}`, 'bookworm', tmp, mirror], {
+      userErrorCode: 'LAMA_E_FIXTURE',
+      env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' },
+    });
+    const mods = path.join(tmp, 'usr/lib/modules', kernel.version);
+    await fs.mkdir(path.dirname(mods), { recursive: true });
+    await run('cp', ['-a', kernel.modulesDir, mods]);
+    await run('chroot', [tmp, 'depmod', kernel.version]);
+    await fs.rm(path.join(tmp, 'var/cache/apt/archives'), { recursive: true, force: true });
+    await fs.mkdir(path.join(tmp, 'var/cache/apt/archives/partial'), { recursive: true });
+    await fs.writeFile(path.join(tmp, '.lamadist-complete'), '');
+    await renameInto(tmp, final);
+  } catch (err) {
+    await removeTree(tmp);
+    throw err;
+  }
+  return final;
+}
+
+async function enable(rootfs: string, unit: string): Promise<void> {
+  const wants = path.join(rootfs, 'etc/systemd/system/multi-user.target.wants');
+  await fs.mkdir(wants, { recursive: true });
+  await fs.rm(path.join(wants, unit), { force: true });
+  await fs.symlink(`/usr/lib/systemd/system/${unit}`, path.join(wants, unit));
+}
+
+/** A fixture root file system ready for `buildImage({ rootfs })`, and the kernel matching its modules. */
+export interface FixtureRootfs {
+  dir: string;
+  kernel: DebianKernel;
+}
+
+/**
+ * Build (or reuse) the fixture root file system: stage 1 is debootstrap, cached by the package
+ * list; stage 2 copies it and installs meta-lamadist's on-target files, the RAUC keyring and the
+ * fixture's own configuration, cached by a hash of all of those. Trees live under
+ * ~/.cache/lamadist/rootfs/ and are renamed into place only when complete.
+ */
+export async function fixtureRootfs(opts: { keyring?: string; log?: (m: string) => void } = {}): Promise<FixtureRootfs> {
+  const log = opts.log ?? (() => undefined);
+  const kernel = await debianKernel();
+  const base = await baseTree(kernel, log);
+  const repo = repoRoot();
+  const contents = await Promise.all(
+    ON_TARGET_FILES.map((f) =>
+      fs.readFile(path.join(repo, f.from)).catch(() => {
+        throw new UserError('LAMA_E_FIXTURE', `on-target file ${f.from} is missing from ${repo}`);
+      }),
+    ),
+  );
+  const keyring = opts.keyring ? await fs.readFile(opts.keyring) : undefined;
+  const key = sha([path.basename(base), JSON.stringify(FIXTURE_FILES), ...PRUNED_MODULE_DIRS, ...contents, keyring ?? '']);
+  const final = path.join(cacheRoot(), 'rootfs', `fixture-${key}`);
+  if (await exists(path.join(final, '.lamadist-complete'))) return { dir: final, kernel };
+
+  const tmp = await fs.mkdtemp(path.join(cacheRoot(), 'rootfs', '.fixture-'));
+  try {
+    await fs.rmdir(tmp);
+    await run('cp', ['-a', '--reflink=auto', base, tmp]);
+    await fs.rm(path.join(tmp, '.lamadist-complete'));
+    // A VM has no GPU, sound, Wi-Fi or physical NICs: dropping their modules halves the root image.
+    const kmods = path.join(tmp, 'usr/lib/modules', kernel.version, 'kernel');
+    for (const d of PRUNED_MODULE_DIRS) await fs.rm(path.join(kmods, d), { recursive: true, force: true });
+    await run('chroot', [tmp, 'depmod', kernel.version]);
+    const put = async (to: string, data: Buffer | string, mode: number): Promise<void> => {
+      const dest = path.join(tmp, to);
+      await fs.mkdir(path.dirname(dest), { recursive: true });
+      await fs.writeFile(dest, data);
+      await fs.chmod(dest, mode);
+    };
+    for (const [i, f] of ON_TARGET_FILES.entries()) await put(f.to, contents[i] as Buffer, f.mode);
+    for (const [to, f] of Object.entries(FIXTURE_FILES)) await put(to, f.data, f.mode);
+    await fs.appendFile(path.join(tmp, 'etc/lamadist/health.conf'), '# test fixture: Debian boots without SELinux\nHEALTH_REQUIRE_SELINUX=no\n');
+    if (keyring) await put('/etc/rauc/keyring.pem', keyring, 0o644);
+    await fs.writeFile(path.join(tmp, 'etc/machine-id'), '');
+    await fs.writeFile(path.join(tmp, 'etc/hostname'), 'lamadist\n');
+    for (const u of ['lamadist-health.service', 'lamadist-fixture-report.service']) await enable(tmp, u);
+    await run('chroot', [tmp, 'systemctl', 'enable', 'systemd-networkd.service', 'rauc.service'], { allowFailure: true });
+    await fs.writeFile(path.join(tmp, '.lamadist-complete'), '');
+    await renameInto(tmp, final);
+  } catch (err) {
+    await fs.rm(tmp, { recursive: true, force: true });
+    throw err;
+  }
+  return { dir: final, kernel };
+}
+
+/**
+ * The fixture's initramfs: meta-lamadist's lamadist-init as /init, lamadist-enroll, and the
+ * cryptsetup/veritysetup/systemd-cryptenroll/TPM2 pieces and kernel modules they call.
+ */
+export async function fixtureInitramfs(kernel: DebianKernel, out: string): Promise<string> {
+  const repo = repoRoot();
+  const init = await fs.readFile(path.join(repo, INIT_FILE), 'utf8');
+  const enroll = await fs.readFile(path.join(repo, 'meta-lamadist/recipes-core/lamadist-boot/files/lamadist-enroll'));
+  return buildInitramfs({
+    init,
+    binaries: INITRAMFS_BINARIES,
+    modules: INITRAMFS_MODULES,
+    modulesDir: kernel.modulesDir,
+    files: { '/usr/lib/lamadist/lamadist-enroll': { data: enroll, mode: 0o755 } },
+    out,
+  });
+}

@@ -55,8 +55,8 @@ export function stripSignature(pe: Buffer, info = parsePe(pe)): Buffer {
 export function signPe(pe: Buffer, keys: SignerKeys): Buffer {
   const signer = loadSigner(keys);
   const unsigned = stripSignature(pe, parsePe(pe, 'input'));
-  const padded = Buffer.alloc(alignUp(unsigned.length, 8));
-  unsigned.copy(padded);
+  // The certificate table starts 8-byte aligned; the zero padding before it is part of the hashed image.
+  const padded = unsigned.length % 8 === 0 ? unsigned : Buffer.concat([unsigned, Buffer.alloc(alignUp(unsigned.length, 8) - unsigned.length)]);
   const digest = authenticodeDigest(padded, 'sha256');
   const content = spcIndirectDataContent(digest);
   const contentDer = Buffer.from(content.toBER());
@@ -70,8 +70,9 @@ export function signPe(pe: Buffer, keys: SignerKeys): Buffer {
   });
   const entryLength = 8 + pkcs7.length;
   const tableSize = alignUp(entryLength, 8);
-  const out = Buffer.alloc(padded.length + tableSize);
+  const out = Buffer.allocUnsafe(padded.length + tableSize);
   padded.copy(out);
+  out.fill(0, padded.length);
   out.writeUInt32LE(entryLength, padded.length);
   out.writeUInt16LE(WIN_CERT_REVISION_2_0, padded.length + 4);
   out.writeUInt16LE(WIN_CERT_TYPE_PKCS_SIGNED_DATA, padded.length + 6);

@@ -5,6 +5,7 @@ import path from 'node:path';
 import { buildImage } from '../image/index.js';
 import { run as runTool } from '../util/proc.js';
 import { formatVerity } from '../verity/index.js';
+import { MiB, scaled, writeCompressible } from './data.js';
 
 /**
  * Disk engine benchmarks, each against the peer tools measured in the same run:
@@ -17,12 +18,9 @@ import { formatVerity } from '../verity/index.js';
  * LAMADIST_BENCH_SCALE (e.g. 0.1) shrinks both sizes.
  */
 
-const MiB = 1024 * 1024;
-
-function scaled(bytes: number): number {
-  const s = Number(process.env.LAMADIST_BENCH_SCALE ?? '1');
-  const f = Number.isFinite(s) && s > 0 ? s : 1;
-  return Math.max(8 * MiB, Math.floor((bytes * f) / MiB) * MiB);
+/** At least 8 MiB so the image benchmark still has one whole 8 MiB file. */
+function sized(bytes: number): number {
+  return Math.max(8 * MiB, scaled(bytes));
 }
 
 async function timed(fn: () => Promise<unknown>): Promise<number> {
@@ -36,20 +34,6 @@ function median(xs: number[]): number {
   return s[Math.floor(s.length / 2)] as number;
 }
 
-/** Half random, half zero per 4 KiB block: compresses about 2:1 like a real root file system. */
-async function writeData(file: string, size: number): Promise<void> {
-  const h = await fs.open(file, 'w');
-  try {
-    const chunk = Buffer.alloc(8 * MiB);
-    for (let pos = 0; pos < size; pos += chunk.length) {
-      for (let b = 0; b < chunk.length; b += 4096) randomBytes(2048).copy(chunk, b);
-      await h.write(chunk, 0, Math.min(chunk.length, size - pos), pos);
-    }
-  } finally {
-    await h.close();
-  }
-}
-
 function line(name: string, ours: number, peer: number, peerName: string): void {
   process.stdout.write(
     `disk: ${name}: lamadist ${ours.toFixed(2)} s, ${peerName} ${peer.toFixed(2)} s, ratio ${(ours / peer).toFixed(2)}\n`,
@@ -57,9 +41,9 @@ function line(name: string, ours: number, peer: number, peerName: string): void 
 }
 
 async function verityBench(dir: string): Promise<void> {
-  const size = scaled(1024 * MiB);
+  const size = sized(1024 * MiB);
   const data = path.join(dir, 'verity.data');
-  await writeData(data, size);
+  await writeCompressible(data, size);
   const salt = randomBytes(32);
   const ours: number[] = [];
   const peer: number[] = [];
@@ -84,13 +68,13 @@ async function verityBench(dir: string): Promise<void> {
 }
 
 async function imageBench(dir: string): Promise<void> {
-  const size = scaled(512 * MiB);
+  const size = sized(512 * MiB);
   const rootfs = path.join(dir, 'rootfs');
   await fs.mkdir(path.join(rootfs, 'usr/lib'), { recursive: true });
   await fs.mkdir(path.join(rootfs, 'etc'));
   await fs.writeFile(path.join(rootfs, 'etc/os-release'), 'ID=lamadist\n');
   for (let i = 0; i < size / (8 * MiB); i++)
-    await writeData(path.join(rootfs, 'usr/lib', `blob${i}`), 8 * MiB);
+    await writeCompressible(path.join(rootfs, 'usr/lib', `blob${i}`), 8 * MiB);
   const kernel = path.join(dir, 'vmlinuz');
   await fs.writeFile(kernel, randomBytes(8 * MiB));
   const slotMiB = Math.ceil(size / MiB) + 32;

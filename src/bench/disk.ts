@@ -131,7 +131,7 @@ async function imageBench(dir: string): Promise<void> {
     const ext4 = path.join(peerDir, 'var.ext4');
     await fs.rm(ext4, { force: true });
     await runTool('mkfs.ext4', ['-q', '-F', '-b', '4096', ext4, '48M']);
-    await runTool('mkfs.vfat', ['--offset=2048', disk, String(64 * 1024)]);
+    await runTool('mkfs.vfat', ['-F', '16', '--offset=2048', disk, String(64 * 1024)]);
     const env = { ...process.env, MTOOLS_SKIP_CHECK: '1' };
     await runTool('mmd', ['-i', `${disk}@@1M`, '::/EFI', '::/EFI/Linux'], { env });
     for (const n of ['a', 'b'])

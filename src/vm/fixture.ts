@@ -54,9 +54,6 @@ const FIXTURE_FILES: Record<string, { data: string; mode: number }> = {
   '/etc/systemd/network/20-wired.network': { data: '[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n', mode: 0o644 },
   '/etc/fstab': { data: '# lamadist-init mounts /, /var, /etc and /boot\n', mode: 0o644 },
   '/etc/lamadist/health.d/.keep': { data: '', mode: 0o644 },
-  // lamadist-init opens dm-verity itself; systemd's generator would see roothash= and wait 90 s
-  // for a verity data device of its own. Masked here as a Yocto image does by leaving it out.
-  '/etc/systemd/system-generators/systemd-veritysetup-generator': { data: '', mode: 0o644 },
   '/usr/lib/systemd/system/lamadist-fixture-report.service': {
     data: [
       '[Unit]',
@@ -240,7 +237,7 @@ export async function fixtureRootfs(opts: { keyring?: string; log?: (m: string) 
     ),
   );
   const keyring = opts.keyring ? await fs.readFile(opts.keyring) : undefined;
-  const key = sha([path.basename(base), JSON.stringify(FIXTURE_FILES), ...PRUNED_MODULE_DIRS, ...contents, keyring ?? '']);
+  const key = sha([path.basename(base), 'mask-veritysetup-generator', JSON.stringify(FIXTURE_FILES), ...PRUNED_MODULE_DIRS, ...contents, keyring ?? '']);
   const final = path.join(cacheRoot(), 'rootfs', `fixture-${key}`);
   if (await exists(path.join(final, '.lamadist-complete'))) return { dir: final, kernel };
 
@@ -263,6 +260,11 @@ export async function fixtureRootfs(opts: { keyring?: string; log?: (m: string) 
     for (const [to, f] of Object.entries(FIXTURE_FILES)) await put(to, f.data, f.mode);
     await fs.appendFile(path.join(tmp, 'etc/lamadist/health.conf'), '# test fixture: Debian boots without SELinux\nHEALTH_REQUIRE_SELINUX=no\n');
     if (keyring) await put('/etc/rauc/keyring.pem', keyring, 0o644);
+    // lamadist-init opens dm-verity itself; systemd's generator would see roothash= and wait 90 s
+    // for a verity data device of its own. Masked (a link to /dev/null), as a Yocto image leaves it out.
+    const generators = path.join(tmp, 'etc/systemd/system-generators');
+    await fs.mkdir(generators, { recursive: true });
+    await fs.symlink('/dev/null', path.join(generators, 'systemd-veritysetup-generator'));
     await fs.writeFile(path.join(tmp, 'etc/machine-id'), '');
     await fs.writeFile(path.join(tmp, 'etc/hostname'), 'lamadist\n');
     for (const u of ['lamadist-health.service', 'lamadist-fixture-report.service']) await enable(tmp, u);

@@ -1,7 +1,7 @@
 import type { Command } from 'commander';
 import path from 'node:path';
 import { UserError } from '../../errors.js';
-import { OVMF, runQemu, type HostForward, type QemuOptions, type QemuResult } from '../../vm/index.js';
+import { OVMF, bootDevice, cacheRoot, prepareDevice, runQemu, type Device, type HostForward, type QemuOptions, type QemuResult } from '../../vm/index.js';
 import { act, intOption } from '../action.js';
 import type { Context } from '../context.js';
 
@@ -94,11 +94,85 @@ export async function vmRun(ctx: Context, image: string | undefined, opts: VmRun
   return r;
 }
 
+/** What each demo boot showed, from the device's own report on its console. */
+export interface DemoBoot {
+  seconds: number;
+  report: Record<string, string>;
+}
+
+function checkBoot(name: string, r: Awaited<ReturnType<typeof bootDevice>>, log: string): DemoBoot {
+  const report = r.report;
+  if (!r.matched || !report) {
+    throw new UserError('LAMA_E_DEMO', `${name} did not come up${r.timedOut ? ' before the timeout' : ''}; see the serial log ${log}`);
+  }
+  if (!/^\/dev\/mapper\/root erofs ro/.test(report.root ?? '') || report.root_dm !== 'verity') {
+    throw new UserError('LAMA_E_DEMO', `${name}: / is '${report.root ?? ''}', not the read-only dm-verity EROFS root; see ${log}`);
+  }
+  return { seconds: r.durationMs / 1000, report };
+}
+
+/**
+ * `lamadist vm demo`: the device without a build host. Builds the fixture rootfs, fleet keys,
+ * signed per-host UKIs and the encrypted A/B disk, then boots it twice under Secure Boot with a
+ * TPM2: the first boot enrolls the TPM2 and wipes the provisioning key, the second unlocks with
+ * the TPM2 alone and keeps what the first wrote to /etc and /var. Work files go to `dir`.
+ */
+export async function vmDemo(ctx: Context, opts: { dir?: string; timeout?: number }): Promise<{ device: Device; boots: DemoBoot[] }> {
+  const dir = path.resolve(opts.dir ?? path.join(cacheRoot(), 'demo'));
+  const timeoutMs = (opts.timeout ?? 1200) * 1000;
+  const state: { device?: Device; boots: DemoBoot[] } = { boots: [] };
+  const boot = async (name: string): Promise<void> => {
+    const log = path.join(dir, `boot${state.boots.length + 1}.log`);
+    const r = await bootDevice(state.device as Device, { timeoutMs, serialLog: log, onLine: (l) => ctx.detail(l) });
+    state.boots.push(checkBoot(name, r, log));
+  };
+  await ctx.steps<typeof state>(
+    [
+      {
+        title: 'build the fixture rootfs, fleet keys, signed UKIs and the encrypted A/B disk',
+        run: async (s) => {
+          s.device = await prepareDevice({ dir, hostname: 'lamadist-demo', log: (m) => ctx.detail(m) });
+        },
+      },
+      { title: 'first boot: Secure Boot, provisioning key, TPM2 enrollment, verity root', run: () => boot('first boot') },
+      { title: 'second boot: TPM2-only unlock, /etc and /var kept', run: () => boot('second boot') },
+    ],
+    state,
+  );
+  const device = state.device as Device;
+  const [first, second] = state.boots as [DemoBoot, DemoBoot];
+  if (!second.report.persist || second.report.persist !== second.report.var_marker) {
+    throw new UserError('LAMA_E_DEMO', `second boot did not find the first boot's /etc and /var writes; see ${path.join(dir, 'boot2.log')}`);
+  }
+  ctx.result(
+    { dir, disk: device.disk, recoveryKey: device.recoveryKey, boots: state.boots },
+    () =>
+      [
+        `device ${first.report.hostname} (machine-id ${first.report.machine_id}) on slot ${first.report.slot}`,
+        `  root  ${first.report.root} (${first.report.root_dm})`,
+        `  /var  ${first.report.var} (${first.report.var_luks}), /etc ${first.report.etc?.split(' ')[0] ?? ''}`,
+        `  first boot ${first.seconds.toFixed(0)} s (TPM2 enrolled), second boot ${second.seconds.toFixed(0)} s (TPM2 unlock)`,
+        `  disk ${device.disk}, recovery key ${device.recoveryKey}`,
+      ].join('\n'),
+  );
+  return { device, boots: state.boots };
+}
+
 function collect(value: string, previous: string[] = []): string[] {
   return [...previous, value];
 }
 
 export function configure(cmd: Command): void {
+  cmd
+    .command('demo')
+    .description('build the test fixture device and boot it under Secure Boot with a TPM2 (no build host needed)')
+    .option('--dir <dir>', 'work directory (default ~/.cache/lamadist/demo)')
+    .option('--timeout <s>', 'limit per boot in seconds (default 1200)', intOption('--timeout'))
+    .action(
+      act<{ dir?: string; timeout?: number }>(async (ctx, _args, opts) => {
+        await vmDemo(ctx, opts);
+      }),
+    );
   cmd
     .command('run')
     .description('boot a disk image (UEFI, optionally Secure Boot and TPM2) or a kernel in QEMU')

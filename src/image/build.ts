@@ -5,7 +5,7 @@ import { getBsp, type Bsp } from '../bsp/index.js';
 import { UserError, isErrno } from '../errors.js';
 import { writeGpt } from '../disk/index.js';
 import { createRandom, randomUuid, type RandomSource } from '../disk/random.js';
-import { buildErofs, prepareRootfs } from '../erofs/index.js';
+import { buildErofs, prepareRootfs, type RootfsInput } from '../erofs/index.js';
 import { buildEsp } from '../fat/index.js';
 import { keyPath } from '../keys/index.js';
 import { LUKS2_DATA_OFFSET, encryptPayload, planLuks2 } from '../luks/index.js';
@@ -188,8 +188,9 @@ export async function buildImage(o: BuildImageOptions): Promise<ImagePlan> {
   }
   const sign = await signer(o);
   const tmp = await makeTempDir('lamadist-image-');
-  const rootfs = await prepareRootfs(o.rootfs);
+  let rootfs: RootfsInput | undefined;
   try {
+    rootfs = await prepareRootfs(o.rootfs);
     step('root image');
     let erofsFile: string;
     let erofs: SlotContent['erofs'];
@@ -375,7 +376,7 @@ export async function buildImage(o: BuildImageOptions): Promise<ImagePlan> {
     }
     return plan;
   } finally {
-    if (rootfs.kind === 'dir') await rootfs.cleanup();
+    if (rootfs?.kind === 'dir') await rootfs.cleanup();
     await tmp.remove();
   }
 }

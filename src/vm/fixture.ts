@@ -58,7 +58,9 @@ const FIXTURE_FILES: Record<string, { data: string; mode: number }> = {
     data: [
       '[Unit]',
       'Description=LamaDist test fixture: report the booted state on the console',
-      'After=multi-user.target',
+      '# basic.target: everything the report reads (mounts, hostname, machine-id, LUKS2) is set by',
+      '# then, and it must not wait for units that need the network.',
+      'After=basic.target',
       '',
       '[Service]',
       'Type=oneshot',

@@ -26,6 +26,6 @@ describe('CLI foundation', () => {
 
   it('honours NO_COLOR', async () => {
     const r = await runCli(['bsp', 'list'], { env: { NO_COLOR: '1', FORCE_COLOR: '' } });
-    expect(r.stdout).not.toMatch(/\x1b\[/);
+    expect(r.stdout).not.toContain('\u001b[');
   });
 });

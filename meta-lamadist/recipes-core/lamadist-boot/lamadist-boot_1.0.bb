@@ -24,9 +24,11 @@ do_install() {
 
 # Busybox provides the shell and the small tools; the rest is the unlock and verity chain.
 # systemd-crypt carries systemd-cryptenroll and the systemd-tpm2 token plugin of libcryptsetup.
+# cryptsetup comes from meta-oe, which every LamaDist build has; naming it only when that layer is
+# present keeps `bitbake world` with OE-Core alone (yocto-check-layer) resolvable.
 RDEPENDS:${PN} = " \
     busybox \
-    cryptsetup \
+    ${@bb.utils.contains('BBFILE_COLLECTIONS', 'openembedded-layer', 'cryptsetup', '', d)} \
     e2fsprogs-e2fsck \
     e2fsprogs-mke2fs \
     kmod \

@@ -18,4 +18,5 @@ do_install() {
 
 SYSTEMD_SERVICE:${PN} = "lamadist-grow-var.service"
 FILES:${PN} += "${libexecdir}/lamadist"
-RDEPENDS:${PN} = "cryptsetup e2fsprogs-resize2fs gawk"
+# cryptsetup is in meta-oe (see lamadist-boot for why it is named conditionally).
+RDEPENDS:${PN} = "e2fsprogs-resize2fs gawk ${@bb.utils.contains('BBFILE_COLLECTIONS', 'openembedded-layer', 'cryptsetup', '', d)}"

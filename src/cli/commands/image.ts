@@ -15,32 +15,35 @@ import type { Context } from '../context.js';
 import { formatBytes, gptRows, gptTableText } from './gpt.js';
 import { collect } from './luks.js';
 
-export interface ImageBuildCliOptions {
+/** Flags of `image build`: the library options plus the ones parsed here (sizes, raw regions). */
+export interface ImageBuildCliOptions extends Pick<
+  BuildImageOptions,
+  | 'bsp'
+  | 'rootfs'
+  | 'kernel'
+  | 'uki'
+  | 'ukiB'
+  | 'stub'
+  | 'cmdline'
+  | 'layout'
+  | 'emptyB'
+  | 'seed'
+  | 'recoveryKey'
+  | 'recoveryKeyOut'
+  | 'dbCert'
+  | 'dbKey'
+  | 'keys'
+  | 'force'
+  | 'dryRun'
+> {
   output: string;
-  bsp: string;
-  rootfs: string;
-  kernel?: string;
   initrd: string[];
-  uki?: string;
-  ukiB?: string;
-  stub?: string;
-  cmdline?: string;
-  layout?: string;
   size: string[];
   slotSize?: number;
   diskSize?: number;
   encrypt: boolean;
-  emptyB?: boolean;
-  seed?: string;
-  recoveryKey?: string;
-  recoveryKeyOut?: string;
-  dbCert?: string;
-  dbKey?: string;
-  keys?: string;
   raw: string[];
   sourceDateEpoch?: number;
-  force?: boolean;
-  dryRun?: boolean;
 }
 
 function pairs(list: string[], what: string): Record<string, string> {

@@ -17,9 +17,10 @@ def lamadist_if_layer(d, collection, packages):
     return packages if collection in (d.getVar('BBFILE_COLLECTIONS') or '').split() else ''
 
 SUMMARY:${PN}-base = "Base system: systemd services, networking, time, SSH, kernel modules"
+# systemd itself is named only under a systemd distro (lamadist always is), so that world builds
+# of other distros, as yocto-check-layer runs them, still resolve.
 RDEPENDS:${PN}-base = " \
-    systemd \
-    systemd-conf \
+    ${@bb.utils.contains('DISTRO_FEATURES', 'systemd', 'systemd systemd-conf', '', d)} \
     ca-certificates \
     e2fsprogs-e2fsck \
     e2fsprogs-resize2fs \

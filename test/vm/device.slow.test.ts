@@ -45,7 +45,7 @@ describe('acceptance 1: first and second boot of the encrypted A/B device', () =
     expect(first.serial).toContain('unlocked with the provisioning key (first boot)');
     expect(first.serial).toMatch(/TPM2 enrolled \(PCRs 7\)/);
     const r = first.report ?? {};
-    expect(r.root, tail).toMatch(/^\/dev\/mapper\/root erofs ro[, ]/);
+    expect(r.root, tail).toMatch(/^\/dev\/mapper\/root erofs\s+ro[, ]/);
     expect(r.root_dm).toBe('verity');
     expect(r.var).toBe('/dev/mapper/var ext4');
     expect(r.var_luks).toBe('LUKS2');
@@ -76,7 +76,7 @@ describe('acceptance 1: first and second boot of the encrypted A/B device', () =
     const r = second.report ?? {};
     expect(r.persist, tail).toMatch(/^boot-[0-9a-f-]{36}$/);
     expect(r.var_marker).toBe(r.persist);
-    expect(r.root).toMatch(/^\/dev\/mapper\/root erofs ro[, ]/);
+    expect(r.root).toMatch(/^\/dev\/mapper\/root erofs\s+ro[, ]/);
     expect(r.hostname).toBe('lama-node-7');
   });
 });

@@ -105,7 +105,7 @@ function checkBoot(name: string, r: Awaited<ReturnType<typeof bootDevice>>, log:
   if (!r.matched || !report) {
     throw new UserError('LAMA_E_DEMO', `${name} did not come up${r.timedOut ? ' before the timeout' : ''}; see the serial log ${log}`);
   }
-  if (!/^\/dev\/mapper\/root erofs ro/.test(report.root ?? '') || report.root_dm !== 'verity') {
+  if (!/^\/dev\/mapper\/root erofs\s+ro/.test(report.root ?? '') || report.root_dm !== 'verity') {
     throw new UserError('LAMA_E_DEMO', `${name}: / is '${report.root ?? ''}', not the read-only dm-verity EROFS root; see ${log}`);
   }
   return { seconds: r.durationMs / 1000, report };

@@ -89,7 +89,6 @@ const FIXTURE_FILES: Record<string, { data: string; mode: number }> = {
       'r machine_id "$(cat /etc/machine-id)"',
       'r slot "$(sed -n "s/.*lamadist\\.slot=\\([ab]\\).*/\\1/p" /proc/cmdline)"',
       'r health "$(systemctl show -p ActiveState,Result --value lamadist-health.service | tr "\\n" " ")"',
-      'r tpm_token "$(cryptsetup luksDump /dev/disk/by-partlabel/var 2>/dev/null | grep -c systemd-tpm2)"',
       'r persist "$(cat /etc/lamadist-fixture-persist 2>/dev/null)"',
       'r var_marker "$(cat /var/lamadist-fixture-marker 2>/dev/null)"',
       '# first boot leaves a marker in /etc (overlay) and /var for the next boot to report',

@@ -32,6 +32,8 @@ RDEPENDS:${PN}-base = " \
 "
 
 SUMMARY:${PN}-security = "SELinux (targeted), IMA/EVM, LUKS2 and TPM2 tooling, audit"
+# The list is distro policy (lamadist-security.inc); other distros get the group without it.
+LAMADIST_SECURITY_PACKAGES ??= ""
 RDEPENDS:${PN}-security = " \
     ${LAMADIST_SECURITY_PACKAGES} \
     ${@lamadist_if_layer(d, 'openembedded-layer', 'audit')} \

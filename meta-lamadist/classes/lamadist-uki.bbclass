@@ -3,7 +3,7 @@
 # lamadist_build_uki(d, slot, roothash, out) writes one UKI: the stub linux<arch>.efi.stub
 # (deployed by systemd-boot), the kernel, the initramfs (INITRAMFS_IMAGE), os-release of the
 # image, the kernel release, the device tree on machines that boot through U-Boot, and the command
-# line "roothash=<hex> lamadist.slot=<a|b> ${LAMADIST_UKI_CMDLINE} ${LAMADIST_UKI_EXTRA_CMDLINE}".
+# line "roothash=<hex> lamadist.slot=<a|b> rauc.slot=<A|B> ${LAMADIST_UKI_CMDLINE} ${LAMADIST_UKI_EXTRA_CMDLINE}".
 # With LAMADIST_UKI_SIGN = "1" the UKI is signed for Secure Boot with the db key of the key
 # directory (LAMADIST_SIGNING_DIR/db.key, db.crt) using sbsign. Section placement is computed by
 # lib/lamadist/uki.py from the stub's PE header.
@@ -25,7 +25,8 @@ LAMADIST_UKI_DEPENDS = " \
 "
 
 def lamadist_uki_cmdline(d, slot, roothash):
-    parts = ["roothash=%s" % roothash, "lamadist.slot=%s" % slot,
+    # rauc.slot= names the booted slot by its system.conf bootname, so RAUC can mark it good.
+    parts = ["roothash=%s" % roothash, "lamadist.slot=%s" % slot, "rauc.slot=%s" % slot.upper(),
              d.getVar('LAMADIST_UKI_CMDLINE') or '', d.getVar('LAMADIST_UKI_EXTRA_CMDLINE') or '']
     return " ".join(" ".join(parts).split())
 

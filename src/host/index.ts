@@ -263,7 +263,7 @@ export function kernelCmdline(host: Host, opts: { rootHash: string; bsp?: string
   }
   if (opts.slot !== 'a' && opts.slot !== 'b') throw new UserError('LAMA_E_BAD_SLOT', `slot '${String(opts.slot)}' must be a or b`);
   const bsp = getBsp(opts.bsp ?? host.bsp);
-  const args = [bsp.console, `roothash=${opts.rootHash}`, `lamadist.slot=${opts.slot}`, `systemd.hostname=${host.name}`, `systemd.machine_id=${host.machineId}`];
+  const args = [bsp.console, `roothash=${opts.rootHash}`, `lamadist.slot=${opts.slot}`, `rauc.slot=${opts.slot.toUpperCase()}`, `systemd.hostname=${host.name}`, `systemd.machine_id=${host.machineId}`];
   if (host.ip) args.push(`ip=${host.ip}`);
   args.push(...host.kernelArgs, ...(opts.extra ?? []));
   return args.join(' ');

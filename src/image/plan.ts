@@ -242,9 +242,12 @@ export function planImage(input: PlanInput): { plan: ImagePlan; gpt: GptTable } 
   return { plan, gpt };
 }
 
-/** The kernel command line of a slot's UKI: root hash and slot first, then the BSP console and extras. */
+/**
+ * The kernel command line of a slot's UKI: root hash and slot first, then the BSP console and extras.
+ * `rauc.slot=` carries the slot's RAUC bootname (A/B in system.conf) so RAUC knows which slot booted.
+ */
 export function slotCmdline(rootHash: string, slot: 'a' | 'b', bsp: Bsp, extra?: string): string {
-  return [`roothash=${rootHash}`, `lamadist.slot=${slot}`, bsp.console, 'rw', extra?.trim()]
+  return [`roothash=${rootHash}`, `lamadist.slot=${slot}`, `rauc.slot=${slot.toUpperCase()}`, bsp.console, 'rw', extra?.trim()]
     .filter(Boolean)
     .join(' ');
 }

@@ -60,7 +60,7 @@ describe('kernel command line', () => {
   const host: Host = { name: 'node01', machineId: '4f6c0a9e1d2b4c3e8a7f6b5c4d3e2f1a', bsp: 'x86_64', ip: 'dhcp', kernelArgs: ['quiet'] };
   it('carries console, root hash, slot, identity, network and extras in a fixed order', () => {
     expect(kernelCmdline(host, { rootHash: ROOT, slot: 'b', extra: ['loglevel=3'] })).toBe(
-      `console=ttyS0,115200 roothash=${ROOT} lamadist.slot=b systemd.hostname=node01 systemd.machine_id=4f6c0a9e1d2b4c3e8a7f6b5c4d3e2f1a ip=dhcp quiet loglevel=3`,
+      `console=ttyS0,115200 roothash=${ROOT} lamadist.slot=b rauc.slot=B systemd.hostname=node01 systemd.machine_id=4f6c0a9e1d2b4c3e8a7f6b5c4d3e2f1a ip=dhcp quiet loglevel=3`,
     );
     expect(kernelCmdline({ ...host, bsp: 'soquartz', ip: undefined, kernelArgs: [] }, { rootHash: ROOT, slot: 'a' })).toMatch(/^console=ttyS2,1500000 .* systemd\.machine_id=\w+$/);
   });
@@ -123,7 +123,7 @@ describe('host CLI', () => {
     expect(JSON.parse(list.stdout)).toEqual([h]);
     const show = await runCli(['--json', 'host', 'show', 'node01', '--inventory', inv, '--root-hash', ROOT, '--slot', 'a']);
     expect((JSON.parse(show.stdout) as { cmdline: string }).cmdline).toBe(
-      `console=ttyS0,115200 roothash=${ROOT} lamadist.slot=a systemd.hostname=node01 systemd.machine_id=${h.machineId} ip=192.168.1.10::192.168.1.1:255.255.255.0:node01:eth0:none:192.168.1.1`,
+      `console=ttyS0,115200 roothash=${ROOT} lamadist.slot=a rauc.slot=A systemd.hostname=node01 systemd.machine_id=${h.machineId} ip=192.168.1.10::192.168.1.1:255.255.255.0:node01:eth0:none:192.168.1.1`,
     );
     const bad = await runCli(['host', 'add', 'node02', '--inventory', inv, '--ip', '192.168.1.999::::node02:eth0:none']);
     expect(bad.code).toBe(2);

@@ -304,7 +304,7 @@ describe('lamadist image build (encrypted)', () => {
       { slot: 'b', rootHash, uki: '/EFI/Linux/lamadist-b.efi', verified: true },
     ]);
     expect(j.esp.ukis.find((u) => u.path === '/EFI/BOOT/BOOTX64.EFI')?.cmdline).toBe(
-      `roothash=${rootHash} lamadist.slot=a console=ttyS0,115200 rw`,
+      `roothash=${rootHash} lamadist.slot=a rauc.slot=A console=ttyS0,115200 rw`,
     );
     expect(j.partitions.find((p) => p.label === 'rootfs_a')?.erofs?.uuid).toBe(plan.slots[0]?.erofs?.uuid);
     expect(j.partitions.find((p) => p.label === 'var')?.ext4?.label).toBe('var');

@@ -254,6 +254,14 @@ export function findHost(inv: Inventory, name: string): Host {
 }
 
 /**
+ * The slot-specific arguments every UKI carries: the dm-verity root hash, LamaDist's slot name for
+ * the initramfs, and RAUC's bootname (A/B in system.conf) so RAUC knows which slot booted.
+ */
+export function slotBootArgs(rootHash: string, slot: 'a' | 'b'): string[] {
+  return [`roothash=${rootHash}`, `lamadist.slot=${slot}`, `rauc.slot=${slot.toUpperCase()}`];
+}
+
+/**
  * The kernel command line for a host booting a slot: console from the BSP, the slot's dm-verity
  * root hash and name, the host identity and network, then the host's and the caller's extras.
  */
@@ -263,7 +271,7 @@ export function kernelCmdline(host: Host, opts: { rootHash: string; bsp?: string
   }
   if (opts.slot !== 'a' && opts.slot !== 'b') throw new UserError('LAMA_E_BAD_SLOT', `slot '${String(opts.slot)}' must be a or b`);
   const bsp = getBsp(opts.bsp ?? host.bsp);
-  const args = [bsp.console, `roothash=${opts.rootHash}`, `lamadist.slot=${opts.slot}`, `rauc.slot=${opts.slot.toUpperCase()}`, `systemd.hostname=${host.name}`, `systemd.machine_id=${host.machineId}`];
+  const args = [bsp.console, ...slotBootArgs(opts.rootHash, opts.slot), `systemd.hostname=${host.name}`, `systemd.machine_id=${host.machineId}`];
   if (host.ip) args.push(`ip=${host.ip}`);
   args.push(...host.kernelArgs, ...(opts.extra ?? []));
   return args.join(' ');

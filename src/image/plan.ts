@@ -1,5 +1,6 @@
 import { UserError } from '../errors.js';
 import type { Bsp } from '../bsp/index.js';
+import { slotBootArgs } from '../host/index.js';
 import { GPT_ATTRIBUTES, dpsTypeFor, planGpt, type GptTable } from '../disk/index.js';
 import { randomUuid, type RandomSource } from '../disk/random.js';
 import { LUKS2_DATA_OFFSET } from '../luks/index.js';
@@ -244,10 +245,9 @@ export function planImage(input: PlanInput): { plan: ImagePlan; gpt: GptTable } 
 
 /**
  * The kernel command line of a slot's UKI: root hash and slot first, then the BSP console and extras.
- * `rauc.slot=` carries the slot's RAUC bootname (A/B in system.conf) so RAUC knows which slot booted.
  */
 export function slotCmdline(rootHash: string, slot: 'a' | 'b', bsp: Bsp, extra?: string): string {
-  return [`roothash=${rootHash}`, `lamadist.slot=${slot}`, `rauc.slot=${slot.toUpperCase()}`, bsp.console, 'rw', extra?.trim()]
+  return [...slotBootArgs(rootHash, slot), bsp.console, 'rw', extra?.trim()]
     .filter(Boolean)
     .join(' ');
 }

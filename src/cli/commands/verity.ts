@@ -5,7 +5,7 @@ import { UserError } from '../../errors.js';
 import { withAtomicFile } from '../../util/fsx.js';
 import { formatVerity, verifyVerity, type VerityResult } from '../../verity/index.js';
 import { act, intOption } from '../action.js';
-import type { Context } from '../context.js';
+import type { Context, Progress } from '../context.js';
 
 export interface VerityCliOptions {
   hashOffset?: number;
@@ -58,6 +58,21 @@ function human(ctx: Context, s: Record<string, unknown>): string {
   return rows.map(([k, v]) => `${ctx.c.bold(k.padEnd(16))} ${String(v)}`).join('\n');
 }
 
+/** The tree geometry options format and verify share, with progress reported to `bar`. */
+function geometry(dataPath: string, opts: VerityCliOptions, bar: Progress) {
+  return {
+    dataPath,
+    dataOffset: opts.dataOffset,
+    dataBlocks: opts.dataBlocks,
+    hashOffset: opts.hashOffset,
+    dataBlockSize: opts.dataBlockSize,
+    hashBlockSize: opts.hashBlockSize,
+    algorithm: opts.hash,
+    superblock: opts.superblock,
+    onProgress: (done: number, total: number) => bar.update(done, total),
+  };
+}
+
 /**
  * `lamadist verity format DATA HASH`: write a veritysetup-compatible hash tree. A separate hash file
  * is written atomically; a hash area inside an existing file (same file as the data, or a non-zero
@@ -72,19 +87,7 @@ export async function verityFormat(
   const salt = opts.salt === undefined ? randomBytes(32) : parseHex(opts.salt, 'salt');
   const inPlace = path.resolve(dataPath) === path.resolve(hashPath) || (opts.hashOffset ?? 0) > 0;
   const bar = ctx.progress('hashing', 1);
-  const common = {
-    dataPath,
-    dataOffset: opts.dataOffset,
-    dataBlocks: opts.dataBlocks,
-    hashOffset: opts.hashOffset,
-    dataBlockSize: opts.dataBlockSize,
-    hashBlockSize: opts.hashBlockSize,
-    algorithm: opts.hash,
-    salt,
-    uuid: opts.uuid,
-    superblock: opts.superblock,
-    onProgress: (done: number, total: number) => bar.update(done, total),
-  };
+  const common = { ...geometry(dataPath, opts, bar), salt, uuid: opts.uuid };
   const r = inPlace
     ? await formatVerity({ ...common, hashPath })
     : await withAtomicFile(hashPath, { force: opts.force }, (out) =>
@@ -107,18 +110,10 @@ export async function verityVerify(
   const rootHash = parseHex(rootHex, 'root hash');
   const bar = ctx.progress('verifying', 1);
   const r = await verifyVerity({
-    dataPath,
+    ...geometry(dataPath, opts, bar),
     hashPath,
     rootHash,
-    dataOffset: opts.dataOffset,
-    dataBlocks: opts.dataBlocks,
-    hashOffset: opts.hashOffset,
-    dataBlockSize: opts.dataBlockSize,
-    hashBlockSize: opts.hashBlockSize,
-    algorithm: opts.hash,
     salt: opts.salt === undefined ? undefined : parseHex(opts.salt, 'salt'),
-    superblock: opts.superblock,
-    onProgress: (done, total) => bar.update(done, total),
   });
   bar.finish();
   const s = { ...summary(r), verified: true };

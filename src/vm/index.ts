@@ -44,3 +44,4 @@ export { detectAccel } from './accel.js';
 export { OVMF, SERIAL_CONSOLE } from './constants.js';
 export { fixtureRootfs, fixtureInitramfs, repoRoot, FIXTURE_PACKAGES, ON_TARGET_FILES, type FixtureRootfs } from './fixture.js';
 export { prepareDevice, bootDevice, parseReport, DEVICE_SIZES, type Device, type BootMode } from './device.js';
+export { tamperSlot, slotByteOffset, parseBootVariables, readBootVariables, setBootNext, slotEntry, cutPower, SUPERBLOCK_OFFSET, type Tamper, type BootVariables, type CutPoint, type PowerCutRecord, type RunHooks } from './faults.js';

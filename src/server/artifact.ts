@@ -15,24 +15,11 @@ export interface ServedArtifact {
 /** HEAD answers with an empty stream: fastify then keeps the Content-Length the GET would have. */
 const EMPTY = (): Readable => Readable.from([]);
 
-/** Ranges up to this size are read into memory in one positional read on a shared handle. */
+/** Ranges up to this size come from the store's block cache; larger ones stream from the file. */
 const INLINE_MAX = 4 * 1024 * 1024;
 
-async function readRange(store: ArtifactStore, sha256: string, r: ByteRange): Promise<Buffer> {
-  const fh = await store.handle(sha256);
-  const len = r.end - r.start + 1;
-  const buf = Buffer.allocUnsafe(len);
-  let off = 0;
-  while (off < len) {
-    const { bytesRead } = await fh.read(buf, off, len - off, r.start + off);
-    if (bytesRead === 0) throw new Error(`artifact ${sha256} is shorter than its recorded size`);
-    off += bytesRead;
-  }
-  return buf;
-}
-
 function body(store: ArtifactStore, a: ServedArtifact, r: ByteRange): Promise<Buffer> | Readable {
-  if (r.end - r.start + 1 <= INLINE_MAX) return readRange(store, a.sha256, r);
+  if (r.end - r.start + 1 <= INLINE_MAX) return store.read(a.sha256, a.size, r.start, r.end);
   return createReadStream(store.pathFor(a.sha256), { start: r.start, end: r.end });
 }
 

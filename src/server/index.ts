@@ -50,6 +50,8 @@ export interface ServerOptions {
   tenant?: string;
   /** Largest accepted bundle upload (default 8 GiB). */
   maxBundleBytes?: number;
+  /** Memory for the range-read block cache in MiB (default 64; 0 reads the file for every request). */
+  cacheMiB?: number;
   /** RAUC compatibles accepted (default: those of the BSP table). */
   compatibles?: string[];
   /** configData attribute with the running version (default `version`). */
@@ -118,7 +120,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   await fs.mkdir(storeDir, { recursive: true });
   const keyring = path.resolve(options.keyring);
   await readUserFile(keyring, 'keyring');
-  const store = await ArtifactStore.open(storeDir);
+  const store = await ArtifactStore.open(storeDir, options.cacheMiB !== undefined ? { cacheBytes: options.cacheMiB * 1024 * 1024 } : {});
   const open = await openDatabase(options.db ?? `sqlite:${path.join(storeDir, 'lamadist.db')}`);
   const pollSeconds = options.pollSeconds ?? 300;
   const service = new FleetService(open, {

@@ -18,6 +18,16 @@ export interface PendingUpload extends UploadDigest {
   tempPath: string;
 }
 
+interface CachedBlock {
+  data: Promise<Buffer>;
+  len: number;
+}
+
+/** Block size of the range-read cache: 32 RAUC-sized (128 KiB) reads per block. */
+export const BLOCK_SIZE = 4 * 1024 * 1024;
+/** Default budget of the range-read cache. */
+export const DEFAULT_CACHE_BYTES = 64 * 1024 * 1024;
+
 /**
  * The content-addressed artifact directory: `artifacts/<sha256[0:2]>/<sha256>` for committed
  * bundles and `tmp/` (same file system, so rename is atomic) for uploads in flight. A crash leaves
@@ -27,18 +37,26 @@ export interface PendingUpload extends UploadDigest {
 export class ArtifactStore {
   readonly root: string;
   private handles = new Map<string, Promise<FileHandle>>();
+  /** Aligned blocks of committed artifacts, least recently used first (Map keeps insertion order). */
+  private blocks = new Map<string, CachedBlock>();
+  private cachedBytes = 0;
+  private readonly cacheBytes: number;
 
-  private constructor(root: string) {
+  private constructor(root: string, cacheBytes: number) {
     this.root = root;
+    this.cacheBytes = cacheBytes;
   }
 
-  /** Create the directories and remove leftovers of uploads interrupted by a crash. */
-  static async open(root: string): Promise<ArtifactStore> {
+  /**
+   * Create the directories and remove leftovers of uploads interrupted by a crash. `cacheBytes`
+   * bounds the in-memory block cache that range reads are served from (0 turns it off).
+   */
+  static async open(root: string, opts: { cacheBytes?: number } = {}): Promise<ArtifactStore> {
     const abs = path.resolve(root);
     await fs.mkdir(path.join(abs, 'artifacts'), { recursive: true });
     await fs.rm(path.join(abs, 'tmp'), { recursive: true, force: true });
     await fs.mkdir(path.join(abs, 'tmp'), { recursive: true });
-    return new ArtifactStore(abs);
+    return new ArtifactStore(abs, Math.max(0, opts.cacheBytes ?? DEFAULT_CACHE_BYTES));
   }
 
   /** Where the bundle with this SHA-256 lives once committed. */
@@ -116,8 +134,69 @@ export class ArtifactStore {
     return h;
   }
 
-  /** Close every cached handle. */
+  /**
+   * Bytes `start`..`end` (inclusive) of a committed artifact of `size` bytes. Reads go through a
+   * bounded LRU of BLOCK_SIZE-aligned blocks: RAUC streams a bundle in small ranges, and every device
+   * of a rollout wave reads the same ones, so one positional read serves many requests and the
+   * thread-pool round trip of a file read is paid once per block, not once per request. A range
+   * inside one block is a view of the cached block (no copy).
+   */
+  async read(sha256: string, size: number, start: number, end: number): Promise<Buffer> {
+    if (this.cacheBytes < BLOCK_SIZE) return this.readAt(sha256, start, end - start + 1);
+    const first = Math.floor(start / BLOCK_SIZE);
+    const last = Math.floor(end / BLOCK_SIZE);
+    const pieces: Buffer[] = [];
+    for (let i = first; i <= last; i++) {
+      const block = await this.block(sha256, size, i);
+      const base = i * BLOCK_SIZE;
+      pieces.push(block.subarray(Math.max(start, base) - base, Math.min(end + 1, base + block.length) - base));
+    }
+    return pieces.length === 1 ? (pieces[0] as Buffer) : Buffer.concat(pieces);
+  }
+
+  private block(sha256: string, size: number, index: number): Promise<Buffer> {
+    const key = `${sha256}:${index}`;
+    const hit = this.blocks.get(key);
+    if (hit) {
+      this.blocks.delete(key);
+      this.blocks.set(key, hit);
+      return hit.data;
+    }
+    const len = Math.min(BLOCK_SIZE, size - index * BLOCK_SIZE);
+    const entry = { data: this.readAt(sha256, index * BLOCK_SIZE, len), len };
+    // A failed read is not cached: the next request tries the file again.
+    entry.data.catch(() => this.drop(key, entry));
+    this.blocks.set(key, entry);
+    this.cachedBytes += len;
+    for (const [k, old] of this.blocks) {
+      if (this.cachedBytes <= this.cacheBytes || k === key) break;
+      this.drop(k, old);
+    }
+    return entry.data;
+  }
+
+  private drop(key: string, entry: CachedBlock): void {
+    if (this.blocks.get(key) !== entry) return;
+    this.blocks.delete(key);
+    this.cachedBytes -= entry.len;
+  }
+
+  private async readAt(sha256: string, position: number, length: number): Promise<Buffer> {
+    const fh = await this.handle(sha256);
+    const buf = Buffer.allocUnsafe(length);
+    let off = 0;
+    while (off < length) {
+      const { bytesRead } = await fh.read(buf, off, length - off, position + off);
+      if (bytesRead === 0) throw new Error(`artifact ${sha256} is shorter than its recorded size`);
+      off += bytesRead;
+    }
+    return buf;
+  }
+
+  /** Close every cached handle and drop the block cache. */
   async close(): Promise<void> {
+    this.blocks.clear();
+    this.cachedBytes = 0;
     const all = [...this.handles.values()];
     this.handles.clear();
     for (const h of all) await h.then((fh) => fh.close()).catch(() => undefined);

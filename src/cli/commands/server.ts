@@ -21,6 +21,7 @@ export interface ServerCliOptions {
   bundleKey?: string;
   bundleCert?: string;
   maxBundleSize?: number;
+  cacheMib?: number;
   versionAttribute?: string;
   bootIdAttribute?: string;
   log?: boolean;
@@ -52,6 +53,7 @@ export async function serve(ctx: Context, o: ServerCliOptions): Promise<RunningS
     ...(o.bundleKey ? { bundleKey: o.bundleKey } : {}),
     ...(o.bundleCert ? { bundleCert: o.bundleCert } : {}),
     ...(o.maxBundleSize !== undefined ? { maxBundleBytes: o.maxBundleSize } : {}),
+    ...(o.cacheMib !== undefined ? { cacheMiB: o.cacheMib } : {}),
     ...(o.versionAttribute ? { versionAttribute: o.versionAttribute } : {}),
     ...(o.bootIdAttribute ? { bootIdAttribute: o.bootIdAttribute } : {}),
     ...(o.log ? { log: true } : {}),
@@ -83,6 +85,7 @@ export function configure(cmd: Command): void {
     .option('--bundle-key <pem>', 'server recipient key, to verify crypt bundles encrypted for it')
     .option('--bundle-cert <pem>', 'certificate matching --bundle-key')
     .option('--max-bundle-size <bytes>', 'largest accepted upload (default 8 GiB)', intOption('--max-bundle-size'))
+    .option('--cache-mib <MiB>', 'memory for bundle blocks served to streaming devices (default 64, 0 = off)', intOption('--cache-mib'))
     .option('--version-attribute <name>', 'configData attribute with the running version (default version)')
     .option('--boot-id-attribute <name>', 'configData attribute with the kernel boot id (default boot_id)')
     .option('--log', 'log every request (JSON) to stderr')

@@ -45,3 +45,4 @@ export { OVMF, SERIAL_CONSOLE } from './constants.js';
 export { fixtureRootfs, fixtureInitramfs, repoRoot, FIXTURE_PACKAGES, ON_TARGET_FILES, type FixtureRootfs } from './fixture.js';
 export { prepareDevice, bootDevice, parseReport, DEVICE_SIZES, type Device, type BootMode } from './device.js';
 export { tamperSlot, slotByteOffset, parseBootVariables, readBootVariables, setBootNext, slotEntry, cutPower, SUPERBLOCK_OFFSET, type Tamper, type BootVariables, type CutPoint, type PowerCutRecord, type RunHooks } from './faults.js';
+export { streamingRauc, debSrcSources, RAUC_CONFIGURE_FLAGS, type StreamingRauc } from './rauc.js';

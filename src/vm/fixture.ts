@@ -121,6 +121,7 @@ export const INITRAMFS_MODULES = [
 /** Host programs and shared objects the fixture initramfs carries for lamadist-init and lamadist-enroll. */
 export const INITRAMFS_BINARIES = [
   'cryptsetup', 'veritysetup', 'blkid', 'mountpoint', 'mkfs.ext4', 'e2fsck', 'systemd-cryptenroll', '/usr/lib/systemd/systemd-cryptsetup',
+  'tpm2_dictionarylockout',
   '/usr/lib/x86_64-linux-gnu/cryptsetup/libcryptsetup-token-systemd-tpm2.so',
   '/usr/lib/x86_64-linux-gnu/libtss2-esys.so.0', '/usr/lib/x86_64-linux-gnu/libtss2-rc.so.0',
   '/usr/lib/x86_64-linux-gnu/libtss2-mu.so.0', '/usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0',

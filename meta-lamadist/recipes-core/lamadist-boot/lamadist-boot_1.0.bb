@@ -23,7 +23,8 @@ do_install() {
 }
 
 # Busybox provides the shell and the small tools; the rest is the unlock and verity chain.
-# systemd-crypt carries systemd-cryptenroll and the systemd-tpm2 token plugin of libcryptsetup.
+# systemd-crypt carries systemd-cryptenroll and the systemd-tpm2 token plugin of libcryptsetup;
+# tpm2-tools sets the TPM2's dictionary-attack policy at enrollment.
 # cryptsetup comes from meta-oe, which every LamaDist build has; naming it only when that layer is
 # present keeps `bitbake world` with OE-Core alone (yocto-check-layer) resolvable.
 RDEPENDS:${PN} = " \
@@ -36,6 +37,6 @@ RDEPENDS:${PN} = " \
     util-linux-findmnt \
     util-linux-mount \
     util-linux-switch-root \
-    ${@bb.utils.contains('DISTRO_FEATURES', 'tpm2', 'systemd-crypt', '', d)} \
+    ${@bb.utils.contains('DISTRO_FEATURES', 'tpm2', 'systemd-crypt tpm2-tools', '', d)} \
 "
 FILES:${PN} = "/init ${libdir}/lamadist"

@@ -62,6 +62,11 @@ export interface BuildImageOptions {
   keys?: string;
   /** Raw boot loader regions by name (Rockchip idbloader, u-boot). */
   raw?: Record<string, string>;
+  /**
+   * Per-host files for the ESP by absolute path (provisioning under `/lamadist/var/`, which the
+   * initramfs moves into /var at first boot and wipes from the ESP).
+   */
+  espFiles?: Record<string, Buffer>;
   /** Time stamped on every file (SOURCE_DATE_EPOCH). */
   timestamp?: number;
   force?: boolean;
@@ -275,7 +280,7 @@ export async function buildImage(o: BuildImageOptions): Promise<ImagePlan> {
       raw: raws.map((r) => ({ name: r.name, bytes: r.data.length })),
       recoveryKeyFile: o.recoveryKey ?? keyOut,
       diskSize: o.diskSize,
-      espExtra: [],
+      espExtra: Object.entries(o.espFiles ?? {}).map(([p, d]) => ({ path: p, bytes: d.length })),
     });
     o.onPlan?.(plan);
     if (o.dryRun) return plan;
@@ -351,6 +356,7 @@ export async function buildImage(o: BuildImageOptions): Promise<ImagePlan> {
         for (const [slot, u] of Object.entries(ukis)) files[ukiPath(slot as 'a' | 'b')] = u.pe;
         if (bsp.efiBootName && ukis.a) files[`/EFI/BOOT/${bsp.efiBootName}`] = ukis.a.pe;
         if (provision) files[PROVISION_KEY_PATH] = provision;
+        Object.assign(files, o.espFiles ?? {});
         await buildEsp({
           image: image.temp,
           offset: esp.offset,

@@ -123,8 +123,11 @@ async function tempDirIn(parent: string): Promise<{ dir: string; remove: () => P
   return { dir, remove };
 }
 
-/** Put `from` into the staging directory as `to`: a hard link when possible, otherwise a copy. */
-async function stage(from: string, to: string): Promise<void> {
+/**
+ * Put `from` into the staging directory as `to` with `mode` (images 0644; the hook script 0755,
+ * since RAUC executes it): a hard link when the file already has that mode, otherwise a copy.
+ */
+async function stage(from: string, to: string, mode = 0o644): Promise<void> {
   let st;
   try {
     st = await fs.stat(from);
@@ -133,8 +136,8 @@ async function stage(from: string, to: string): Promise<void> {
     throw err;
   }
   if (!st.isFile()) throw new UserError('LAMA_E_BUNDLE_INPUT', `${from} is not a regular file`);
-  // squashfs records the mode (-all-root fixes only owners), so link only files that are already 0644.
-  if ((st.mode & 0o7777) === 0o644) {
+  // squashfs records the mode (-all-root fixes only owners), so link only files that already have it.
+  if ((st.mode & 0o7777) === mode) {
     try {
       await fs.link(from, to);
       return;
@@ -143,7 +146,7 @@ async function stage(from: string, to: string): Promise<void> {
     }
   }
   await fs.copyFile(from, to, constants.COPYFILE_FICLONE);
-  await fs.chmod(to, 0o644);
+  await fs.chmod(to, mode);
 }
 
 /**
@@ -161,7 +164,7 @@ export async function createBundle(o: CreateBundleOptions): Promise<CreatedBundl
   try {
     await fs.chmod(staging.dir, 0o755);
     step('hashing images');
-    for (const f of files) await stage(f.from, path.join(staging.dir, f.name));
+    for (const f of files) await stage(f.from, path.join(staging.dir, f.name), f.name === HOOK_NAME ? 0o755 : 0o644);
     for (const img of manifest.images) {
       const p = path.join(staging.dir, img.filename);
       const d = await digestImage(p, { blockIndex: Boolean(img.adaptive) });

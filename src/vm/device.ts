@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { buildImage, type ImagePlan } from '../image/index.js';
-import { initKeys, keyPath } from '../keys/index.js';
+import { addDeviceKey, initKeys, keyPath, readManifest } from '../keys/index.js';
 import { makeOvmfVars } from '../secureboot/index.js';
 import { fixtureInitramfs, fixtureRootfs } from './fixture.js';
 import type { DebianKernel } from './kernel.js';
@@ -26,6 +26,50 @@ export interface Device {
   recoveryKey: string;
   plan: ImagePlan;
   encrypt: boolean;
+  /** Per-host kernel arguments of its UKIs after the slot's own (identity, test switches). */
+  cmdline: string;
+  /** Name of its bundle encryption key pair in the key directory (`lamadist keys device NAME`). */
+  deviceKeyName: string;
+}
+
+/** Where the update client (rauc-hawkbit-updater, or the fixture's stand-in) reaches the server. */
+export interface DdiProvisioning {
+  /** `host:port` as the device sees it (QEMU user networking: 10.0.2.2 is the host). */
+  server: string;
+  tenant: string;
+  controllerId: string;
+  /** The device's TargetToken (from registering it with the server). */
+  token: string;
+}
+
+/** ESP directory whose tree lamadist-init moves into /var at first boot (then wipes it from the ESP). */
+export const PROVISION_VAR_DIR = '/lamadist/var';
+
+/** rauc-hawkbit-updater's configuration file for a device (the fixture's DDI client reads the same keys). Pure. */
+export function hawkbitConf(d: DdiProvisioning): string {
+  return [
+    '[client]',
+    `hawkbit_server = ${d.server}`,
+    'ssl = false',
+    `tenant_id = ${d.tenant}`,
+    `target_name = ${d.controllerId}`,
+    `auth_token = ${d.token}`,
+    'bundle_download_location = /var/tmp/lamadist-ddi/bundle.raucb',
+    '',
+  ].join('\n');
+}
+
+/**
+ * The per-host files a device gets on its ESP under PROVISION_VAR_DIR: its bundle decryption key
+ * pair where system.conf's [encryption] expects it, and the update client's configuration. Pure.
+ */
+export function provisioningFiles(keyPem: Buffer, certPem: Buffer, ddi?: DdiProvisioning): Record<string, Buffer> {
+  const files: Record<string, Buffer> = {
+    [`${PROVISION_VAR_DIR}/lib/rauc/encryption/device.key.pem`]: keyPem,
+    [`${PROVISION_VAR_DIR}/lib/rauc/encryption/device.cert.pem`]: certPem,
+  };
+  if (ddi) files[`${PROVISION_VAR_DIR}/lib/lamadist/hawkbit.conf`] = Buffer.from(hawkbitConf(ddi));
+  return files;
 }
 
 /**
@@ -46,6 +90,8 @@ export async function prepareDevice(opts: {
   machineId?: string;
   encrypt?: boolean;
   extraCmdline?: string;
+  /** Update server the device polls (its configuration is provisioned with the device key). */
+  ddi?: DdiProvisioning;
   log?: (m: string) => void;
 }): Promise<Device> {
   const log = opts.log ?? (() => undefined);
@@ -65,6 +111,17 @@ export async function prepareDevice(opts: {
   const encrypt = opts.encrypt ?? true;
   const disk = path.join(dir, encrypt ? 'disk.img' : 'disk-plain.img');
   const recoveryKey = `${disk}.recovery-key`;
+  // The device's own key pair for crypt bundles, issued once per host like `lamadist keys device`.
+  const deviceKeyName = hostname;
+  if (!(await readManifest(keys)).files.some((f) => f.purpose === 'device-key' && f.device === deviceKeyName)) {
+    log(`device key ${deviceKeyName}`);
+    await addDeviceKey(keys, deviceKeyName);
+  }
+  const espFiles = provisioningFiles(
+    await fs.readFile(await keyPath(keys, 'device-key', deviceKeyName)),
+    await fs.readFile(await keyPath(keys, 'device-cert', deviceKeyName)),
+    opts.ddi,
+  );
   log('A/B disk image');
   const cmdline = [`systemd.hostname=${hostname}`, `systemd.machine_id=${machineId}`, ...(encrypt ? [] : ['lamadist.unsealed=1']), opts.extraCmdline ?? '']
     .filter(Boolean)
@@ -79,6 +136,7 @@ export async function prepareDevice(opts: {
     cmdline,
     sizes: DEVICE_SIZES,
     encrypt,
+    espFiles,
     force: true,
   });
   const vars = path.join(dir, 'OVMF_VARS.enrolled.fd');
@@ -92,7 +150,7 @@ export async function prepareDevice(opts: {
   });
   const tpmState = path.join(dir, 'tpm');
   await fs.rm(tpmState, { recursive: true, force: true });
-  return { dir, keys, disk, vars, tpmState, kernel: fixture.kernel, initrd, hostname, machineId, recoveryKey, plan, encrypt };
+  return { dir, keys, disk, vars, tpmState, kernel: fixture.kernel, initrd, hostname, machineId, recoveryKey, plan, encrypt, cmdline, deviceKeyName };
 }
 
 /** The key=value facts of the last LAMADIST-REPORT block on the serial console. */
@@ -112,13 +170,21 @@ export function parseReport(serial: string): Record<string, string> | undefined 
 export type BootMode = 'secure' | 'direct';
 
 /**
- * Boot the device until the fixture has reported its state (after the health check ran). In
+ * Boot the device until the fixture has reported its state (or `until` matched; the guest may
+ * reboot itself meanwhile, QEMU keeps running across reboots). In
  * `secure` mode OVMF with our keys enrolled boots the signed UKI from the ESP and swtpm is the
  * TPM2; in `direct` mode QEMU loads the kernel and initramfs itself with slot A's command line.
  */
 export async function bootDevice(
   dev: Device,
-  opts: { mode?: BootMode; timeoutMs?: number; serialLog?: string; onLine?: (l: string) => void; signal?: AbortSignal; until?: RegExp } = {},
+  opts: {
+    mode?: BootMode;
+    timeoutMs?: number;
+    serialLog?: string;
+    onLine?: (l: string) => void;
+    signal?: AbortSignal;
+    until?: RegExp | ((serial: string) => boolean);
+  } = {},
 ): Promise<QemuResult & { report: Record<string, string> | undefined }> {
   const mode = opts.mode ?? 'secure';
   const slotA = dev.plan.slots.find((s) => s.slot === 'a');
@@ -133,7 +199,8 @@ export async function bootDevice(
   };
   const r =
     mode === 'secure'
-      ? await runQemu({ ...base, firmware: { code: OVMF.secbootCode, vars: dev.vars }, tpm: { stateDir: dev.tpmState } })
+      ? // The variable store is the device's NVRAM: boot entries, BootOrder and BootNext persist like the TPM.
+        await runQemu({ ...base, firmware: { code: OVMF.secbootCode, vars: dev.vars, persistVars: true }, tpm: { stateDir: dev.tpmState } })
       : await runQemu({
           ...base,
           kernel: dev.kernel.vmlinuz,
@@ -141,4 +208,38 @@ export async function bootDevice(
           append: slotA?.uki?.cmdline ?? `${SERIAL_CONSOLE}`,
         });
   return { ...r, report: parseReport(r.serial) };
+}
+
+/** What the fixture reports after the health check: result, version, RAUC's view of the slots, UEFI entries. */
+export interface SlotsReport {
+  health: string;
+  version: string;
+  /** Booted bootname (A or B) from rauc.slot=. */
+  booted: string;
+  /** RAUC state and boot status of each rootfs slot by bootname. */
+  state: Record<string, { state: string; boot: string }>;
+  /** efibootmgr's output lines. */
+  efi: string[];
+  var_marker: string;
+}
+
+/** The first LAMADIST-SLOTS block in `serial` (pass a slice to pick a later boot). */
+export function parseSlots(serial: string): SlotsReport | undefined {
+  const begin = serial.indexOf('LAMADIST-SLOTS-BEGIN');
+  const end = serial.indexOf('LAMADIST-SLOTS-END', begin);
+  if (begin < 0 || end < 0) return undefined;
+  const kv: Record<string, string> = {};
+  const efi: string[] = [];
+  for (const line of serial.slice(begin, end).split(/\r?\n/)) {
+    const m = /LAMADIST-SLOTS (efi (.*)|([A-Za-z_0-9]+)=(.*))$/.exec(line.trimEnd());
+    if (m?.[2] !== undefined) efi.push(m[2]);
+    else if (m?.[3]) kv[m[3]] = (m[4] ?? '').replace(/^'(.*)'$/, '$1');
+  }
+  const state: SlotsReport['state'] = {};
+  for (const [k, v] of Object.entries(kv)) {
+    const n = /^SLOT_CLASS_(\d+)$/.exec(k)?.[1];
+    const name = n && v === 'rootfs' ? kv[`SLOT_BOOTNAME_${n}`] : undefined;
+    if (n && name) state[name] = { state: kv[`SLOT_STATE_${n}`] ?? '', boot: kv[`SLOT_BOOT_STATUS_${n}`] ?? '' };
+  }
+  return { health: kv.health ?? '', version: kv.version ?? '', booted: kv.booted ?? '', state, efi, var_marker: kv.var_marker ?? '' };
 }

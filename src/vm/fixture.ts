@@ -16,7 +16,7 @@ import { cacheRoot, debianKernel, type DebianKernel } from './kernel.js';
 
 /** Packages debootstrap installs on top of minbase. */
 export const FIXTURE_PACKAGES = [
-  'systemd', 'systemd-sysv', 'udev', 'dbus', 'kmod', 'rauc', 'cryptsetup-bin', 'tpm2-tools', 'efibootmgr',
+  'systemd', 'systemd-sysv', 'udev', 'dbus', 'kmod', 'rauc', 'rauc-service', 'cryptsetup-bin', 'tpm2-tools', 'efibootmgr',
   'curl', 'ca-certificates', 'jq', 'dmsetup', 'e2fsprogs', 'dosfstools', 'util-linux', 'iproute2', 'procps',
   'libtss2-esys-3.0.2-0', 'libtss2-rc0', 'libtss2-mu0', 'libtss2-tcti-device0',
 ] as const;
@@ -37,9 +37,29 @@ export const ON_TARGET_FILES: readonly { from: string; to: string; mode: number 
   { from: 'meta-lamadist/recipes-core/lamadist-health/files/lamadist-health', to: '/usr/libexec/lamadist/lamadist-health', mode: 0o755 },
   { from: 'meta-lamadist/recipes-core/lamadist-health/files/lamadist-health.service', to: '/usr/lib/systemd/system/lamadist-health.service', mode: 0o644 },
   { from: 'meta-lamadist/recipes-core/lamadist-health/files/health.conf', to: '/etc/lamadist/health.conf', mode: 0o644 },
+  { from: 'meta-lamadist/recipes-core/lamadist-health/files/lamadist-boot-entries', to: '/usr/libexec/lamadist/lamadist-boot-entries', mode: 0o755 },
+  { from: 'meta-lamadist/recipes-core/lamadist-health/files/lamadist-boot-entries.service', to: '/usr/lib/systemd/system/lamadist-boot-entries.service', mode: 0o644 },
   { from: 'meta-lamadist/recipes-core/lamadist-boot/files/lamadist-enroll', to: '/usr/lib/lamadist/lamadist-enroll', mode: 0o755 },
   { from: 'meta-lamadist/recipes-core/rauc/files/efi/system.conf', to: '/etc/rauc/system.conf', mode: 0o644 },
 ];
+
+/**
+ * Fixture-only programs kept as files beside this module's source (src/vm/fixture/): the DDI
+ * client standing in for rauc-hawkbit-updater, which Debian does not package.
+ */
+export const FIXTURE_PROGRAMS: readonly { from: string; to: string; mode: number }[] = [
+  { from: 'src/vm/fixture/lamadist-ddi-client', to: '/usr/libexec/lamadist/lamadist-ddi-client', mode: 0o755 },
+  { from: 'src/vm/fixture/lamadist-ddi-client.service', to: '/usr/lib/systemd/system/lamadist-ddi-client.service', mode: 0o644 },
+];
+
+/** Units the fixture enables (what the recipes' SYSTEMD_SERVICE enables in a Yocto image). */
+const FIXTURE_UNITS = [
+  'lamadist-health.service', 'lamadist-boot-entries.service', 'lamadist-fixture-report.service', 'lamadist-fixture-slots.service',
+  'lamadist-ddi-client.service',
+];
+
+/** The version a fixture root file system reports (IMAGE_VERSION in os-release) unless a variant says otherwise. */
+export const FIXTURE_VERSION = '1';
 
 /** The initramfs /init and its helper, from meta-lamadist's lamadist-boot recipe. */
 export const INIT_FILE = 'meta-lamadist/recipes-core/lamadist-boot/files/lamadist-init';
@@ -53,6 +73,12 @@ export const INIT_FILE = 'meta-lamadist/recipes-core/lamadist-boot/files/lamadis
 const FIXTURE_FILES: Record<string, { data: string; mode: number }> = {
   '/etc/systemd/network/20-wired.network': { data: '[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n', mode: 0o644 },
   '/etc/fstab': { data: '# lamadist-init mounts /, /var, /etc and /boot\n', mode: 0o644 },
+  // The journal on the serial console: systemd stops its own status lines once the serial getty
+  // owns the console, and a failed test is read from this log.
+  '/etc/systemd/journald.conf.d/50-lamadist-fixture-console.conf': {
+    data: '[Journal]\nForwardToConsole=yes\nTTYPath=/dev/ttyS0\nMaxLevelConsole=info\n',
+    mode: 0o644,
+  },
   '/etc/lamadist/health.d/.keep': { data: '', mode: 0o644 },
   '/usr/lib/systemd/system/lamadist-fixture-report.service': {
     data: [
@@ -65,14 +91,49 @@ const FIXTURE_FILES: Record<string, { data: string; mode: number }> = {
       '[Service]',
       'Type=oneshot',
       'ExecStart=/usr/libexec/lamadist/lamadist-fixture-report',
-      'StandardOutput=tty',
-      'TTYPath=/dev/ttyS0',
+      '# Through the journal (forwarded to ttyS0): a direct tty writer dies when the serial getty hangs the line up.',
+      'StandardOutput=journal',
       '',
       '[Install]',
       'WantedBy=multi-user.target',
       '',
     ].join('\n'),
     mode: 0o644,
+  },
+  '/usr/lib/systemd/system/lamadist-fixture-slots.service': {
+    data: [
+      '[Unit]',
+      'Description=LamaDist test fixture: report the A/B slot state on the console after the health check',
+      'After=multi-user.target lamadist-health.service lamadist-boot-entries.service rauc.service',
+      '',
+      '[Service]',
+      'Type=oneshot',
+      'ExecStart=/usr/libexec/lamadist/lamadist-fixture-slots',
+      '# Through the journal (forwarded to ttyS0): a direct tty writer dies when the serial getty hangs the line up.',
+      'StandardOutput=journal',
+      '',
+      '[Install]',
+      'WantedBy=multi-user.target',
+      '',
+    ].join('\n'),
+    mode: 0o644,
+  },
+  '/usr/libexec/lamadist/lamadist-fixture-slots': {
+    data: [
+      '#!/bin/sh',
+      '# Test fixture: health result, running version, RAUC slot states and UEFI boot entries, between markers.',
+      'r() { echo "LAMADIST-SLOTS $1=$2"; }',
+      'echo LAMADIST-SLOTS-BEGIN',
+      'r health "$(systemctl show -p Result --value lamadist-health.service)"',
+      'r version "$(. /usr/lib/os-release && echo "$IMAGE_VERSION")"',
+      'r booted "$(sed -n "s/.*rauc\\.slot=\\([AB]\\).*/\\1/p" /proc/cmdline)"',
+      'rauc status --detailed --output-format=shell 2>/dev/null | sed -n "s/^RAUC_\\(SLOT_\\(STATE\\|CLASS\\|BOOTNAME\\|BOOT_STATUS\\|STATUS_BUNDLE_VERSION\\)_[0-9]*\\|BOOT_PRIMARY\\)=/LAMADIST-SLOTS \\1=/p"',
+      'efibootmgr 2>&1 | sed "s/^/LAMADIST-SLOTS efi /"',
+      'r var_marker "$(cat /var/lamadist-fixture-marker 2>/dev/null)"',
+      'echo LAMADIST-SLOTS-END',
+      '',
+    ].join('\n'),
+    mode: 0o755,
   },
   '/usr/libexec/lamadist/lamadist-fixture-report': {
     data: [
@@ -91,6 +152,7 @@ const FIXTURE_FILES: Record<string, { data: string; mode: number }> = {
       'r health "$(systemctl show -p ActiveState,Result --value lamadist-health.service | tr "\\n" " ")"',
       'r persist "$(cat /etc/lamadist-fixture-persist 2>/dev/null)"',
       'r var_marker "$(cat /var/lamadist-fixture-marker 2>/dev/null)"',
+      'r version "$(. /usr/lib/os-release && echo "$IMAGE_VERSION")"',
       '# first boot leaves a marker in /etc (overlay) and /var for the next boot to report',
       'if [ ! -s /etc/lamadist-fixture-persist ]; then',
       '  m="boot-$(cat /proc/sys/kernel/random/boot_id)"',
@@ -231,15 +293,16 @@ export async function fixtureRootfs(opts: { keyring?: string; log?: (m: string) 
   const kernel = await debianKernel();
   const base = await baseTree(kernel, log);
   const repo = repoRoot();
+  const files = [...ON_TARGET_FILES, ...FIXTURE_PROGRAMS];
   const contents = await Promise.all(
-    ON_TARGET_FILES.map((f) =>
+    files.map((f) =>
       fs.readFile(path.join(repo, f.from)).catch(() => {
         throw new UserError('LAMA_E_FIXTURE', `on-target file ${f.from} is missing from ${repo}`);
       }),
     ),
   );
   const keyring = opts.keyring ? await fs.readFile(opts.keyring) : undefined;
-  const key = sha([path.basename(base), 'mask-veritysetup-generator', JSON.stringify(FIXTURE_FILES), ...PRUNED_MODULE_DIRS, ...contents, keyring ?? '']);
+  const key = sha([path.basename(base), 'mask-veritysetup-generator', 'root-0755', FIXTURE_VERSION, ...FIXTURE_UNITS, JSON.stringify(FIXTURE_FILES), ...PRUNED_MODULE_DIRS, ...contents, keyring ?? '']);
   const final = path.join(cacheRoot(), 'rootfs', `fixture-${key}`);
   if (await exists(path.join(final, '.lamadist-complete'))) return { dir: final, kernel };
 
@@ -248,6 +311,9 @@ export async function fixtureRootfs(opts: { keyring?: string; log?: (m: string) 
     await fs.rmdir(tmp);
     await run('cp', ['-a', '--reflink=auto', base, tmp]);
     await fs.rm(path.join(tmp, '.lamadist-complete'));
+    // The tree's top directory came from mkdtemp (0700) and becomes the image's /: unprivileged
+    // services (dbus-daemon as messagebus) could not even reach /usr.
+    await fs.chmod(tmp, 0o755);
     // A VM has no GPU, sound, Wi-Fi or physical NICs: dropping their modules halves the root image.
     const kmods = path.join(tmp, 'usr/lib/modules', kernel.version, 'kernel');
     for (const d of PRUNED_MODULE_DIRS) await fs.rm(path.join(kmods, d), { recursive: true, force: true });
@@ -258,7 +324,8 @@ export async function fixtureRootfs(opts: { keyring?: string; log?: (m: string) 
       await fs.writeFile(dest, data);
       await fs.chmod(dest, mode);
     };
-    for (const [i, f] of ON_TARGET_FILES.entries()) await put(f.to, contents[i] as Buffer, f.mode);
+    for (const [i, f] of files.entries()) await put(f.to, contents[i] as Buffer, f.mode);
+    await fs.appendFile(path.join(tmp, 'usr/lib/os-release'), `IMAGE_ID=lamadist-fixture\nIMAGE_VERSION=${FIXTURE_VERSION}\n`);
     for (const [to, f] of Object.entries(FIXTURE_FILES)) await put(to, f.data, f.mode);
     await fs.appendFile(path.join(tmp, 'etc/lamadist/health.conf'), '# test fixture: Debian boots without SELinux\nHEALTH_REQUIRE_SELINUX=no\n');
     if (keyring) await put('/etc/rauc/keyring.pem', keyring, 0o644);
@@ -269,7 +336,7 @@ export async function fixtureRootfs(opts: { keyring?: string; log?: (m: string) 
     await fs.symlink('/dev/null', path.join(generators, 'systemd-veritysetup-generator'));
     await fs.writeFile(path.join(tmp, 'etc/machine-id'), '');
     await fs.writeFile(path.join(tmp, 'etc/hostname'), 'lamadist\n');
-    for (const u of ['lamadist-health.service', 'lamadist-fixture-report.service']) await enable(tmp, u);
+    for (const u of FIXTURE_UNITS) await enable(tmp, u);
     await run('chroot', [tmp, 'systemctl', 'enable', 'systemd-networkd.service', 'rauc.service'], { allowFailure: true });
     await fs.writeFile(path.join(tmp, '.lamadist-complete'), '');
     await renameInto(tmp, final);

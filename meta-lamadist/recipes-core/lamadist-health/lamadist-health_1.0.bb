@@ -6,6 +6,8 @@ SRC_URI = " \
     file://lamadist-health \
     file://lamadist-health.service \
     file://health.conf \
+    file://lamadist-boot-entries \
+    file://lamadist-boot-entries.service \
 "
 S = "${WORKDIR}"
 
@@ -19,10 +21,15 @@ do_install() {
     install -D -m 0644 ${S}/lamadist-health.service ${D}${systemd_system_unitdir}/lamadist-health.service
     install -D -m 0644 ${S}/health.conf ${D}${sysconfdir}/lamadist/health.conf
     install -d ${D}${sysconfdir}/lamadist/health.d
-    sed -i -e 's#/usr/libexec#${libexecdir}#' ${D}${systemd_system_unitdir}/lamadist-health.service
+    install -D -m 0755 ${S}/lamadist-boot-entries ${D}${libexecdir}/lamadist/lamadist-boot-entries
+    install -D -m 0644 ${S}/lamadist-boot-entries.service ${D}${systemd_system_unitdir}/lamadist-boot-entries.service
+    sed -i -e 's#/usr/libexec#${libexecdir}#' ${D}${systemd_system_unitdir}/lamadist-health.service \
+        ${D}${systemd_system_unitdir}/lamadist-boot-entries.service
 }
 
-SYSTEMD_SERVICE:${PN} = "lamadist-health.service"
+# lamadist-boot-entries creates the UEFI entries A and B RAUC's efi backend needs; on U-Boot
+# machines its unit's conditions (no efivars) keep it from running.
+SYSTEMD_SERVICE:${PN} = "lamadist-health.service lamadist-boot-entries.service"
 CONFFILES:${PN} = "${sysconfdir}/lamadist/health.conf"
 FILES:${PN} += "${libexecdir}/lamadist ${sysconfdir}/lamadist"
 RDEPENDS:${PN} = "util-linux-findmnt coreutils gawk ${@bb.utils.contains("BBFILE_COLLECTIONS", "rauc", "rauc", "", d)}"

@@ -1,7 +1,25 @@
 import type { Command } from 'commander';
 import path from 'node:path';
 import { UserError } from '../../errors.js';
-import { OVMF, bootDevice, cacheRoot, prepareDevice, runQemu, type Device, type HostForward, type QemuOptions, type QemuResult } from '../../vm/index.js';
+import { promises as fs } from 'node:fs';
+import {
+  OVMF,
+  cacheRoot,
+  matchAfter,
+  otaMilestones,
+  parseReport,
+  parseSlots,
+  prepareFleetDevice,
+  rollOutRelease,
+  runQemu,
+  watchDevice,
+  type DeviceWatch,
+  type FleetDevice,
+  type HostForward,
+  type QemuOptions,
+  type QemuResult,
+  type SlotsReport,
+} from '../../vm/index.js';
 import { act, intOption } from '../action.js';
 import type { Context } from '../context.js';
 
@@ -94,68 +112,98 @@ export async function vmRun(ctx: Context, image: string | undefined, opts: VmRun
   return r;
 }
 
-/** What each demo boot showed, from the device's own report on its console. */
-export interface DemoBoot {
+/** What `lamadist vm demo` ends with. */
+export interface DemoResult {
+  dir: string;
+  disk: string;
+  recoveryKey: string;
+  server: string;
+  /** Console facts of the first boot (slot A) and the slot state after the update (slot B). */
+  firstBoot: Record<string, string>;
+  afterUpdate: SlotsReport;
+  action: string;
+  bundleBytes: number;
+  fetchedBytes: number;
   seconds: number;
-  report: Record<string, string>;
 }
 
-function checkBoot(name: string, r: Awaited<ReturnType<typeof bootDevice>>, log: string): DemoBoot {
-  const report = r.report;
-  if (!r.matched || !report) {
-    throw new UserError('LAMA_E_DEMO', `${name} did not come up${r.timedOut ? ' before the timeout' : ''}; see the serial log ${log}`);
-  }
-  if (!/^\/dev\/mapper\/root erofs\s+ro/.test(report.root ?? '') || report.root_dm !== 'verity') {
-    throw new UserError('LAMA_E_DEMO', `${name}: / is '${report.root ?? ''}', not the read-only dm-verity EROFS root; see ${log}`);
-  }
-  return { seconds: r.durationMs / 1000, report };
+/** The demo's steps in order: preparation, then the device's console milestones of the update. Pure. */
+export function demoSteps(): { title: string; marker?: RegExp }[] {
+  return [
+    { title: 'fleet keys, update server, and the device disk (fixture rootfs, signed UKIs, LUKS2 A/B)' },
+    { title: 'release 2: EROFS + dm-verity + UKIs in a signed crypt bundle, uploaded and rolled out' },
+    ...otaMilestones('1', '2', 'A'),
+  ];
 }
 
 /**
- * `lamadist vm demo`: the device without a build host. Builds the fixture rootfs, fleet keys,
- * signed per-host UKIs and the encrypted A/B disk, then boots it twice under Secure Boot with a
- * TPM2: the first boot enrolls the TPM2 and wipes the provisioning key, the second unlocks with
- * the TPM2 alone and keeps what the first wrote to /etc and /var. Work files go to `dir`.
+ * `lamadist vm demo`: the device without a build host. Builds fleet keys, the update server (in
+ * this process), the fixture device registered with it (encrypted A/B disk, signed per-host UKIs,
+ * provisioning for TPM2 enrollment and its bundle key), and release 2 rolled out to it; then
+ * boots the device under Secure Boot with a TPM2 and follows it on its console: first boot on
+ * slot A, install of version 2 into slot B, reboot into B, health check, and the server's verdict.
  */
-export async function vmDemo(ctx: Context, opts: { dir?: string; timeout?: number }): Promise<{ device: Device; boots: DemoBoot[] }> {
+export async function vmDemo(ctx: Context, opts: { dir?: string; timeout?: number }): Promise<DemoResult> {
   const dir = path.resolve(opts.dir ?? path.join(cacheRoot(), 'demo'));
-  const timeoutMs = (opts.timeout ?? 1200) * 1000;
-  const state: { device?: Device; boots: DemoBoot[] } = { boots: [] };
-  const boot = async (name: string): Promise<void> => {
-    const log = path.join(dir, `boot${state.boots.length + 1}.log`);
-    const r = await bootDevice(state.device as Device, { timeoutMs, serialLog: log, onLine: (l) => ctx.detail(l) });
-    state.boots.push(checkBoot(name, r, log));
-  };
-  await ctx.steps<typeof state>(
-    [
-      {
-        title: 'build the fixture rootfs, fleet keys, signed UKIs and the encrypted A/B disk',
-        run: async (s) => {
-          s.device = await prepareDevice({ dir, hostname: 'lamadist-demo', log: (m) => ctx.detail(m) });
+  const timeoutMs = (opts.timeout ?? 1800) * 1000;
+  const log = path.join(dir, 'console.log');
+  const steps = demoSteps();
+  const state: { fd?: FleetDevice; watch?: DeviceWatch; at: number; bundleBytes: number; releaseId: number } = { at: 0, bundleBytes: 0, releaseId: 0 };
+  const started = Date.now();
+  try {
+    await ctx.steps<typeof state>(
+      steps.map((st, i) => ({
+        title: st.title,
+        run: async (s: typeof state) => {
+          if (i === 0) {
+            s.fd = await prepareFleetDevice({ dir, hostname: 'lamadist-demo', log: (m) => ctx.detail(m) });
+          } else if (i === 1) {
+            const r = await rollOutRelease(s.fd as FleetDevice, { version: '2', log: (m) => ctx.detail(m) });
+            s.bundleBytes = r.release.size;
+            s.releaseId = r.releaseId;
+            await fs.rm(log, { force: true });
+            s.watch = watchDevice((s.fd as FleetDevice).device, { timeoutMs, serialLog: log, onLine: (l) => ctx.detail(l) });
+          } else if (st.marker) {
+            s.at = await (s.watch as DeviceWatch).waitFor(st.marker, s.at);
+          }
         },
-      },
-      { title: 'first boot: Secure Boot, provisioning key, TPM2 enrollment, verity root', run: () => boot('first boot') },
-      { title: 'second boot: TPM2-only unlock, /etc and /var kept', run: () => boot('second boot') },
-    ],
-    state,
-  );
-  const device = state.device as Device;
-  const [first, second] = state.boots as [DemoBoot, DemoBoot];
-  if (!second.report.persist || second.report.persist !== second.report.var_marker) {
-    throw new UserError('LAMA_E_DEMO', `second boot did not find the first boot's /etc and /var writes; see ${path.join(dir, 'boot2.log')}`);
-  }
-  ctx.result(
-    { dir, disk: device.disk, recoveryKey: device.recoveryKey, boots: state.boots },
-    () =>
+      })),
+      state,
+    );
+    const fd = state.fd as FleetDevice;
+    const serial = (state.watch as DeviceWatch).serial();
+    const afterUpdate = parseSlots(serial.slice(matchAfter(serial, /installed version 2; rebooting/)));
+    const action = (await fd.fleet.getDevice(fd.controllerId)).actions.find((a) => a.releaseId === state.releaseId)?.state ?? 'none';
+    if (!afterUpdate || afterUpdate.booted !== 'B' || action !== 'success') {
+      throw new UserError('LAMA_E_DEMO', `the device did not come back on slot B with the update accepted (action ${action}); see ${log}`);
+    }
+    const result: DemoResult = {
+      dir,
+      disk: fd.device.disk,
+      recoveryKey: fd.device.recoveryKey,
+      server: fd.server.url,
+      firstBoot: parseReport(serial.slice(0, matchAfter(serial, /LAMADIST-REPORT-END/))) ?? {},
+      afterUpdate,
+      action,
+      bundleBytes: state.bundleBytes,
+      fetchedBytes: fd.server.service.counters.artifactBytes,
+      seconds: (Date.now() - started) / 1000,
+    };
+    const r = result.firstBoot;
+    ctx.result(result, () =>
       [
-        `device ${first.report.hostname} (machine-id ${first.report.machine_id}) on slot ${first.report.slot}`,
-        `  root  ${first.report.root} (${first.report.root_dm})`,
-        `  /var  ${first.report.var} (${first.report.var_luks}), /etc ${first.report.etc?.split(' ')[0] ?? ''}`,
-        `  first boot ${first.seconds.toFixed(0)} s (TPM2 enrolled), second boot ${second.seconds.toFixed(0)} s (TPM2 unlock)`,
-        `  disk ${device.disk}, recovery key ${device.recoveryKey}`,
+        `device ${r.hostname ?? ''} (machine-id ${r.machine_id ?? ''})`,
+        `  first boot: slot A, version ${r.version ?? ''}, root ${r.root ?? ''} (${r.root_dm ?? ''}), /var ${r.var ?? ''} (${r.var_luks ?? ''})`,
+        `  update: version ${afterUpdate.version} on slot ${afterUpdate.booted} (${afterUpdate.state.B?.boot ?? ''}), health check ${afterUpdate.health}, server action ${action}`,
+        `  bundle ${result.bundleBytes} bytes, fetched ${result.fetchedBytes} bytes; ${result.seconds.toFixed(0)} s in all`,
+        `  disk ${result.disk}, recovery key ${result.recoveryKey}, console ${log}`,
       ].join('\n'),
-  );
-  return { device, boots: state.boots };
+    );
+    return result;
+  } finally {
+    await state.watch?.stop();
+    await state.fd?.server.close();
+  }
 }
 
 function collect(value: string, previous: string[] = []): string[] {
@@ -165,9 +213,9 @@ function collect(value: string, previous: string[] = []): string[] {
 export function configure(cmd: Command): void {
   cmd
     .command('demo')
-    .description('build the test fixture device and boot it under Secure Boot with a TPM2 (no build host needed)')
+    .description('build the test fixture device and an update server, boot it under Secure Boot with a TPM2 and roll out version 2 to slot B')
     .option('--dir <dir>', 'work directory (default ~/.cache/lamadist/demo)')
-    .option('--timeout <s>', 'limit per boot in seconds (default 1200)', intOption('--timeout'))
+    .option('--timeout <s>', 'limit for the device run in seconds (default 1800)', intOption('--timeout'))
     .action(
       act<{ dir?: string; timeout?: number }>(async (ctx, _args, opts) => {
         await vmDemo(ctx, opts);

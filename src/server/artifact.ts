@@ -3,7 +3,7 @@ import { randomBytes } from 'node:crypto';
 import { Readable } from 'node:stream';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { contentRange, multipartPlan, planRange, type ByteRange } from './range.js';
-import type { ArtifactStore } from './store.js';
+import type { ArtifactStore, Lease } from './store.js';
 
 /** What the artifact endpoint needs to know about the stored bundle. */
 export interface ServedArtifact {
@@ -18,14 +18,25 @@ const EMPTY = (): Readable => Readable.from([]);
 /** Ranges up to this size come from the store's block cache; larger ones stream from the file. */
 const INLINE_MAX = 4 * 1024 * 1024;
 
-function body(store: ArtifactStore, a: ServedArtifact, r: ByteRange): Promise<Buffer> | Readable {
+function body(store: ArtifactStore, a: ServedArtifact, r: ByteRange): Promise<Lease> | Readable {
   if (r.end - r.start + 1 <= INLINE_MAX) return store.read(a.sha256, a.size, r.start, r.end);
   return createReadStream(store.pathFor(a.sha256), { start: r.start, end: r.end });
 }
 
+/** Give leased cache memory back once the response is over (sent, or the connection dropped). */
+function releaseOnClose(reply: FastifyReply, lease: Lease): void {
+  reply.raw.once('close', () => lease.release());
+}
+
 async function sendBody(reply: FastifyReply, store: ArtifactStore, a: ServedArtifact, r: ByteRange): Promise<number> {
   const b = body(store, a, r);
-  reply.send(b instanceof Readable ? b : await b);
+  if (b instanceof Readable) {
+    reply.send(b);
+  } else {
+    const lease = await b;
+    releaseOnClose(reply, lease);
+    reply.send(lease.data);
+  }
   return r.end - r.start + 1;
 }
 
@@ -82,8 +93,13 @@ export async function sendArtifact(req: FastifyRequest, reply: FastifyReply, sto
     for (const p of mp.parts) {
       yield p.head;
       const b = body(store, a, p.range);
-      if (b instanceof Readable) for await (const c of b) yield c as Buffer;
-      else yield await b;
+      if (b instanceof Readable) {
+        for await (const c of b) yield c as Buffer;
+      } else {
+        const lease = await b;
+        releaseOnClose(reply, lease);
+        yield lease.data;
+      }
     }
     yield mp.tail;
   }

@@ -18,9 +18,20 @@ export interface PendingUpload extends UploadDigest {
   tempPath: string;
 }
 
+/** Bytes of an artifact held in memory for a caller; `release()` once they have been written out. */
+export interface Lease {
+  data: Buffer;
+  release(): void;
+}
+
 interface CachedBlock {
-  data: Promise<Buffer>;
+  slab: Buffer;
   len: number;
+  /** Leases currently holding views of the slab. */
+  refs: number;
+  settled: boolean;
+  failed?: boolean;
+  loaded: Promise<void>;
 }
 
 /** Block size of the range-read cache: 32 RAUC-sized (128 KiB) reads per block. */
@@ -39,12 +50,13 @@ export class ArtifactStore {
   private handles = new Map<string, Promise<FileHandle>>();
   /** Aligned blocks of committed artifacts, least recently used first (Map keeps insertion order). */
   private blocks = new Map<string, CachedBlock>();
-  private cachedBytes = 0;
-  private readonly cacheBytes: number;
+  private freeSlabs: Buffer[] = [];
+  private slabCount = 0;
+  private readonly maxSlabs: number;
 
   private constructor(root: string, cacheBytes: number) {
     this.root = root;
-    this.cacheBytes = cacheBytes;
+    this.maxSlabs = Math.floor(cacheBytes / BLOCK_SIZE);
   }
 
   /**
@@ -135,68 +147,125 @@ export class ArtifactStore {
   }
 
   /**
-   * Bytes `start`..`end` (inclusive) of a committed artifact of `size` bytes. Reads go through a
-   * bounded LRU of BLOCK_SIZE-aligned blocks: RAUC streams a bundle in small ranges, and every device
-   * of a rollout wave reads the same ones, so one positional read serves many requests and the
-   * thread-pool round trip of a file read is paid once per block, not once per request. A range
-   * inside one block is a view of the cached block (no copy).
+   * Bytes `start`..`end` (inclusive) of a committed artifact of `size` bytes, as a lease: `data` stays
+   * valid until `release()`, which the caller calls once the bytes are written out. Reads go
+   * through an LRU of BLOCK_SIZE-aligned blocks held in a fixed pool of slabs: RAUC streams a bundle
+   * in small ranges and every device of a rollout wave reads the same ones, so one positional read
+   * serves many requests, the next block is read ahead, and the slabs are reused instead of
+   * allocated, which keeps page faults and garbage collection off the hot path. A range inside
+   * one block is a view of the slab (no copy); a slab is reused only when no lease holds it.
    */
-  async read(sha256: string, size: number, start: number, end: number): Promise<Buffer> {
-    if (this.cacheBytes < BLOCK_SIZE) return this.readAt(sha256, start, end - start + 1);
+  async read(sha256: string, size: number, start: number, end: number): Promise<Lease> {
+    const len = end - start + 1;
     const first = Math.floor(start / BLOCK_SIZE);
     const last = Math.floor(end / BLOCK_SIZE);
-    const pieces: Buffer[] = [];
+    const held: CachedBlock[] = [];
     for (let i = first; i <= last; i++) {
-      const block = await this.block(sha256, size, i);
-      const base = i * BLOCK_SIZE;
-      pieces.push(block.subarray(Math.max(start, base) - base, Math.min(end + 1, base + block.length) - base));
+      const b = this.block(sha256, size, i, true);
+      if (!b) break;
+      held.push(b);
     }
-    return pieces.length === 1 ? (pieces[0] as Buffer) : Buffer.concat(pieces);
+    const releaseAll = (): void => {
+      for (const b of held.splice(0)) this.unref(b);
+    };
+    if (held.length !== last - first + 1) {
+      // Cache off, or every slab is leased right now: read this range on its own.
+      releaseAll();
+      const buf = Buffer.allocUnsafe(len);
+      await this.readInto(sha256, start, buf);
+      return { data: buf, release: () => undefined };
+    }
+    // Streaming readers go forward: start reading the next block now so it is in memory when asked for.
+    if ((last + 1) * BLOCK_SIZE < size) this.block(sha256, size, last + 1, false)?.loaded.catch(() => undefined);
+    try {
+      await Promise.all(held.map((b) => b.loaded));
+    } catch (err) {
+      releaseAll();
+      throw err;
+    }
+    const pieces = held.map((b, k) => {
+      const base = (first + k) * BLOCK_SIZE;
+      return b.slab.subarray(Math.max(start, base) - base, Math.min(end + 1, base + b.len) - base);
+    });
+    if (pieces.length === 1) return { data: pieces[0] as Buffer, release: releaseAll };
+    const data = Buffer.concat(pieces, len);
+    releaseAll();
+    return { data, release: () => undefined };
   }
 
-  private block(sha256: string, size: number, index: number): Promise<Buffer> {
+  /** Slab usage, for tests and metrics: allocated, free (not holding a block) and leased. */
+  cacheStats(): { slabs: number; free: number; leased: number; blocks: number } {
+    let leased = 0;
+    for (const b of this.blocks.values()) if (b.refs > 0) leased++;
+    return { slabs: this.slabCount, free: this.freeSlabs.length, leased, blocks: this.blocks.size };
+  }
+
+  /** The cached block `index` of an artifact (loading it into a slab if needed), or undefined when no slab is free. */
+  private block(sha256: string, size: number, index: number, lease: boolean): CachedBlock | undefined {
     const key = `${sha256}:${index}`;
     const hit = this.blocks.get(key);
     if (hit) {
       this.blocks.delete(key);
       this.blocks.set(key, hit);
-      return hit.data;
+      if (lease) hit.refs++;
+      return hit;
     }
+    const slab = this.takeSlab();
+    if (!slab) return undefined;
     const len = Math.min(BLOCK_SIZE, size - index * BLOCK_SIZE);
-    const entry = { data: this.readAt(sha256, index * BLOCK_SIZE, len), len };
-    // A failed read is not cached: the next request tries the file again.
-    entry.data.catch(() => this.drop(key, entry));
+    const entry: CachedBlock = { slab, len, refs: lease ? 1 : 0, settled: false, loaded: Promise.resolve() };
+    entry.loaded = this.readInto(sha256, index * BLOCK_SIZE, slab.subarray(0, len)).then(
+      () => {
+        entry.settled = true;
+      },
+      (err: unknown) => {
+        // A failed read is not cached: the next request tries the file again.
+        if (this.blocks.get(key) === entry) this.blocks.delete(key);
+        entry.failed = true;
+        if (entry.refs === 0) this.freeSlabs.push(slab);
+        throw err;
+      },
+    );
     this.blocks.set(key, entry);
-    this.cachedBytes += len;
-    for (const [k, old] of this.blocks) {
-      if (this.cachedBytes <= this.cacheBytes || k === key) break;
-      this.drop(k, old);
+    return entry;
+  }
+
+  private unref(b: CachedBlock): void {
+    b.refs--;
+    // A failed block left the map when its read failed; its slab is free once nobody holds it.
+    if (b.failed && b.refs === 0) this.freeSlabs.push(b.slab);
+  }
+
+  /** A free slab: from the free list, a new one within the budget, or the least recently used unleased block's. */
+  private takeSlab(): Buffer | undefined {
+    const free = this.freeSlabs.pop();
+    if (free) return free;
+    if (this.slabCount < this.maxSlabs) {
+      this.slabCount++;
+      return Buffer.allocUnsafeSlow(BLOCK_SIZE);
     }
-    return entry.data;
+    for (const [key, b] of this.blocks) {
+      if (b.refs === 0 && b.settled) {
+        this.blocks.delete(key);
+        return b.slab;
+      }
+    }
+    return undefined;
   }
 
-  private drop(key: string, entry: CachedBlock): void {
-    if (this.blocks.get(key) !== entry) return;
-    this.blocks.delete(key);
-    this.cachedBytes -= entry.len;
-  }
-
-  private async readAt(sha256: string, position: number, length: number): Promise<Buffer> {
+  private async readInto(sha256: string, position: number, target: Buffer): Promise<void> {
     const fh = await this.handle(sha256);
-    const buf = Buffer.allocUnsafe(length);
     let off = 0;
-    while (off < length) {
-      const { bytesRead } = await fh.read(buf, off, length - off, position + off);
+    while (off < target.length) {
+      const { bytesRead } = await fh.read(target, off, target.length - off, position + off);
       if (bytesRead === 0) throw new Error(`artifact ${sha256} is shorter than its recorded size`);
       off += bytesRead;
     }
-    return buf;
   }
 
   /** Close every cached handle and drop the block cache. */
   async close(): Promise<void> {
     this.blocks.clear();
-    this.cachedBytes = 0;
     const all = [...this.handles.values()];
     this.handles.clear();
     for (const h of all) await h.then((fh) => fh.close()).catch(() => undefined);

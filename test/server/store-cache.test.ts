@@ -46,15 +46,55 @@ describe('artifact store block cache', () => {
         for (let pass = 0; pass < 2; pass++) {
           for (const [s, e] of ranges) {
             const got = await store.read(sha, data.length, s, e);
-            expect(got.length, `${s}-${e}`).toBe(e - s + 1);
-            expect(got.equals(data.subarray(s, e + 1)), `${s}-${e}`).toBe(true);
+            expect(got.data.length, `${s}-${e}`).toBe(e - s + 1);
+            expect(got.data.equals(data.subarray(s, e + 1)), `${s}-${e}`).toBe(true);
+            got.release();
           }
         }
+        const st = store.cacheStats();
+        expect(st.leased).toBe(0);
+        expect(st.slabs).toBeLessThanOrEqual(Math.floor(cacheBytes / BLOCK_SIZE));
       } finally {
         await store.close();
       }
     });
   }
+
+  it('never reuses a slab while a lease still holds it', async () => {
+    const store = await storeWith(2 * BLOCK_SIZE);
+    try {
+      const held = await store.read(sha, data.length, 100, 4195);
+      const copy = Buffer.from(held.data);
+      // Blocks 1 and 2 (and read-ahead) compete for the one other slab; block 0 stays leased.
+      for (const [s, e] of [[BLOCK_SIZE, BLOCK_SIZE + 99], [2 * BLOCK_SIZE, 2 * BLOCK_SIZE + 99], [BLOCK_SIZE + 5, BLOCK_SIZE + 9]] as const) {
+        const l = await store.read(sha, data.length, s, e);
+        expect(l.data.equals(data.subarray(s, e + 1))).toBe(true);
+        l.release();
+      }
+      expect(held.data.equals(copy)).toBe(true);
+      expect(held.data.equals(data.subarray(100, 4196))).toBe(true);
+      expect(store.cacheStats()).toMatchObject({ slabs: 2, leased: 1 });
+      held.release();
+      expect(store.cacheStats().leased).toBe(0);
+    } finally {
+      await store.close();
+    }
+  });
+
+  it('serves from a fresh buffer when every slab is leased', async () => {
+    const store = await storeWith(BLOCK_SIZE);
+    try {
+      const a = await store.read(sha, data.length, 0, 9);
+      const b = await store.read(sha, data.length, BLOCK_SIZE, BLOCK_SIZE + 9);
+      expect(b.data.equals(data.subarray(BLOCK_SIZE, BLOCK_SIZE + 10))).toBe(true);
+      expect(a.data.equals(data.subarray(0, 10))).toBe(true);
+      expect(store.cacheStats()).toMatchObject({ slabs: 1, leased: 1 });
+      a.release();
+      b.release();
+    } finally {
+      await store.close();
+    }
+  });
 
   it('does not keep a failed read: the next request reads the file again', async () => {
     const store = await storeWith(64 * 1024 * 1024);
@@ -64,7 +104,8 @@ describe('artifact store block cache', () => {
       await expect(store.read(sha, data.length, 2 * BLOCK_SIZE, 2 * BLOCK_SIZE + 10)).rejects.toThrow(/shorter than its recorded size/);
       await fs.writeFile(file, data);
       const got = await store.read(sha, data.length, 2 * BLOCK_SIZE, 2 * BLOCK_SIZE + 10);
-      expect(got.equals(data.subarray(2 * BLOCK_SIZE, 2 * BLOCK_SIZE + 11))).toBe(true);
+      expect(got.data.equals(data.subarray(2 * BLOCK_SIZE, 2 * BLOCK_SIZE + 11))).toBe(true);
+      got.release();
     } finally {
       await store.close();
     }

@@ -54,6 +54,7 @@ export function hawkbitConf(d: DdiProvisioning): string {
     `tenant_id = ${d.tenant}`,
     `target_name = ${d.controllerId}`,
     `auth_token = ${d.token}`,
+    'stream_bundle = true',
     'bundle_download_location = /var/tmp/lamadist-ddi/bundle.raucb',
     '',
   ].join('\n');

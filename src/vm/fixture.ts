@@ -6,6 +6,7 @@ import { UserError, isErrno } from '../errors.js';
 import { run } from '../util/proc.js';
 import { buildInitramfs } from './initramfs.js';
 import { cacheRoot, debianKernel, type DebianKernel } from './kernel.js';
+import { streamingRauc } from './rauc.js';
 
 /**
  * The test root file system fixture: Debian bookworm from debootstrap with what a LamaDist device
@@ -19,6 +20,8 @@ export const FIXTURE_PACKAGES = [
   'systemd', 'systemd-sysv', 'udev', 'dbus', 'kmod', 'rauc', 'rauc-service', 'cryptsetup-bin', 'tpm2-tools', 'efibootmgr',
   'curl', 'ca-certificates', 'jq', 'dmsetup', 'e2fsprogs', 'dosfstools', 'util-linux', 'iproute2', 'procps',
   'libtss2-esys-3.0.2-0', 'libtss2-rc0', 'libtss2-mu0', 'libtss2-tcti-device0',
+  // The streaming rauc (streamingRauc(), Debian's source with --enable-streaming) talks NBD over generic netlink.
+  'libnl-genl-3-200',
 ] as const;
 
 /** Bumped when the fixture's own configuration below changes, so cached trees are rebuilt. */
@@ -64,6 +67,26 @@ export const FIXTURE_VERSION = '1';
 /** The initramfs /init and its helper, from meta-lamadist's lamadist-boot recipe. */
 export const INIT_FILE = 'meta-lamadist/recipes-core/lamadist-boot/files/lamadist-init';
 
+/** A oneshot unit of the fixture printing a report; `order` holds its ordering lines. */
+function reportUnit(what: string, order: string[], exec: string): { data: string; mode: number } {
+  const data = [
+    '[Unit]',
+    `Description=LamaDist test fixture: ${what}`,
+    ...order,
+    '',
+    '[Service]',
+    'Type=oneshot',
+    `ExecStart=${exec}`,
+    '# Through the journal (forwarded to ttyS0): a direct tty writer dies when the serial getty hangs the line up.',
+    'StandardOutput=journal',
+    '',
+    '[Install]',
+    'WantedBy=multi-user.target',
+    '',
+  ];
+  return { data: data.join('\n'), mode: 0o644 };
+}
+
 /**
  * Fixture-only configuration (what a Yocto image sets through its recipes and that Debian lacks):
  * DHCP on the virtio NIC, an empty machine-id so systemd takes systemd.machine_id= from the
@@ -80,44 +103,16 @@ const FIXTURE_FILES: Record<string, { data: string; mode: number }> = {
     mode: 0o644,
   },
   '/etc/lamadist/health.d/.keep': { data: '', mode: 0o644 },
-  '/usr/lib/systemd/system/lamadist-fixture-report.service': {
-    data: [
-      '[Unit]',
-      'Description=LamaDist test fixture: report the booted state on the console',
-      '# basic.target: everything the report reads (mounts, hostname, machine-id, LUKS2) is set by',
-      '# then, and it must not wait for units that need the network.',
-      'After=basic.target',
-      '',
-      '[Service]',
-      'Type=oneshot',
-      'ExecStart=/usr/libexec/lamadist/lamadist-fixture-report',
-      '# Through the journal (forwarded to ttyS0): a direct tty writer dies when the serial getty hangs the line up.',
-      'StandardOutput=journal',
-      '',
-      '[Install]',
-      'WantedBy=multi-user.target',
-      '',
-    ].join('\n'),
-    mode: 0o644,
-  },
-  '/usr/lib/systemd/system/lamadist-fixture-slots.service': {
-    data: [
-      '[Unit]',
-      'Description=LamaDist test fixture: report the A/B slot state on the console after the health check',
-      'After=multi-user.target lamadist-health.service lamadist-boot-entries.service rauc.service',
-      '',
-      '[Service]',
-      'Type=oneshot',
-      'ExecStart=/usr/libexec/lamadist/lamadist-fixture-slots',
-      '# Through the journal (forwarded to ttyS0): a direct tty writer dies when the serial getty hangs the line up.',
-      'StandardOutput=journal',
-      '',
-      '[Install]',
-      'WantedBy=multi-user.target',
-      '',
-    ].join('\n'),
-    mode: 0o644,
-  },
+  // RAUC streams bundles through an NBD device (a Yocto image sets KERNEL_MODULE_AUTOLOAD).
+  '/etc/modules-load.d/lamadist-fixture-nbd.conf': { data: 'nbd\n', mode: 0o644 },
+  '/usr/lib/systemd/system/lamadist-fixture-report.service': reportUnit('report the booted state on the console', [
+    '# basic.target: everything the report reads (mounts, hostname, machine-id, LUKS2) is set by',
+    '# then, and it must not wait for units that need the network.',
+    'After=basic.target',
+  ], '/usr/libexec/lamadist/lamadist-fixture-report'),
+  '/usr/lib/systemd/system/lamadist-fixture-slots.service': reportUnit('report the A/B slot state on the console after the health check', [
+    'After=multi-user.target lamadist-health.service lamadist-boot-entries.service rauc.service',
+  ], '/usr/libexec/lamadist/lamadist-fixture-slots'),
   '/usr/libexec/lamadist/lamadist-fixture-slots': {
     data: [
       '#!/bin/sh',
@@ -302,7 +297,9 @@ export async function fixtureRootfs(opts: { keyring?: string; log?: (m: string) 
     ),
   );
   const keyring = opts.keyring ? await fs.readFile(opts.keyring) : undefined;
-  const key = sha([path.basename(base), 'mask-veritysetup-generator', 'root-0755', FIXTURE_VERSION, ...FIXTURE_UNITS, JSON.stringify(FIXTURE_FILES), ...PRUNED_MODULE_DIRS, ...contents, keyring ?? '']);
+  const rauc = await streamingRauc({ log });
+  const raucBinary = await fs.readFile(rauc.binary);
+  const key = sha([path.basename(base), 'mask-veritysetup-generator', 'root-0755', raucBinary, FIXTURE_VERSION, ...FIXTURE_UNITS, JSON.stringify(FIXTURE_FILES), ...PRUNED_MODULE_DIRS, ...contents, keyring ?? '']);
   const final = path.join(cacheRoot(), 'rootfs', `fixture-${key}`);
   if (await exists(path.join(final, '.lamadist-complete'))) return { dir: final, kernel };
 
@@ -329,6 +326,8 @@ export async function fixtureRootfs(opts: { keyring?: string; log?: (m: string) 
     for (const [to, f] of Object.entries(FIXTURE_FILES)) await put(to, f.data, f.mode);
     await fs.appendFile(path.join(tmp, 'etc/lamadist/health.conf'), '# test fixture: Debian boots without SELinux\nHEALTH_REQUIRE_SELINUX=no\n');
     if (keyring) await put('/etc/rauc/keyring.pem', keyring, 0o644);
+    // Debian's rauc has no streaming; the same release built with it replaces the binary.
+    await put('/usr/bin/rauc', raucBinary, 0o755);
     // lamadist-init opens dm-verity itself; systemd's generator would see roothash= and wait 90 s
     // for a verity data device of its own. Masked (a link to /dev/null), as a Yocto image leaves it out.
     const generators = path.join(tmp, 'etc/systemd/system-generators');

@@ -285,7 +285,7 @@ export function otaMilestones(from: string, to: string, fromSlot: 'A' | 'B' = 'A
   const esc = (s: string): string => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
   return [
     { title: `slot ${fromSlot} runs version ${from} and reports it to the server`, marker: new RegExp(`lamadist-ddi: reported version ${esc(from)} slot ${fromSlot}`) },
-    { title: `download version ${to} and install it into slot ${toSlot} (rauc install)`, marker: new RegExp(`lamadist-ddi: installed version ${esc(to)}; rebooting`) },
+    { title: `RAUC streams version ${to} from the server into slot ${toSlot}`, marker: new RegExp(`lamadist-ddi: installed version ${esc(to)}; rebooting`) },
     { title: `reboot into slot ${toSlot} (BootNext); the health check marks it good`, marker: /LAMADIST-SLOTS-END/ },
     { title: `slot ${toSlot} reports version ${to}: the server closes the action`, marker: new RegExp(`lamadist-ddi: reported version ${esc(to)} slot ${toSlot}`) },
   ];

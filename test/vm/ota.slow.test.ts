@@ -2,7 +2,7 @@ import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { bootDevice, parseSlots, prepareFleetDevice, rollOutRelease, type FleetDevice } from '../../src/vm/index.js';
+import { bootDevice, matchAfter, otaMilestones, parseSlots, prepareFleetDevice, rollOutRelease, watchDevice, type FleetDevice } from '../../src/vm/index.js';
 
 // Acceptance 2 and 3 on one device: the fixture device registered with the update server in this
 // process boots (first boot: TPM2 enrollment on slot A, version 1), its DDI client takes the
@@ -11,12 +11,10 @@ import { bootDevice, parseSlots, prepareFleetDevice, rollOutRelease, type FleetD
 // success. Then version 3, whose health check fails, goes to slot A: its trial boot reboots, the
 // firmware's BootOrder brings back B, and the server records "rolled back".
 
-/** Index just past the first match of `re` at or after `from`, or -1. */
-function after(serial: string, re: RegExp, from = 0): number {
-  const m = new RegExp(re.source, 'g');
-  m.lastIndex = from;
-  const r = m.exec(serial);
-  return r ? r.index + r[0].length : -1;
+/** True once `second` shows on the console after `first` did. */
+function inOrder(serial: string, first: RegExp, second: RegExp): boolean {
+  const at = matchAfter(serial, first);
+  return at >= 0 && matchAfter(serial, second, at) >= 0;
 }
 
 describe('acceptance 2 and 3: over-the-air update to slot B and rollback of a failing release', () => {
@@ -34,37 +32,47 @@ describe('acceptance 2 and 3: over-the-air update to slot B and rollback of a fa
 
   it('rolls out version 2: installed to slot B, success only after B booted and was marked good', async () => {
     const v2 = await rollOutRelease(fd, { version: '2' });
-    const stateAtReboot: string[] = [];
     const bytesBefore = fd.server.service.counters.artifactBytes;
-    const r = await bootDevice(fd.device, {
-      timeoutMs: 1_200_000,
-      serialLog: path.join(dir, 'ota.log'),
-      onLine: (l) => {
-        if (l.includes('lamadist-ddi: installed version 2; rebooting')) {
-          void fd.fleet.getDevice(fd.controllerId).then((d) => stateAtReboot.push(d.actions.find((a) => a.releaseId === v2.releaseId)?.state ?? 'none'));
-        }
-      },
-      until: (s) => after(s, /lamadist-ddi: reported version 2 slot B/, Math.max(0, after(s, /installed version 2; rebooting/))) > 0,
-    });
-    const tail = r.serial.slice(-6000);
-    expect(r.matched, tail).toBe(true);
+    const actionState = async (): Promise<string> => (await fd.fleet.getDevice(fd.controllerId)).actions.find((a) => a.releaseId === v2.releaseId)?.state ?? 'none';
+    // The console milestones `lamadist vm demo` follows, with the server's view after each.
+    const watch = watchDevice(fd.device, { timeoutMs: 1_500_000, serialLog: path.join(dir, 'ota.log') });
+    const seen: { title: string; seconds: number; action: string }[] = [];
+    const t0 = Date.now();
+    let at = 0;
+    try {
+      for (const m of otaMilestones('1', '2', 'A')) {
+        at = await watch.waitFor(m.marker, at);
+        seen.push({ title: m.title, seconds: Math.round((Date.now() - t0) / 1000), action: await actionState() });
+      }
+    } finally {
+      await watch.stop();
+    }
+    const serial = watch.serial();
+    const tail = serial.slice(-6000);
     // First boot on A with version 1, reported before anything was installed.
-    expect(r.serial).toContain('TPM2 enrolled');
-    expect(r.serial).toMatch(/lamadist-boot-entries: created Boot[0-9A-F]{4} "A"/);
-    expect(r.serial).toMatch(/lamadist-ddi: reported version 1 slot A/);
-    expect(r.serial).toMatch(/provisioned \/var\/lib\/rauc\/encryption\/device\.key\.pem/);
-    // The install wrote slot B and set BootNext; the next boot ran B, healthy and marked good.
-    const reboot = after(r.serial, /installed version 2; rebooting/);
-    const slots = parseSlots(r.serial.slice(reboot));
+    expect(serial).toContain('TPM2 enrolled');
+    expect(serial).toMatch(/lamadist-boot-entries: created Boot[0-9A-F]{4} "A"/);
+    expect(serial).toMatch(/provisioned \/var\/lib\/rauc\/encryption\/device\.key\.pem/);
+    expect(seen[0]?.action).not.toBe('success');
+    // RAUC wrote slot B and the feedback made the action "installed, awaiting boot", not success.
+    expect(serial).toMatch(/Copying image to rootfs\.1 done/);
+    expect(serial).toMatch(/Copying image to efi\.1 done/);
+    expect(seen[1]?.action).toBe('installed');
+    // The next boot ran B (BootNext), healthy and marked good; only B's report closed the action.
+    const slots = parseSlots(serial.slice(matchAfter(serial, /installed version 2; rebooting/)));
     expect(slots?.booted, tail).toBe('B');
     expect(slots?.version).toBe('2');
     expect(slots?.health).toBe('success');
     expect(slots?.state.B).toMatchObject({ state: 'booted', boot: 'good' });
-    expect(stateAtReboot).toEqual(['installed']);
-    const device = await fd.fleet.getDevice(fd.controllerId);
-    expect(device.actions.find((a) => a.releaseId === v2.releaseId)?.state).toBe('success');
+    expect(seen[2]?.action).toBe('installed');
+    expect(await actionState()).toBe('success');
     const fetched = fd.server.service.counters.artifactBytes - bytesBefore;
-    console.log(`OTA v2: bundle ${v2.release.size} bytes, device fetched ${fetched} bytes (${((100 * fetched) / v2.release.size).toFixed(1)}%), boot to B-good ${(r.durationMs / 1000).toFixed(0)} s`);
+    console.log(
+      [
+        `OTA v2: bundle ${v2.release.size} bytes, device fetched ${fetched} bytes (${((100 * fetched) / v2.release.size).toFixed(1)}%)`,
+        ...seen.map((m) => `  ${String(m.seconds).padStart(4)} s  ${m.title} (server: ${m.action})`),
+      ].join('\n'),
+    );
     expect(fetched).toBeGreaterThan(0);
   }, 2_400_000);
 
@@ -73,16 +81,16 @@ describe('acceptance 2 and 3: over-the-air update to slot B and rollback of a fa
     const r = await bootDevice(fd.device, {
       timeoutMs: 1_500_000,
       serialLog: path.join(dir, 'rollback.log'),
-      until: (s) => after(s, /lamadist-ddi: reported version 2 slot B/, Math.max(0, after(s, /unhealthy trial boot/))) > 0,
+      until: (s) => inOrder(s, /unhealthy trial boot/, /lamadist-ddi: reported version 2 slot B/),
     });
     const tail = r.serial.slice(-6000);
     expect(r.matched, tail).toBe(true);
-    const firstReport = after(r.serial, /LAMADIST-SLOTS-END/);
+    const firstReport = matchAfter(r.serial, /LAMADIST-SLOTS-END/);
     const before = parseSlots(r.serial.slice(0, firstReport));
     expect(before?.booted).toBe('B');
     expect(r.serial).toContain('lamadist-ddi: installed version 3; rebooting');
     expect(r.serial).toMatch(/lamadist-health: FAIL: check 50-fixture-fails failed/);
-    const fellBack = after(r.serial, /unhealthy trial boot/);
+    const fellBack = matchAfter(r.serial, /unhealthy trial boot/);
     const back = parseSlots(r.serial.slice(fellBack));
     expect(back?.booted, tail).toBe('B');
     expect(back?.version).toBe('2');

@@ -33,7 +33,7 @@ describe('device provisioning (pure)', () => {
 
   it('writes rauc-hawkbit-updater style configuration', () => {
     expect(hawkbitConf(ddi)).toBe(
-      '[client]\nhawkbit_server = 10.0.2.2:8080\nssl = false\ntenant_id = DEFAULT\ntarget_name = node-1\nauth_token = tok\n' +
+      '[client]\nhawkbit_server = 10.0.2.2:8080\nssl = false\ntenant_id = DEFAULT\ntarget_name = node-1\nauth_token = tok\nstream_bundle = true\n' +
         'bundle_download_location = /var/tmp/lamadist-ddi/bundle.raucb\n',
     );
   });
@@ -153,17 +153,19 @@ describe('fixture DDI client against the update server', () => {
     await fs.rm(dir, { recursive: true, force: true });
   });
 
-  async function runClient(controllerId: string, token: string, raucExit: number): Promise<{ out: string; calls: string }> {
+  async function runClient(controllerId: string, token: string, raucExit: number, stream = true): Promise<{ out: string; calls: string }> {
     const bin = path.join(dir, `bin-${controllerId}`);
     await fs.mkdir(bin, { recursive: true });
     const calls = path.join(dir, `calls-${controllerId}`);
     const shim = (name: string, body: string): Promise<void> => fs.writeFile(path.join(bin, name), `#!/bin/sh\necho "${name} $*" >>${calls}\n${body}\n`, { mode: 0o755 });
-    await shim('rauc', `sha256sum "$2" | cut -d' ' -f1 >>${calls}\necho "100% Installing done."\nexit ${raucExit}`);
+    await shim('rauc', `[ -f "$2" ] && sha256sum "$2" | cut -d' ' -f1 >>${calls}\necho "100% Installing done."\nexit ${raucExit}`);
     await shim('systemctl', 'exit 0');
     const conf = path.join(dir, `${controllerId}.conf`);
     await fs.writeFile(
       conf,
-      hawkbitConf({ server: new URL(server.url).host, tenant: 'DEFAULT', controllerId, token }).replace('/var/tmp/lamadist-ddi/', `${dir}/dl-${controllerId}/`),
+      hawkbitConf({ server: new URL(server.url).host, tenant: 'DEFAULT', controllerId, token })
+        .replace('/var/tmp/lamadist-ddi/', `${dir}/dl-${controllerId}/`)
+        .replace('stream_bundle = true', `stream_bundle = ${stream}`),
     );
     const script = await fs.readFile(path.join(repoRoot(), 'src/vm/fixture/lamadist-ddi-client'), 'utf8');
     // Only the runtime directory moves into the test's temp dir; the protocol code runs as shipped.
@@ -181,7 +183,7 @@ describe('fixture DDI client against the update server', () => {
     return { out, calls: await fs.readFile(calls, 'utf8').catch(() => '') };
   }
 
-  it('reports its version, downloads the bundle with its token, installs it and leaves the action installed', async () => {
+  it('reports its version, has RAUC stream the bundle with its token, and leaves the action installed', async () => {
     const { token } = await fleet.registerDevice({ controllerId: 'sh-1', bsp: 'x86_64' });
     const rel = (await fleet.uploadRelease(bundle)).release;
     await fleet.createRollout({ releaseId: rel.id, filter: { devices: ['sh-1'] }, start: true });
@@ -190,15 +192,25 @@ describe('fixture DDI client against the update server', () => {
     expect(out).toContain('lamadist-ddi: deployment');
     expect(out).toContain('100% Installing done.');
     expect(out).toContain('lamadist-ddi: installed version 2.0.0; rebooting');
-    const sha = createHash('sha256').update(await fs.readFile(bundle)).digest('hex');
-    expect(calls).toContain(`rauc install ${dir}/dl-sh-1/bundle.raucb`);
-    expect(calls).toContain(sha);
+    expect(calls).toContain(`rauc install -H Authorization: TargetToken ${token} ${server.url}/DEFAULT/controller/v1/sh-1/softwaremodules/${rel.id}/artifacts/${rel.filename}`);
     expect(calls).toContain('systemctl reboot');
     const d = await fleet.getDevice('sh-1');
     expect(d.attributes).toHaveProperty('boot_id');
     const action = d.actions.find((a) => a.releaseId === rel.id);
     expect(action?.state).toBe('installed');
     expect(action?.history.map((h) => h.execution)).toEqual(expect.arrayContaining(['proceeding', 'closed']));
+  });
+
+  it('without streaming downloads the bundle with its token, checks its SHA-256 and installs the file', async () => {
+    const { token } = await fleet.registerDevice({ controllerId: 'sh-3', bsp: 'x86_64' });
+    const rel = (await fleet.listReleases())[0];
+    await fleet.createRollout({ releaseId: rel?.id ?? 0, filter: { devices: ['sh-3'] }, start: true });
+    const { out, calls } = await runClient('sh-3', token, 0, false);
+    const sha = createHash('sha256').update(await fs.readFile(bundle)).digest('hex');
+    expect(out).toContain('lamadist-ddi: installed version 2.0.0; rebooting');
+    expect(calls).toContain(`rauc install ${dir}/dl-sh-3/bundle.raucb`);
+    expect(calls).toContain(sha);
+    expect((await fleet.getDevice('sh-3')).actions[0]?.state).toBe('installed');
   });
 
   it('reports a failed installation as closed/failure and does not reboot', async () => {

@@ -22,7 +22,18 @@
  *   on-target files, cached under ~/.cache/lamadist/rootfs/.
  * - `fixtureInitramfs(kernel, out)`: meta-lamadist's lamadist-init with its tools and modules.
  * - `prepareDevice({ dir, hostname?, machineId?, encrypt? })` → Device (keys, disk, enrolled vars, TPM dir).
- * - `bootDevice(device, { mode: 'secure' | 'direct', timeoutMs?, serialLog? })` → QemuResult + `report`.
+ * - `bootDevice(device, { mode: 'secure' | 'direct', timeoutMs?, serialLog?, until? })` → QemuResult +
+ *   `report`; the OVMF variable store persists (boot entries, BootOrder, BootNext) like the TPM.
+ * - `parseSlots(serial)` → `{ health, version, booted, state: { A, B }, efi, var_marker }` after the health check.
+ *
+ * Over the air (acceptance 2 and 3, `lamadist vm demo`):
+ * - `prepareFleetDevice({ dir, hostname, machineId?, pollSeconds?, log? })` → `{ device, server, fleet,
+ *   controllerId, serverCert }`: keys, update server in this process (guest: 10.0.2.2), the device
+ *   registered and built with its bundle key and hawkbit.conf provisioned through the ESP.
+ * - `rollOutRelease(fd, { version, failHealth?, log? })` → `{ release, releaseId, rolloutId }`.
+ * - `fixtureBundle({ device, version, failHealth?, out, recipients?, log? })` → FixtureRelease.
+ * - `watchDevice(device, { timeoutMs, serialLog?, onLine? })` → `{ waitFor(re, from?), serial(), stop() }`.
+ * - `otaMilestones(from, to, fromSlot)`, `matchAfter(text, re, from?)`: the update as the console shows it.
  */
 export { debianKernel, cacheRoot, type DebianKernel } from './kernel.js';
 export { buildInitramfs, gatherInitramfs, planInitramfs, parseLdd, mergedPath, type InitramfsSpec, type InitramfsFile } from './initramfs.js';

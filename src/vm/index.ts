@@ -34,6 +34,12 @@
  * - `fixtureBundle({ device, version, failHealth?, out, recipients?, log? })` → FixtureRelease.
  * - `watchDevice(device, { timeoutMs, serialLog?, onLine? })` → `{ waitFor(re, from?), serial(), stop() }`.
  * - `otaMilestones(from, to, fromSlot)`, `matchAfter(text, re, from?)`: the update as the console shows it.
+ *
+ * Faults (acceptance 4a and 5):
+ * - `tamperSlot({ disk, plan }, slot, { imageOffset? })` → Tamper: one byte of a slot's root image flipped on the disk.
+ * - `readBootVariables(vars)` / `parseBootVariables(store)` → `{ order, next?, entries }`; `setBootNext(vars, slot)`;
+ *   `slotEntry(bootVars, slot)`: the device's OVMF store while it is off.
+ * - `cutPower(hooks => bootDevice(dev, { ...hooks }), { name, after, delayMs? })`: SIGKILL at a console marker.
  */
 export { debianKernel, cacheRoot, type DebianKernel } from './kernel.js';
 export { buildInitramfs, gatherInitramfs, planInitramfs, parseLdd, mergedPath, type InitramfsSpec, type InitramfsFile } from './initramfs.js';

@@ -4,7 +4,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createBundle, encryptBundle } from '../../src/rauc/index.js';
-import { buildInitramfs, debianKernel, runQemu, SERIAL_CONSOLE, type DebianKernel } from '../../src/vm/index.js';
+import { debianKernel, type DebianKernel } from '../../src/vm/index.js';
+import { runRaucGuest } from './guest.js';
 import { makePki, type Pki } from './pki.js';
 
 // What only a kernel with device-mapper can show: the real `rauc install` (RAUC 1.8's service on a
@@ -48,63 +49,22 @@ describe('rauc install of our bundles in a QEMU guest', () => {
     const slotB = path.join(dir, 'slot-b.img');
     await fs.writeFile(slotA, Buffer.alloc(SIZE + 1024 * 1024));
     await fs.writeFile(slotB, Buffer.alloc(SIZE + 1024 * 1024));
-    const conf = [
-      '[system]', 'compatible=lamadist-x86-64', 'bootloader=noop', 'mountprefix=/run/rauc', 'statusfile=/run/rauc.status',
-      '[keyring]', 'path=/etc/rauc/ca.pem', 'check-purpose=codesign',
-      '[encryption]', 'key=/etc/rauc/device.key', 'cert=/etc/rauc/device.pem',
-      '[slot.rootfs.0]', 'device=/dev/vda', 'type=raw', 'bootname=A',
-      '[slot.rootfs.1]', 'device=/dev/vdb', 'type=raw', 'bootname=B', '',
-    ].join('\n');
-    const busConf = '<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN" "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">\n' +
-      '<busconfig><type>session</type><listen>unix:path=/run/dbus/bus</listen><auth>EXTERNAL</auth>' +
-      '<policy context="default"><allow send_destination="*" eavesdrop="true"/><allow eavesdrop="true"/><allow own="*"/></policy></busconfig>\n';
     const slotSha = `head -c ${SIZE} /dev/vdb | sha256sum | cut -d" " -f1`;
-    const init = [
-      'mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev',
-      'mkdir -p /run/dbus /run/rauc /tmp',
-      'modprobe -a virtio_pci virtio_blk loop dm_verity dm_crypt squashfs',
-      'i=0; while [ ! -b /dev/vdb ] && [ $i -lt 30 ]; do sleep 1; i=$((i+1)); done',
-      'dbus-daemon --config-file=/etc/bus.conf --fork --nopidfile',
-      'export DBUS_SESSION_BUS_ADDRESS=unix:path=/run/dbus/bus DBUS_STARTER_BUS_TYPE=session',
-      'rauc service > /tmp/service.log 2>&1 &',
-      'i=0; while ! rauc status >/dev/null 2>&1 && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done',
-      'rauc status 2>&1 | head -5',
-      'rauc install /verity.raucb && echo LAMA-VERITY-INSTALLED',
-      `echo "LAMA-SHA-VERITY=$(${slotSha})"`,
-      'dd if=/dev/zero of=/dev/vdb bs=1M count=2 2>/dev/null; sync',
-      'rauc install /crypt.raucb && echo LAMA-CRYPT-INSTALLED',
-      `echo "LAMA-SHA-CRYPT=$(${slotSha})"`,
-      'tail -n 20 /tmp/service.log',
-      'echo LAMA-DONE',
-      'poweroff -f',
-    ].join('\n');
-    const initrd = await buildInitramfs({
-      init,
-      binaries: ['rauc', 'dbus-daemon'],
-      modules: ['virtio_pci', 'virtio_blk', 'loop', 'dm_verity', 'dm_crypt', 'squashfs'],
-      files: {
-        '/etc/rauc/system.conf': conf,
-        '/etc/rauc/ca.pem': await fs.readFile(pki.ca),
-        '/etc/rauc/device.key': await fs.readFile(pki.deviceKey),
-        '/etc/rauc/device.pem': await fs.readFile(pki.device),
-        '/etc/bus.conf': busConf,
-        '/etc/passwd': 'root:x:0:0:root:/root:/bin/sh\n',
-        '/etc/group': 'root:x:0:\n',
-        '/verity.raucb': await fs.readFile(verityBundle),
-        '/crypt.raucb': await fs.readFile(cryptBundle),
-      },
-      out: path.join(dir, 'initrd.gz'),
-    });
-    const r = await runQemu({
-      kernel: kernel.vmlinuz,
-      initrd,
-      append: `${SERIAL_CONSOLE} panic=-1 rauc.slot=A`,
-      disks: [{ path: slotA, format: 'raw' }, { path: slotB, format: 'raw' }],
-      memMiB: 768,
-      noReboot: true,
-      timeoutMs: 600_000,
-      until: /LAMA-DONE/,
-      serialLog: path.join(dir, 'serial.log'),
+    const r = await runRaucGuest({
+      dir,
+      kernel,
+      pki,
+      slotA,
+      slotB,
+      steps: [
+        'rauc status 2>&1 | head -5',
+        'rauc install /verity.raucb && echo LAMA-VERITY-INSTALLED',
+        `echo "LAMA-SHA-VERITY=$(${slotSha})"`,
+        'dd if=/dev/zero of=/dev/vdb bs=1M count=2 2>/dev/null; sync',
+        'rauc install /crypt.raucb && echo LAMA-CRYPT-INSTALLED',
+        `echo "LAMA-SHA-CRYPT=$(${slotSha})"`,
+      ],
+      files: { '/verity.raucb': await fs.readFile(verityBundle), '/crypt.raucb': await fs.readFile(cryptBundle) },
     });
     const tail = r.serial.slice(-6000);
     const want = createHash('sha256').update(image).digest('hex');

@@ -6,7 +6,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FleetClient } from '../../src/fleet/index.js';
 import { createBundle, encryptBundle } from '../../src/rauc/index.js';
 import { startServer, type RunningServer } from '../../src/server/index.js';
-import { buildInitramfs, debianKernel, runQemu, SERIAL_CONSOLE, streamingRauc, type DebianKernel } from '../../src/vm/index.js';
+import { debianKernel, streamingRauc, type DebianKernel } from '../../src/vm/index.js';
+import { runRaucGuest } from './guest.js';
 import { makePki, type Pki } from './pki.js';
 
 // RAUC streaming from our update server, in a guest: the streaming-enabled rauc (Debian's source
@@ -80,60 +81,21 @@ describe('rauc streams a crypt bundle from lamadist server into slot B (QEMU gue
     const slotB = path.join(dir, 'slot-b.img');
     await fs.writeFile(slotA, v1);
     await fs.writeFile(slotB, Buffer.alloc(SIZE));
-    const conf = [
-      '[system]', 'compatible=lamadist-x86-64', 'bootloader=noop', 'mountprefix=/run/rauc', 'data-directory=/var/lib/rauc',
-      '[keyring]', 'path=/etc/rauc/ca.pem', 'check-purpose=codesign',
-      '[encryption]', 'key=/etc/rauc/device.key', 'cert=/etc/rauc/device.pem',
-      '[slot.rootfs.0]', 'device=/dev/vda', 'type=raw', 'bootname=A',
-      '[slot.rootfs.1]', 'device=/dev/vdb', 'type=raw', 'bootname=B', '',
-    ].join('\n');
-    const busConf = '<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN" "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">\n' +
-      '<busconfig><type>session</type><listen>unix:path=/run/dbus/bus</listen><auth>EXTERNAL</auth>' +
-      '<policy context="default"><allow send_destination="*" eavesdrop="true"/><allow eavesdrop="true"/><allow own="*"/></policy></busconfig>\n';
-    const init = [
-      'mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev',
-      'mkdir -p /run/dbus /run/rauc /tmp /var/lib/rauc',
-      'modprobe -a virtio_pci virtio_blk virtio_net loop dm_verity dm_crypt squashfs nbd',
-      'i=0; while [ ! -b /dev/vdb ] && [ $i -lt 30 ]; do sleep 1; i=$((i+1)); done',
-      'ip link set lo up; ip link set eth0 up; ip addr add 10.0.2.15/24 dev eth0; ip route add default via 10.0.2.2',
-      'dbus-daemon --config-file=/etc/bus.conf --fork --nopidfile',
-      'export DBUS_SESSION_BUS_ADDRESS=unix:path=/run/dbus/bus DBUS_STARTER_BUS_TYPE=session',
-      'rauc service > /tmp/service.log 2>&1 &',
-      'i=0; while ! rauc status >/dev/null 2>&1 && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done',
-      `rauc install -H "Authorization: TargetToken ${deviceToken}" "${artifactUrl}" && echo LAMA-STREAM-INSTALLED`,
-      `echo "LAMA-SHA-B=$(head -c ${SIZE} /dev/vdb | sha256sum | cut -d" " -f1)"`,
-      'tail -n 30 /tmp/service.log',
-      'echo LAMA-DONE',
-      'poweroff -f',
-    ].join('\n');
-    const initrd = await buildInitramfs({
-      init,
-      binaries: [rauc.binary, 'dbus-daemon'],
-      modules: ['virtio_pci', 'virtio_blk', 'virtio_net', 'loop', 'dm_verity', 'dm_crypt', 'squashfs', 'nbd'],
-      files: {
-        '/usr/bin/rauc': { data: await fs.readFile(rauc.binary), mode: 0o755 },
-        '/etc/rauc/system.conf': conf,
-        '/etc/rauc/ca.pem': await fs.readFile(pki.ca),
-        '/etc/rauc/device.key': await fs.readFile(pki.deviceKey),
-        '/etc/rauc/device.pem': await fs.readFile(pki.device),
-        '/etc/bus.conf': busConf,
-        // RAUC drops the streaming helper's privileges to `nobody`.
-        '/etc/passwd': 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n',
-        '/etc/group': 'root:x:0:\nnogroup:x:65534:\n',
-      },
-      out: path.join(dir, 'initrd.gz'),
-    });
     const before = { ...server.service.counters };
-    const r = await runQemu({
-      kernel: kernel.vmlinuz,
-      initrd,
-      append: `${SERIAL_CONSOLE} panic=-1 rauc.slot=A`,
-      disks: [{ path: slotA, format: 'raw' }, { path: slotB, format: 'raw' }],
-      memMiB: 768,
-      noReboot: true,
-      timeoutMs: 600_000,
-      until: /LAMA-DONE/,
-      serialLog: path.join(dir, 'serial.log'),
+    const r = await runRaucGuest({
+      dir,
+      kernel,
+      pki,
+      slotA,
+      slotB,
+      rauc: rauc.binary,
+      system: ['data-directory=/var/lib/rauc'],
+      modules: ['virtio_net', 'nbd'],
+      network: true,
+      steps: [
+        `rauc install -H "Authorization: TargetToken ${deviceToken}" "${artifactUrl}" && echo LAMA-STREAM-INSTALLED`,
+        `echo "LAMA-SHA-B=$(head -c ${SIZE} /dev/vdb | sha256sum | cut -d" " -f1)"`,
+      ],
     });
     const tail = r.serial.slice(-6000);
     expect(r.timedOut, tail).toBe(false);

@@ -4,7 +4,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { predictPcr11 } from '../measure/index.js';
 import { signPe, verifyPe } from '../secureboot/index.js';
-import { buildUki } from '../uki/index.js';
+import { EFI_STUBS, buildUki } from '../uki/index.js';
 import { writeFileAtomic } from '../util/fsx.js';
 import { run as runTool } from '../util/proc.js';
 
@@ -16,7 +16,7 @@ import { run as runTool } from '../util/proc.js';
  */
 
 const MiB = 1024 * 1024;
-const STUB = '/usr/lib/systemd/boot/efi/linuxx64.efi.stub';
+const STUB = EFI_STUBS['x86-64'] as string;
 
 function scaled(bytes: number): number {
   const s = Number(process.env.LAMADIST_BENCH_SCALE ?? '1');

@@ -10,7 +10,7 @@ import { buildEsp } from '../fat/index.js';
 import { keyPath } from '../keys/index.js';
 import { LUKS2_DATA_OFFSET, encryptPayload, planLuks2 } from '../luks/index.js';
 import { signPe } from '../secureboot/index.js';
-import { buildUki, inspectUki } from '../uki/index.js';
+import { EFI_STUBS, buildUki, inspectUki } from '../uki/index.js';
 import { AtomicFile, makeTempDir, readUserFile } from '../util/fsx.js';
 import { formatVerity } from '../verity/index.js';
 import { buildVarExt4 } from './ext4.js';
@@ -75,11 +75,6 @@ export interface BuildImageOptions {
   onPlan?: (plan: ImagePlan) => void;
   onStep?: (step: string) => void;
 }
-
-const STUBS: Record<string, string> = {
-  'x86-64': '/usr/lib/systemd/boot/efi/linuxx64.efi.stub',
-  arm64: '/usr/lib/systemd/boot/efi/linuxaa64.efi.stub',
-};
 
 const MODHEX = 'cbdefghijklnrtuv';
 
@@ -250,7 +245,7 @@ export async function buildImage(o: BuildImageOptions): Promise<ImagePlan> {
         ukis[slot] = { pe, cmdline: checkPrebuiltUki(pe, given, slot, rootHash), signed: false };
       } else if (o.kernel) {
         const cmdline = slotCmdline(rootHash, slot, bsp, o.cmdline);
-        const stub = o.stub ?? STUBS[bsp.arch];
+        const stub = o.stub ?? EFI_STUBS[bsp.arch];
         if (!stub)
           throw new UserError('LAMA_E_NO_STUB', `no systemd EFI stub known for ${bsp.arch}; pass --stub`);
         const pe = await buildUki({ stub, kernel: o.kernel, initrd: o.initrd, cmdline, osrel });

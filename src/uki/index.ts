@@ -31,6 +31,12 @@ export interface UkiOptions {
 }
 
 /** Sections a UKI may carry that this assembler writes, in file order. */
+/** Where Debian's systemd-boot-efi puts the EFI stub of each architecture (BSP `arch` names). */
+export const EFI_STUBS: Readonly<Record<string, string>> = {
+  'x86-64': '/usr/lib/systemd/boot/efi/linuxx64.efi.stub',
+  arm64: '/usr/lib/systemd/boot/efi/linuxaa64.efi.stub',
+};
+
 export const UKI_SECTIONS = ['.osrel', '.cmdline', '.splash', '.uname', '.initrd', '.linux'] as const;
 
 async function load(input: Input, what: string, code: `LAMA_E_${string}` = 'LAMA_E_NOT_FOUND'): Promise<Buffer> {

@@ -7,10 +7,11 @@ import { buildErofs } from '../erofs/index.js';
 import { slotCmdline } from '../image/index.js';
 import { FleetClient } from '../fleet/index.js';
 import { addDeviceKey, initKeys, keyPath, readManifest } from '../keys/index.js';
+import { LUKS2_DATA_OFFSET } from '../luks/index.js';
 import { createBundle, slotClassesOf, type CreatedBundle } from '../rauc/index.js';
 import { signPe } from '../secureboot/index.js';
 import { startServer, type RunningServer } from '../server/index.js';
-import { buildUki } from '../uki/index.js';
+import { EFI_STUBS, buildUki } from '../uki/index.js';
 import { makeTempDir } from '../util/fsx.js';
 import { run } from '../util/proc.js';
 import { formatVerity } from '../verity/index.js';
@@ -121,7 +122,7 @@ export async function fixtureBundle(opts: {
     const rootfs = path.join(tmp.dir, 'rootfs.img');
     const sb = await buildErofs({ source: tree, out: rootfs, uuid: randomUUID(), timestamp: 0 });
     const slotBytes = device.plan.partitions.find((p) => p.label === 'rootfs_a');
-    const room = slotBytes ? slotBytes.size - (device.encrypt ? 16 * 1024 * 1024 : 0) : Infinity;
+    const room = slotBytes ? slotBytes.size - (device.encrypt ? LUKS2_DATA_OFFSET : 0) : Infinity;
     if (sb.bytes > room) throw new UserError('LAMA_E_VM_INPUT', `root image of version ${opts.version} (${sb.bytes} bytes) does not fit the ${room}-byte slot`);
     log('dm-verity hash tree');
     const verity = path.join(tmp.dir, 'verity.img');
@@ -136,7 +137,7 @@ export async function fixtureBundle(opts: {
     await fs.mkdir(ukis);
     for (const slot of ['a', 'b'] as const) {
       const pe = await buildUki({
-        stub: '/usr/lib/systemd/boot/efi/linuxx64.efi.stub',
+        stub: EFI_STUBS[bsp.arch] as string,
         kernel: device.kernel.vmlinuz,
         initrd: [device.initrd],
         cmdline: slotCmdline(rootHash, slot, bsp, device.cmdline),

@@ -5,14 +5,14 @@ import { findHost, kernelCmdline, loadInventory } from '../../host/index.js';
 import { keyPath } from '../../keys/index.js';
 import { predictPcr11, type Bank } from '../../measure/index.js';
 import { listSignatures, signPe, verifyPe, type PeSignature } from '../../secureboot/index.js';
-import { buildUki, inspectUki, type UkiInfo } from '../../uki/index.js';
+import { EFI_STUBS, buildUki, inspectUki, type UkiInfo } from '../../uki/index.js';
 import { readUserFile, writeFileAtomic } from '../../util/fsx.js';
 import { act } from '../action.js';
 import type { Context } from '../context.js';
 import { DEFAULT_INVENTORY } from './host.js';
 
 /** Debian's systemd EFI stub (package systemd-boot-efi); a real build passes the build's own stub. */
-export const DEFAULT_STUB = '/usr/lib/systemd/boot/efi/linuxx64.efi.stub';
+export const DEFAULT_STUB = EFI_STUBS['x86-64'] as string;
 
 export interface UkiBuildOptions {
   kernel: string;

@@ -4,7 +4,7 @@ import { BSPS } from '../bsp/index.js';
 import { UserError } from '../errors.js';
 import { parseAuthorization, tokenMatches } from './auth.js';
 import type { FleetService } from './service.js';
-import type { ArtifactStore } from './store.js';
+import { BLOCK_SIZE, type ArtifactStore } from './store.js';
 import type { TargetFilter, WaveSpec } from './rollout.js';
 
 /** What release verification reports about an uploaded bundle (see verify.ts). */
@@ -283,6 +283,7 @@ export function registerApi(app: FastifyInstance, svc: FleetService, store: Arti
         ...metric('lamadist_artifact_bytes_total', 'counter', 'Artifact payload bytes sent.', [['', c.artifactBytes]]),
         ...metric('lamadist_uploads_total', 'counter', 'Bundle uploads by result.', by('result', { accepted: c.uploadsAccepted, refused: c.uploadsRefused })),
         ...metric('lamadist_auth_failures_total', 'counter', 'Requests refused with 401.', [['', c.authFailures]]),
+        ...metric('lamadist_artifact_cache_bytes', 'gauge', 'Memory held by the range-read block cache.', [['', store.cacheStats().slabs * BLOCK_SIZE]]),
       ];
       return reply.type('text/plain; version=0.0.4').send(lines.join('\n') + '\n');
     });

@@ -1,10 +1,12 @@
 import { createHash } from 'node:crypto';
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
-import { sendArtifact } from './artifact.js';
+import { sendArtifact, type ServedArtifact } from './artifact.js';
 import { parseAuthorization } from './auth.js';
 import { formatSleep } from './rollout.js';
-import { parseFeedback, type DeviceRow, type FleetService } from './service.js';
+import { parseFeedback, type DeviceRow, type FleetService, type ReleaseRow } from './service.js';
 import type { ArtifactStore } from './store.js';
 
 /**
@@ -27,8 +29,8 @@ declare module 'fastify' {
   }
 }
 
-function clientCertCn(req: FastifyRequest): string | undefined {
-  const sock = req.raw.socket as TLSSocket;
+function clientCertCn(socket: Socket): string | undefined {
+  const sock = socket as TLSSocket;
   if (!sock.encrypted || !sock.authorized) return undefined;
   const cn = sock.getPeerCertificate()?.subject?.CN;
   return typeof cn === 'string' ? cn : Array.isArray(cn) ? cn[0] : undefined;
@@ -44,7 +46,7 @@ export function registerDdi(app: FastifyInstance, svc: FleetService, store: Arti
 
   const authenticate = async (req: FastifyRequest, reply: FastifyReply): Promise<void> => {
     const p = req.params as DdiParams;
-    const device = await svc.authenticate(p.tenant, p.controllerId, parseAuthorization(req.headers.authorization), clientCertCn(req));
+    const device = await svc.authenticate(p.tenant, p.controllerId, parseAuthorization(req.headers.authorization), clientCertCn(req.raw.socket));
     if (!device) {
       svc.counters.authFailures++;
       await reply.code(401).header('WWW-Authenticate', 'TargetToken').send({ error: 'LAMA_E_DDI_UNAUTHORIZED', message: 'missing or invalid device credentials' });
@@ -160,8 +162,73 @@ export function registerDdi(app: FastifyInstance, svc: FleetService, store: Arti
       if (name === `${r.filename}.MD5SUM`) return reply.type('text/plain').send(`${r.md5}  ${r.filename}\n`);
       if (name !== r.filename) return reply.code(404).send({ error: 'LAMA_E_DDI_NO_ARTIFACT', message: 'no such artifact for this device' });
       svc.counters.artifactRequests++;
-      svc.counters.artifactBytes += await sendArtifact(req, reply, store, { sha256: r.sha256, size: r.size, createdAt: r.created_at });
+      reply.hijack();
+      svc.counters.artifactBytes += await sendArtifact(req.raw, reply.raw, store, served(r), (err) => req.log.error(err));
       return reply;
     });
   });
+}
+
+function served(r: ReleaseRow): ServedArtifact {
+  return { sha256: r.sha256, size: r.size, createdAt: r.created_at };
+}
+
+const ARTIFACT_PATH = /^\/([^/]+)\/controller\/v1\/([^/]+)\/softwaremodules\/(\d{1,15})\/artifacts\/([^/]+)$/;
+
+/**
+ * The artifact download route once more, ahead of fastify on the bare Node server. A streaming
+ * RAUC install is thousands of small range reads, and fastify's routing, hooks and reply pipeline
+ * cost more CPU per read than the bytes themselves. This path takes only requests it can answer in
+ * full — GET or HEAD of the exact stored file name by an authenticated device entitled to it — with
+ * the same checks and the same `sendArtifact` as the route. Everything else (bad token, unknown
+ * module, `.MD5SUM`, odd encodings, a database error) goes to `next`, so fastify gives the answer,
+ * the status code and the counters exactly as before. `fastify.inject` never comes through here.
+ */
+export function artifactFastPath(
+  svc: FleetService,
+  store: ArtifactStore,
+  onError: (err: unknown) => void,
+): (req: IncomingMessage, res: ServerResponse, next: () => void) => void {
+  // A device streams one install over one keep-alive connection: once its TargetToken checked out
+  // on a socket, the same header for the same device there is not hashed again, for as long as the
+  // service still holds that device record (rotation or removal drops it).
+  const verified = new WeakMap<Socket, { header: string; key: string; device: DeviceRow }>();
+  const serve = async (req: IncomingMessage, res: ServerResponse, m: RegExpExecArray): Promise<boolean> => {
+    let tenant: string, controllerId: string, fileName: string;
+    try {
+      [tenant, controllerId, fileName] = [m[1], m[2], m[4]].map((x = '') => (x.includes('%') ? decodeURIComponent(x) : x)) as [string, string, string];
+    } catch {
+      return false;
+    }
+    const header = req.headers.authorization;
+    const key = `${tenant}/${controllerId}`;
+    const memo = verified.get(req.socket);
+    let device = memo && memo.header === header && memo.key === key && svc.isCurrent(memo.device) ? memo.device : undefined;
+    if (!device) {
+      const auth = parseAuthorization(header);
+      device = await svc.authenticate(tenant, controllerId, auth, clientCertCn(req.socket));
+      if (!device) return false;
+      if (header && auth?.scheme === 'targettoken') verified.set(req.socket, { header, key, device });
+    }
+    const r = await svc.downloadable(device, Number(m[3]));
+    if (!r || r.filename !== fileName) return false;
+    svc.touch(device);
+    svc.counters.artifactRequests++;
+    svc.counters.artifactBytes += await sendArtifact(req, res, store, served(r), onError);
+    return true;
+  };
+  return (req, res, next) => {
+    if (req.method !== 'GET' && req.method !== 'HEAD') return next();
+    const url = req.url ?? '';
+    const q = url.indexOf('?');
+    const m = ARTIFACT_PATH.exec(q < 0 ? url : url.slice(0, q));
+    if (!m) return next();
+    serve(req, res, m).then(
+      (done) => {
+        if (!done) next();
+      },
+      // Lookups failed before anything was written (sendArtifact itself never throws).
+      () => next(),
+    );
+  };
 }

@@ -1,4 +1,6 @@
 import { promises as fs } from 'node:fs';
+import { createServer as createHttpServer, type IncomingMessage, type ServerResponse } from 'node:http';
+import { createServer as createHttpsServer } from 'node:https';
 import path from 'node:path';
 import type { AddressInfo } from 'node:net';
 import Fastify, { type FastifyError, type FastifyInstance } from 'fastify';
@@ -10,7 +12,7 @@ import { registerApi, type BundleVerifier } from './api.js';
 import { hashToken, newToken } from './auth.js';
 import { registerDashboard } from './dashboard.js';
 import { openDatabase } from './db.js';
-import { registerDdi } from './ddi.js';
+import { artifactFastPath, registerDdi } from './ddi.js';
 import { FleetService } from './service.js';
 import { ArtifactStore } from './store.js';
 import { raucBundleVerifier } from './verify.js';
@@ -50,7 +52,7 @@ export interface ServerOptions {
   tenant?: string;
   /** Largest accepted bundle upload (default 8 GiB). */
   maxBundleBytes?: number;
-  /** Memory for the range-read block cache in MiB (default 64; 0 reads the file for every request). */
+  /** Memory for the range-read block cache in MiB (default: an eighth of RAM, at most 1024; 0 reads the file for every request). */
   cacheMiB?: number;
   /** RAUC compatibles accepted (default: those of the BSP table). */
   compatibles?: string[];
@@ -143,13 +145,20 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     throw new UserError('LAMA_E_SERVER_TLS', '--client-ca needs --tls-cert and --tls-key');
   }
 
+  const fastPath = artifactFastPath(service, store, (err) => app.log.error(err));
   const app = Fastify({
     logger: options.log ? { level: 'info', stream: process.stderr } : false,
     bodyLimit: 64 * 1024,
-    keepAliveTimeout: 65_000,
     // Devices keep connections open between range reads; shutdown must not wait for them.
     forceCloseConnections: true,
     ...(https ? { https } : {}),
+    // Our own server, so artifact reads can be answered before fastify routes them (ddi.ts).
+    serverFactory: (handler: (req: IncomingMessage, res: ServerResponse) => void) => {
+      const listener = (req: IncomingMessage, res: ServerResponse): void => fastPath(req, res, () => handler(req, res));
+      const server = https ? createHttpsServer(https, listener) : createHttpServer(listener);
+      server.keepAliveTimeout = 65_000;
+      return server;
+    },
   }) as unknown as FastifyInstance;
 
   app.setErrorHandler((err: FastifyError | UserError, _req, reply) => {

@@ -112,6 +112,8 @@ const iso = (ms: number | null): string | null => (ms === null ? null : new Date
 const parseJson = <T>(s: string): T => JSON.parse(s) as T;
 const CONTROLLER_ID = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$/;
 const TENANT = /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/;
+/** How long a device record or a download entitlement is trusted from memory; changes through this process drop it at once. */
+const LOOKUP_CACHE_MS = 60_000;
 
 /** Validate a controller id (also keeps path tricks out of URLs built from it). */
 export function checkControllerId(id: string): string {
@@ -402,7 +404,7 @@ export class FleetService {
     if (!TENANT.test(tenant) || !CONTROLLER_ID.test(controllerId)) return undefined;
     const key = `${tenant}/${controllerId}`;
     const cached = this.authCache.get(key);
-    let row = cached && nowMs() - cached.at < 60_000 ? cached.row : undefined;
+    let row = cached && nowMs() - cached.at < LOOKUP_CACHE_MS ? cached.row : undefined;
     if (!row) {
       row = (await this.db
         .selectFrom('devices')
@@ -423,6 +425,15 @@ export class FleetService {
       return this.deviceRow(this.db, tenant, controllerId);
     }
     return undefined;
+  }
+
+  /**
+   * Whether `row` is still this device's cached record: not rotated, removed or past the cache's
+   * lifetime. A caller that verified a token against it may then skip hashing the same token again.
+   */
+  isCurrent(row: DeviceRow): boolean {
+    const c = this.authCache.get(`${row.tenant}/${row.controller_id}`);
+    return c !== undefined && c.row === row && nowMs() - c.at < LOOKUP_CACHE_MS;
   }
 
   /** Remember a device's contact; written with the next batch, never one write per request. */
@@ -585,7 +596,7 @@ export class FleetService {
   async downloadable(device: DeviceRow, releaseId: number): Promise<ReleaseRow | undefined> {
     const key = `${device.tenant}/${device.controller_id}/${releaseId}`;
     const hit = this.downloadCache.get(key);
-    if (hit && nowMs() - hit.at < 60_000) return hit.release;
+    if (hit && nowMs() - hit.at < LOOKUP_CACHE_MS) return hit.release;
     const release = (await this.db
       .selectFrom('releases')
       .selectAll()

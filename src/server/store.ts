@@ -1,6 +1,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
 import { UserError, isErrno } from '../errors.js';
@@ -32,12 +33,20 @@ interface CachedBlock {
   settled: boolean;
   failed?: boolean;
   loaded: Promise<void>;
+  /** Date.now() of the last read, for idle trimming. */
+  used: number;
 }
 
 /** Block size of the range-read cache: 32 RAUC-sized (128 KiB) reads per block. */
 export const BLOCK_SIZE = 4 * 1024 * 1024;
-/** Default budget of the range-read cache. */
-export const DEFAULT_CACHE_BYTES = 64 * 1024 * 1024;
+/**
+ * Default budget of the range-read cache: an eighth of the machine's memory, at most 1 GiB, so one
+ * release bundle usually fits and a whole rollout wave is served without touching the file again.
+ * Slabs are allocated as blocks are first read and given back after IDLE_MS without a reader.
+ */
+export const DEFAULT_CACHE_BYTES = Math.min(1024 ** 3, Math.floor(os.totalmem() / 8 / BLOCK_SIZE) * BLOCK_SIZE);
+/** Blocks nobody has read for this long are dropped and their memory freed. */
+export const IDLE_MS = 5 * 60_000;
 
 /**
  * The content-addressed artifact directory: `artifacts/<sha256[0:2]>/<sha256>` for committed
@@ -53,10 +62,13 @@ export class ArtifactStore {
   private freeSlabs: Buffer[] = [];
   private slabCount = 0;
   private readonly maxSlabs: number;
+  private readonly sweeper: NodeJS.Timeout;
 
   private constructor(root: string, cacheBytes: number) {
     this.root = root;
     this.maxSlabs = Math.floor(cacheBytes / BLOCK_SIZE);
+    // A rollout fills the cache; between rollouts the server should not sit on that memory.
+    this.sweeper = setInterval(() => this.trimIdle(IDLE_MS), Math.min(IDLE_MS, 60_000)).unref();
   }
 
   /**
@@ -193,6 +205,24 @@ export class ArtifactStore {
     return { data, release: () => undefined };
   }
 
+  /**
+   * Drop cached blocks no lease holds and nobody has read for `idleMs`, and free their slabs along
+   * with the unused ones; the cache grows again from the next read. Returns the slabs freed.
+   */
+  trimIdle(idleMs: number): number {
+    const before = this.slabCount;
+    const now = Date.now();
+    for (const [key, b] of this.blocks) {
+      if (b.refs === 0 && b.settled && now - b.used >= idleMs) {
+        this.blocks.delete(key);
+        this.slabCount--;
+      }
+    }
+    this.slabCount -= this.freeSlabs.length;
+    this.freeSlabs = [];
+    return before - this.slabCount;
+  }
+
   /** Slab usage, for tests and metrics: allocated, free (not holding a block) and leased. */
   cacheStats(): { slabs: number; free: number; leased: number; blocks: number } {
     let leased = 0;
@@ -208,12 +238,13 @@ export class ArtifactStore {
       this.blocks.delete(key);
       this.blocks.set(key, hit);
       if (lease) hit.refs++;
+      hit.used = Date.now();
       return hit;
     }
     const slab = this.takeSlab();
     if (!slab) return undefined;
     const len = Math.min(BLOCK_SIZE, size - index * BLOCK_SIZE);
-    const entry: CachedBlock = { slab, len, refs: lease ? 1 : 0, settled: false, loaded: Promise.resolve() };
+    const entry: CachedBlock = { slab, len, refs: lease ? 1 : 0, settled: false, loaded: Promise.resolve(), used: Date.now() };
     entry.loaded = this.readInto(sha256, index * BLOCK_SIZE, slab.subarray(0, len)).then(
       () => {
         entry.settled = true;
@@ -265,6 +296,7 @@ export class ArtifactStore {
 
   /** Close every cached handle and drop the block cache. */
   async close(): Promise<void> {
+    clearInterval(this.sweeper);
     this.blocks.clear();
     const all = [...this.handles.values()];
     this.handles.clear();

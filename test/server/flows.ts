@@ -1,10 +1,14 @@
 import { createHash } from 'node:crypto';
 import { promises as fs } from 'node:fs';
+import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FleetClient } from '../../src/fleet/index.js';
+import type { AddressInfo } from 'node:net';
+import { artifactFastPath } from '../../src/server/ddi.js';
 import { startServer, type RunningServer } from '../../src/server/index.js';
+import { ArtifactStore } from '../../src/server/store.js';
 import { run } from '../../src/util/proc.js';
 import { SimDevice } from './ddi-sim.js';
 import { makeBundle, makePki } from './fixtures.js';
@@ -278,6 +282,70 @@ export function serverFlows(label: string, database: () => Promise<{ url: string
       expect((await fleet.listDevices()).map((d) => d.controllerId)).toContain('auto-1');
     });
 
+    it('refuses a rotated token on the keep-alive connection that already streamed with it', async () => {
+      const release = (await fleet.listReleases()).find((x) => x.version === '2.0.0');
+      const url = new URL(`${dev('node-a').base}/softwaremodules/${release?.id}/artifacts/${release?.filename}`);
+      const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+      const sockets = new Set<unknown>();
+      const get = (token: string): Promise<number> =>
+        new Promise((resolve, reject) => {
+          const req = http.get(url, { agent, headers: { Authorization: `TargetToken ${token}`, Range: 'bytes=0-3' } }, (res) => {
+            sockets.add(res.socket);
+            res.resume().on('end', () => resolve(res.statusCode ?? 0));
+          });
+          req.on('error', reject);
+        });
+      try {
+        const old = tokens['node-a'] as string;
+        expect(await get(old)).toBe(206);
+        expect(await get(old)).toBe(206);
+        tokens['node-a'] = await fleet.rotateDeviceToken('node-a');
+        expect(await get(old)).toBe(401);
+        expect(await get(tokens['node-a'])).toBe(206);
+        expect(await get(tokens['node-b'] as string)).toBe(401);
+        // All of it over one connection: what was verified there is not trusted past a rotation.
+        expect(sockets.size).toBe(1);
+      } finally {
+        agent.destroy();
+      }
+    });
+
+    it('answers on the fast path only what it can answer in full, and hands the rest to the routes', async () => {
+      const release = (await fleet.listReleases()).find((x) => x.version === '2.0.0');
+      if (!release) throw new Error('no release');
+      const store = await ArtifactStore.open(path.join(dir, 'store'), { cacheBytes: 0 });
+      const fast = artifactFastPath(server.service, store, (err) => {
+        throw err;
+      });
+      // 599 marks a request the fast path passed on to fastify.
+      const probe = http.createServer((req, res) => fast(req, res, () => res.writeHead(599).end()));
+      await new Promise<void>((r) => probe.listen(0, '127.0.0.1', r));
+      const origin = `http://127.0.0.1:${(probe.address() as AddressInfo).port}`;
+      const a = (id: string): string => `${origin}/DEFAULT/controller/v1/${id}/softwaremodules/${release.id}/artifacts`;
+      const as = (id: string): Record<string, string> => ({ Authorization: `TargetToken ${tokens[id]}` });
+      try {
+        const ok = await fetch(`${a('node-a')}/${release.filename}?x=1`, { headers: { ...as('node-a'), Range: 'bytes=10-19' } });
+        expect(ok.status).toBe(206);
+        const whole = await fs.readFile(bundles.v2 as string);
+        expect(Buffer.from(await ok.arrayBuffer()).equals(whole.subarray(10, 20))).toBe(true);
+        expect((await fetch(`${a('node-a')}/${encodeURIComponent(release.filename)}`, { method: 'HEAD', headers: as('node-a') })).status).toBe(200);
+        const passed: [string, RequestInit][] = [
+          [`${a('node-a')}/${release.filename}`, {}],
+          [`${a('node-a')}/${release.filename}`, { headers: { Authorization: 'TargetToken nope' } }],
+          [`${a('node-a')}/${release.filename}`, { method: 'POST', headers: as('node-a') }],
+          [`${a('node-a')}/${release.filename}.MD5SUM`, { headers: as('node-a') }],
+          [`${a('node-a')}/%E0%A4%A`, { headers: as('node-a') }],
+          [`${a('node-b')}/${release.filename}`, { headers: as('node-a') }],
+          [`${origin}/DEFAULT/controller/v1/node-a/softwaremodules/999/artifacts/${release.filename}`, { headers: as('node-a') }],
+          [`${origin}/DEFAULT/controller/v1/node-a`, { headers: as('node-a') }],
+        ];
+        for (const [url, init] of passed) expect((await fetch(url, init)).status, `${init.method ?? 'GET'} ${url}`).toBe(599);
+      } finally {
+        await new Promise((r) => probe.close(r));
+        await store.close();
+      }
+    });
+
     it('serves the OpenAPI document, an audit log of every change and Prometheus metrics', async () => {
       const doc = (await (await fetch(`${server.url}/api/openapi.json`)).json()) as { openapi: string; paths: Record<string, unknown> };
       expect(doc.openapi).toMatch(/^3\./);
@@ -292,6 +360,8 @@ export function serverFlows(label: string, database: () => Promise<{ url: string
       expect(m).toMatch(/^lamadist_devices\{status="online"\} [1-9]/m);
       expect(m).toMatch(/^lamadist_actions\{state="rolled_back"\} 1$/m);
       expect(m).toMatch(/^lamadist_uploads_total\{result="refused"\} [1-9]/m);
+      // Devices streamed artifacts above: the block cache holds memory, and says how much.
+      expect(m).toMatch(/^lamadist_artifact_cache_bytes [1-9][0-9]*$/m);
       expect((await fetch(`${server.url}/metrics`)).status).toBe(401);
       expect((await fetch(`${server.url}/api/v1/devices`, { headers: { Authorization: 'Bearer wrong' } })).status).toBe(401);
     });

@@ -80,7 +80,10 @@ describe('artifact serving against nginx on the same file', () => {
     await fs.mkdir(path.join(dir, 'www'));
     await fs.writeFile(path.join(dir, 'www', 'f'), data);
     app = Fastify();
-    app.get('/f', (req, reply) => sendArtifact(req, reply, store, { sha256, size, createdAt: Date.parse('2026-01-02T03:04:05Z') }).then(() => reply));
+    app.get('/f', (req, reply) => {
+      reply.hijack();
+      return sendArtifact(req.raw, reply.raw, store, { sha256, size, createdAt: Date.parse('2026-01-02T03:04:05Z') }).then(() => reply);
+    });
     ours = (await app.listen({ host: '127.0.0.1', port: 0 })) + '/f';
     nginx = await startNginx(path.join(dir, 'www'));
   });

@@ -96,6 +96,28 @@ describe('artifact store block cache', () => {
     }
   });
 
+  it('frees idle blocks and spare slabs, but never a leased one, and grows again on the next read', async () => {
+    const store = await storeWith(64 * 1024 * 1024);
+    try {
+      for (const s of [0, BLOCK_SIZE, 2 * BLOCK_SIZE]) (await store.read(sha, data.length, s, s + 9)).release();
+      const held = await store.read(sha, data.length, 100, 199);
+      expect(store.trimIdle(60_000)).toBe(0);
+      expect(store.cacheStats().slabs).toBe(3);
+      expect(store.trimIdle(0)).toBe(2);
+      expect(store.cacheStats()).toMatchObject({ slabs: 1, leased: 1, blocks: 1 });
+      expect(held.data.equals(data.subarray(100, 200))).toBe(true);
+      held.release();
+      expect(store.trimIdle(0)).toBe(1);
+      expect(store.cacheStats()).toMatchObject({ slabs: 0, blocks: 0 });
+      const again = await store.read(sha, data.length, BLOCK_SIZE + 5, BLOCK_SIZE + 9);
+      expect(again.data.equals(data.subarray(BLOCK_SIZE + 5, BLOCK_SIZE + 10))).toBe(true);
+      again.release();
+      expect(store.cacheStats().slabs).toBeGreaterThan(0);
+    } finally {
+      await store.close();
+    }
+  });
+
   it('does not keep a failed read: the next request reads the file again', async () => {
     const store = await storeWith(64 * 1024 * 1024);
     try {

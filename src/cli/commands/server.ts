@@ -85,7 +85,7 @@ export function configure(cmd: Command): void {
     .option('--bundle-key <pem>', 'server recipient key, to verify crypt bundles encrypted for it')
     .option('--bundle-cert <pem>', 'certificate matching --bundle-key')
     .option('--max-bundle-size <bytes>', 'largest accepted upload (default 8 GiB)', intOption('--max-bundle-size'))
-    .option('--cache-mib <MiB>', 'memory for bundle blocks served to streaming devices (default 64, 0 = off)', intOption('--cache-mib'))
+    .option('--cache-mib <MiB>', 'memory for bundle blocks served to streaming devices (default: 1/8 of RAM, at most 1024; idle blocks are freed after 5 minutes; 0 = off)', intOption('--cache-mib'))
     .option('--version-attribute <name>', 'configData attribute with the running version (default version)')
     .option('--boot-id-attribute <name>', 'configData attribute with the kernel boot id (default boot_id)')
     .option('--log', 'log every request (JSON) to stderr')

@@ -29,6 +29,8 @@ export const TOOL_PACKAGES: Record<string, string> = {
   openssl: 'openssl',
   gpg: 'gnupg',
   'qemu-system-x86_64': 'qemu-system-x86',
+  'qemu-system-aarch64': 'qemu-system-arm',
+  mkimage: 'u-boot-tools',
   'qemu-img': 'qemu-utils',
   swtpm: 'swtpm',
   swtpm_setup: 'swtpm-tools',

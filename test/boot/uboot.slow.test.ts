@@ -25,6 +25,8 @@ import { arm64EfiApp } from './efi-app.js';
 // refuses them, which is the "slot did not start" path the script handles with a reset.
 // Each `reset` ends QEMU (-no-reboot); completeEnvWrite then finishes the `saveenv` that Debian 12's
 // QEMU flash model cuts short (see src/vm/uboot.ts), checked against U-Boot's own CRC.
+// The tests share one device (disk and environment flash) and run in order, each continuing from
+// the counters the previous one left.
 const BOOT_CMD = path.join(REPO_ROOT, 'meta-lamadist/recipes-bsp/lamadist-boot-script/files/boot.cmd');
 const MiB = 1024 * 1024;
 const UKI = {

@@ -161,12 +161,24 @@ const FIXTURE_FILES: Record<string, { data: string; mode: number }> = {
   },
 };
 
-/** Module directories (under lib/modules/<version>/kernel) the fixture leaves out: hardware a VM lacks. */
+/**
+ * Module directories (under lib/modules/<version>/kernel) the fixture leaves out: hardware a VM
+ * lacks and file systems it never mounts. Every byte of the tree is compressed, hashed, bundled and
+ * copied by RAUC several times per VM test.
+ */
 const PRUNED_MODULE_DIRS = [
   'sound', 'drivers/gpu', 'drivers/media', 'drivers/net/wireless', 'drivers/net/ethernet', 'drivers/infiniband',
   'drivers/staging', 'drivers/iio', 'drivers/bluetooth', 'drivers/isdn', 'drivers/input', 'drivers/hid', 'drivers/usb',
   'drivers/scsi', 'drivers/net/can', 'net/wireless', 'net/mac80211', 'net/bluetooth',
+  'drivers/comedi', 'drivers/mtd', 'drivers/target', 'drivers/hwmon', 'drivers/thunderbolt', 'drivers/atm', 'drivers/mmc',
+  'drivers/ufs', 'drivers/nvdimm', 'drivers/message', 'drivers/edac', 'drivers/video', 'drivers/platform', 'drivers/ata',
+  'drivers/nvme', 'drivers/crypto', 'drivers/i2c', 'drivers/net/wwan', 'drivers/net/usb',
+  'fs/xfs', 'fs/btrfs', 'fs/nfs', 'fs/nfsd', 'fs/ocfs2', 'fs/smb', 'fs/f2fs', 'fs/ceph', 'fs/gfs2', 'fs/jfs', 'fs/nilfs2',
+  'fs/ubifs', 'fs/afs', 'fs/orangefs', 'fs/dlm', 'net/sunrpc', 'net/ceph',
 ];
+
+/** Parts of the Debian tree nothing on the device reads: apt's package lists, documentation, translations. */
+const PRUNED_PATHS = ['var/lib/apt/lists', 'usr/share/doc', 'usr/share/man', 'usr/share/info', 'usr/share/locale'];
 
 /** Kernel modules the fixture initramfs carries (lamadist-init loads those it finds). */
 export const INITRAMFS_MODULES = [
@@ -234,12 +246,46 @@ async function exists(p: string): Promise<boolean> {
   );
 }
 
+/** Cached trees of each kind kept under ~/.cache/lamadist/rootfs/ beyond those used in the last hour. */
+const KEEP_TREES: Record<string, number> = { base: 2, fixture: 4, variant: 8 };
+const TREE_IN_USE_MS = 60 * 60_000;
+
+/**
+ * Whether the complete cached tree `dir` exists; a hit is marked as used now. Every test PKI makes
+ * its own fixture tree (the RAUC keyring is inside), so without `pruneTrees` the cache grows by
+ * hundreds of MiB per test run.
+ */
+export async function cachedTree(dir: string): Promise<boolean> {
+  const marker = path.join(dir, '.lamadist-complete');
+  if (!(await exists(marker))) return false;
+  const now = new Date();
+  await fs.utimes(marker, now, now).catch(() => undefined);
+  return true;
+}
+
+/**
+ * Drop the least recently used cached trees of `kind` (base, fixture or variant) beyond the newest
+ * few. A tree used within the last hour is kept whatever the count: another test run on this
+ * machine may be building an image from it right now.
+ */
+export async function pruneTrees(kind: keyof typeof KEEP_TREES): Promise<string[]> {
+  const root = path.join(cacheRoot(), 'rootfs');
+  const names = (await fs.readdir(root).catch(() => [] as string[])).filter((n) => n.startsWith(`${kind}-`) && !n.includes('.tmp-'));
+  const trees = await Promise.all(
+    names.map(async (n) => ({ dir: path.join(root, n), used: (await fs.stat(path.join(root, n, '.lamadist-complete')).catch(() => undefined))?.mtimeMs })),
+  );
+  const complete = trees.filter((t): t is { dir: string; used: number } => t.used !== undefined).sort((a, b) => b.used - a.used);
+  const stale = complete.slice(KEEP_TREES[kind]).filter((t) => Date.now() - t.used > TREE_IN_USE_MS);
+  for (const t of stale) await removeTree(t.dir);
+  return stale.map((t) => t.dir);
+}
+
 /** Stage 1: debootstrap + Debian's kernel modules, cached by package list and kernel version. */
 async function baseTree(kernel: DebianKernel, log: (m: string) => void): Promise<string> {
   const root = path.join(cacheRoot(), 'rootfs');
   const key = sha([FIXTURE_REVISION, ...FIXTURE_PACKAGES, kernel.version, kernel.debVersion]);
   const final = path.join(root, `base-${key}`);
-  if (await exists(path.join(final, '.lamadist-complete'))) return final;
+  if (await cachedTree(final)) return final;
   await fs.mkdir(root, { recursive: true });
   const tmp = await fs.mkdtemp(path.join(root, '.base-'));
   try {
@@ -261,6 +307,7 @@ async function baseTree(kernel: DebianKernel, log: (m: string) => void): Promise
     await removeTree(tmp);
     throw err;
   }
+  await pruneTrees('base');
   return final;
 }
 
@@ -299,9 +346,9 @@ export async function fixtureRootfs(opts: { keyring?: string; log?: (m: string) 
   const keyring = opts.keyring ? await fs.readFile(opts.keyring) : undefined;
   const rauc = await streamingRauc({ log });
   const raucBinary = await fs.readFile(rauc.binary);
-  const key = sha([path.basename(base), 'mask-veritysetup-generator', 'root-0755', raucBinary, FIXTURE_VERSION, ...FIXTURE_UNITS, JSON.stringify(FIXTURE_FILES), ...PRUNED_MODULE_DIRS, ...contents, keyring ?? '']);
+  const key = sha([path.basename(base), 'mask-veritysetup-generator', 'root-0755', raucBinary, FIXTURE_VERSION, ...FIXTURE_UNITS, JSON.stringify(FIXTURE_FILES), ...PRUNED_MODULE_DIRS, ...PRUNED_PATHS, ...contents, keyring ?? '']);
   const final = path.join(cacheRoot(), 'rootfs', `fixture-${key}`);
-  if (await exists(path.join(final, '.lamadist-complete'))) return { dir: final, kernel };
+  if (await cachedTree(final)) return { dir: final, kernel };
 
   const tmp = await fs.mkdtemp(path.join(cacheRoot(), 'rootfs', '.fixture-'));
   try {
@@ -314,6 +361,11 @@ export async function fixtureRootfs(opts: { keyring?: string; log?: (m: string) 
     // A VM has no GPU, sound, Wi-Fi or physical NICs: dropping their modules halves the root image.
     const kmods = path.join(tmp, 'usr/lib/modules', kernel.version, 'kernel');
     for (const d of PRUNED_MODULE_DIRS) await fs.rm(path.join(kmods, d), { recursive: true, force: true });
+    // Left as empty directories: packages' maintainer scripts and tmpfiles.d expect them to exist.
+    for (const p of PRUNED_PATHS) {
+      await fs.rm(path.join(tmp, p), { recursive: true, force: true });
+      await fs.mkdir(path.join(tmp, p), { recursive: true });
+    }
     await run('chroot', [tmp, 'depmod', kernel.version]);
     const put = async (to: string, data: Buffer | string, mode: number): Promise<void> => {
       const dest = path.join(tmp, to);
@@ -343,6 +395,7 @@ export async function fixtureRootfs(opts: { keyring?: string; log?: (m: string) 
     await fs.rm(tmp, { recursive: true, force: true });
     throw err;
   }
+  await pruneTrees('fixture');
   return { dir: final, kernel };
 }
 

@@ -16,7 +16,7 @@ import { makeTempDir } from '../util/fsx.js';
 import { run } from '../util/proc.js';
 import { formatVerity } from '../verity/index.js';
 import { bootDevice, prepareDevice, type Device } from './device.js';
-import { fixtureRootfs, repoRoot } from './fixture.js';
+import { cachedTree, fixtureRootfs, pruneTrees, repoRoot } from './fixture.js';
 import { cacheRoot } from './kernel.js';
 import type { QemuResult } from './qemu.js';
 
@@ -61,7 +61,7 @@ export async function fixtureVariant(base: string, spec: VariantSpec): Promise<s
   const files = planVariant(osRelease, spec);
   const key = createHash('sha256').update(path.basename(base)).update(JSON.stringify(files)).digest('hex').slice(0, 16);
   const final = path.join(cacheRoot(), 'rootfs', `variant-${key}`);
-  if (await fs.access(path.join(final, '.lamadist-complete')).then(() => true, () => false)) return final;
+  if (await cachedTree(final)) return final;
   const tmp = `${final}.tmp-${process.pid}`;
   await fs.rm(tmp, { recursive: true, force: true });
   try {
@@ -80,6 +80,7 @@ export async function fixtureVariant(base: string, spec: VariantSpec): Promise<s
     await fs.rm(tmp, { recursive: true, force: true });
     throw err;
   }
+  await pruneTrees('variant');
   return final;
 }
 

@@ -23,7 +23,7 @@ import { raucBundleVerifier } from './verify.js';
  * content-addressed artifact directory.
  *
  * Public API:
- * - `startServer(options)` → `{ url, port, adminTokenFile, service, close() }`
+ * - `startServer(options)` → `{ url, port, adminTokenFile, service, app, cacheMiB, close() }`
  * - `parseListen(text)` → `{ host, port }`
  * - re-exports: `FleetService`, `openDatabase`, `dropPostgresSchema`, `randomSchemaName`,
  *   `planRange`, `parseWaves`, `planWaveSizes`, `decideWave`, `matchesFilter`, `hashToken`, `newToken`
@@ -76,6 +76,8 @@ export interface RunningServer {
   adminTokenFile?: string;
   service: FleetService;
   app: FastifyInstance;
+  /** Budget of the range-read block cache in MiB (taken as devices read, freed when idle). */
+  cacheMiB: number;
   close(): Promise<void>;
 }
 
@@ -216,6 +218,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     ...(admin.file ? { adminTokenFile: admin.file } : {}),
     service,
     app,
+    cacheMiB: store.cacheBudget / 1024 / 1024,
     async close() {
       if (closed) return;
       closed = true;

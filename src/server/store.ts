@@ -223,6 +223,11 @@ export class ArtifactStore {
     return before - this.slabCount;
   }
 
+  /** The most memory the block cache may hold, in bytes. */
+  get cacheBudget(): number {
+    return this.maxSlabs * BLOCK_SIZE;
+  }
+
   /** Slab usage, for tests and metrics: allocated, free (not holding a block) and leased. */
   cacheStats(): { slabs: number; free: number; leased: number; blocks: number } {
     let leased = 0;

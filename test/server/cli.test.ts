@@ -18,21 +18,24 @@ describe('lamadist server and lamadist fleet', () => {
     dir = await fs.mkdtemp(path.join(os.tmpdir(), 'lamadist-cli-'));
     const pki = await makePki(dir);
     bundle = await makeBundle(dir, { pki, compatible: 'lamadist-x86-64', version: '4.2.0' });
-    child = spawn(process.execPath, [BIN, '--json', 'server', '--store', path.join(dir, 'store'), '--keyring', pki.caCert, '--listen', '127.0.0.1:0', '--poll-interval', '30'], {
+    child = spawn(process.execPath, [BIN, '--json', 'server', '--store', path.join(dir, 'store'), '--keyring', pki.caCert, '--listen', '127.0.0.1:0', '--poll-interval', '30', '--cache-mib', '22'], {
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     let out = '';
-    url = await new Promise<string>((resolve, reject) => {
+    const started = await new Promise<{ url: string; cacheMiB: number }>((resolve, reject) => {
       child.stdout?.on('data', (c: Buffer) => {
         out += c.toString();
         try {
-          resolve((JSON.parse(out) as { url: string }).url);
+          resolve(JSON.parse(out) as { url: string; cacheMiB: number });
         } catch {
           // Not complete yet.
         }
       });
       child.once('close', (code) => reject(new Error(`server exited ${code}`)));
     });
+    url = started.url;
+    // The cache is whole 4 MiB blocks: 22 MiB holds five.
+    expect(started.cacheMiB).toBe(20);
     env = { LAMADIST_SERVER: url, LAMADIST_ADMIN_TOKEN: '' };
   });
 

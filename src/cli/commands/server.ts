@@ -61,8 +61,8 @@ export async function serve(ctx: Context, o: ServerCliOptions): Promise<RunningS
   const server = await startServer(options);
   onCleanup(() => server.close());
   ctx.result(
-    { url: server.url, store, adminTokenFile: server.adminTokenFile ?? null, db: o.db ?? `sqlite:${path.join(store, 'lamadist.db')}` },
-    `listening on ${server.url}\n  dashboard: ${server.url}/ui/\n  OpenAPI:   ${server.url}/api/openapi.json${
+    { url: server.url, store, adminTokenFile: server.adminTokenFile ?? null, db: o.db ?? `sqlite:${path.join(store, 'lamadist.db')}`, cacheMiB: server.cacheMiB },
+    `listening on ${server.url}\n  dashboard: ${server.url}/ui/\n  OpenAPI:   ${server.url}/api/openapi.json\n  range-read cache: up to ${server.cacheMiB} MiB${
       server.adminTokenFile ? `\n  admin token: ${server.adminTokenFile}` : ''
     }`,
   );

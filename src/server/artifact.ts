@@ -46,8 +46,7 @@ async function sendRange(res: ServerResponse, status: number, headers: OutgoingH
   res.end(lease.data);
 }
 
-function multipartBody(res: ServerResponse, store: ArtifactStore, a: ServedArtifact, ranges: ByteRange[], boundary: string): Readable {
-  const mp = multipartPlan(ranges, a.size, 'application/octet-stream', boundary);
+function multipartBody(res: ServerResponse, store: ArtifactStore, a: ServedArtifact, mp: ReturnType<typeof multipartPlan>): Readable {
   async function* parts(): AsyncGenerator<Buffer> {
     for (const p of mp.parts) {
       yield p.head;
@@ -111,13 +110,13 @@ async function respond(req: IncomingMessage, res: ServerResponse, store: Artifac
     return len;
   }
   const boundary = randomBytes(12).toString('hex');
-  const length = multipartPlan(p.ranges, a.size, 'application/octet-stream', boundary).length;
-  res.writeHead(206, { ...headers, 'Content-Type': `multipart/byteranges; boundary=${boundary}`, 'Content-Length': length });
+  const mp = multipartPlan(p.ranges, a.size, 'application/octet-stream', boundary);
+  res.writeHead(206, { ...headers, 'Content-Type': `multipart/byteranges; boundary=${boundary}`, 'Content-Length': mp.length });
   if (head) {
     res.end();
     return 0;
   }
-  await pipeline(multipartBody(res, store, a, p.ranges, boundary), res);
+  await pipeline(multipartBody(res, store, a, mp), res);
   return p.ranges.reduce((n, r) => n + r.end - r.start + 1, 0);
 }
 

@@ -170,6 +170,15 @@ export function parseReport(serial: string): Record<string, string> | undefined 
 /** How a device boots: the full chain (OVMF Secure Boot + swtpm) or the kernel directly. */
 export type BootMode = 'secure' | 'direct';
 
+/** Console silence after which a device boot is given up (the VM's CPUs are recorded first). */
+export const DEVICE_STALL_MS = 300_000;
+/**
+ * Time from the guest's restart to the firmware's first output before the harness presses reset.
+ * OVMF prints within seconds of a reset even under TCG; in CI a device was seen printing nothing at
+ * all for 25 minutes after its restart line, and a board's watchdog would end such a hang the same way.
+ */
+export const FIRMWARE_RESET_WATCHDOG_MS = 120_000;
+
 /**
  * Boot the device until the fixture has reported its state (or `until` matched; the guest may
  * reboot itself meanwhile, QEMU keeps running across reboots). In
@@ -185,6 +194,8 @@ export async function bootDevice(
     onLine?: (l: string) => void;
     signal?: AbortSignal;
     until?: RegExp | ((serial: string) => boolean);
+    /** Console silence that ends the boot as stalled (default DEVICE_STALL_MS; 0: none). */
+    stallMs?: number;
   } = {},
 ): Promise<QemuResult & { report: Record<string, string> | undefined }> {
   const mode = opts.mode ?? 'secure';
@@ -194,6 +205,9 @@ export async function bootDevice(
     memMiB: 1024,
     timeoutMs: opts.timeoutMs ?? 600_000,
     until: opts.until ?? /LAMADIST-REPORT-END/,
+    // A device run spans several boots: a hung guest should fail in minutes, not at the overall timeout.
+    stallMs: opts.stallMs ?? DEVICE_STALL_MS,
+    resetWatchdogMs: FIRMWARE_RESET_WATCHDOG_MS,
     ...(opts.serialLog ? { serialLog: opts.serialLog } : {}),
     ...(opts.onLine ? { onLine: opts.onLine } : {}),
     ...(opts.signal ? { signal: opts.signal } : {}),

@@ -11,8 +11,10 @@
  *   insmod each line of /lib/modules/$(uname -r)/modules.load, which is in dependency order.
  * - `runQemu({ kernel?, initrd?, append?, disks?, firmware?: { code, vars, persistVars? },
  *   secureBoot?, tpm?: { stateDir }, memMiB?, cpus?, hostForward?: { host, guest }[], noReboot?,
- *   timeoutMs, until?, serialLog?, onLine?, echo?, input?, signal?, accel? }): Promise<QemuResult>`
- *   — resolves with `{ serial, matched, exitCode, timedOut, aborted, durationMs, argv }`; QEMU and
+ *   timeoutMs, until?, serialLog?, onLine?, echo?, input?, signal?, accel?, stallMs?, resetWatchdogMs? }):
+ *   Promise<QemuResult>` — resolves with `{ serial, matched, exitCode, timedOut, aborted, stalled,
+ *   resets, durationMs, argv }`; a silent console (`stallMs`) ends the run, silence after the guest's
+ *   restart line (`resetWatchdogMs`) gets a QMP `system_reset`; QEMU and
  *   swtpm are always killed and temp files removed on return, timeout, abort or Ctrl-C.
  * - `planQemu(opts, runtime)`, `planSwtpm(...)`: the command lines as data.
  * - `OVMF`: Debian's firmware paths; `SERIAL_CONSOLE`: kernel arguments for the serial console.

@@ -6,6 +6,7 @@ import { onCleanup } from '../util/cleanup.js';
 import { makeTempDir } from '../util/fsx.js';
 import { missingTool } from '../util/proc.js';
 import { detectAccel } from './accel.js';
+import { hmp, qmpCommands } from './qmp.js';
 
 /** A disk attached as virtio-blk. */
 export interface QemuDisk {
@@ -66,6 +67,18 @@ export interface QemuOptions {
   /** Accelerator; default from detectAccel() (kvm only when it really boots a kernel). */
   accel?: 'kvm' | 'tcg';
   extraArgs?: string[];
+  /**
+   * Stop the VM when its serial console has been silent this long (result: `stalled`), after
+   * writing where its CPUs were into the serial log. Fails a hung guest fast instead of at the
+   * overall timeout.
+   */
+  stallMs?: number;
+  /**
+   * After the guest kernel announces a restart, the firmware must print something within this
+   * long; otherwise the harness presses reset (QMP `system_reset`), as a board's watchdog would.
+   * Counted in `resets`. Off by default.
+   */
+  resetWatchdogMs?: number;
 }
 
 /** What a VM run ended with. */
@@ -78,6 +91,10 @@ export interface QemuResult {
   timedOut: boolean;
   aborted: boolean;
   durationMs: number;
+  /** Stopped because the console stayed silent for `stallMs`. */
+  stalled: boolean;
+  /** Times the reset watchdog had to restart a guest that hung on its way through a reboot. */
+  resets: number;
   /** The argv QEMU ran with. */
   argv: string[];
 }
@@ -88,6 +105,8 @@ export interface QemuRuntime {
   /** The per-VM variable store (a copy of firmware.vars, or the file itself with persistVars). */
   varsPath?: string;
   tpmSocket?: string;
+  /** QMP control socket: lets the harness read CPU state and press reset when a guest hangs. */
+  qmpSocket?: string;
 }
 
 /** The QEMU command line as data (pure: no files touched). */
@@ -138,6 +157,7 @@ export function planQemu(opts: Omit<QemuOptions, 'timeoutMs'>, rt: QemuRuntime):
     const fwd = (opts.hostForward ?? []).map((f) => `,hostfwd=tcp:127.0.0.1:${f.host}-:${f.guest}`).join('');
     argv.push('-netdev', `user,id=net0${fwd}`, '-device', 'virtio-net-pci,netdev=net0');
   }
+  if (rt.qmpSocket) argv.push('-qmp', `unix:${rt.qmpSocket},server=on,wait=off`);
   argv.push(...(opts.extraArgs ?? []));
   return argv;
 }
@@ -185,7 +205,7 @@ export async function runQemu(opts: QemuOptions): Promise<QemuResult> {
   };
   const unregister = onCleanup(killAll);
   try {
-    const rt: QemuRuntime = { accel: opts.accel ?? (await detectAccel()) };
+    const rt: QemuRuntime = { accel: opts.accel ?? (await detectAccel()), qmpSocket: path.join(tmp.dir, 'qmp.sock') };
     if (opts.firmware) {
       rt.varsPath = opts.firmware.persistVars ? opts.firmware.vars : path.join(tmp.dir, 'OVMF_VARS.fd');
       if (!opts.firmware.persistVars) await fs.copyFile(opts.firmware.vars, rt.varsPath);
@@ -199,7 +219,7 @@ export async function runQemu(opts: QemuOptions): Promise<QemuResult> {
       await Promise.race([waitForSocket(rt.tpmSocket, swtpm, 10_000), spawnError]);
     }
     const argv = planQemu(opts, rt);
-    return await watch(opts, argv, kids);
+    return await watch(opts, argv, kids, rt.qmpSocket);
   } finally {
     killAll();
     await Promise.all(kids.map((k) => (k.exitCode === null && k.signalCode === null ? new Promise((r) => k.once('close', r)) : undefined)));
@@ -208,7 +228,22 @@ export async function runQemu(opts: QemuOptions): Promise<QemuResult> {
   }
 }
 
-function watch(opts: QemuOptions, argv: string[], kids: import('node:child_process').ChildProcess[]): Promise<QemuResult> {
+/** The guest kernel's last words before the machine resets (x86 `machine_restart`). */
+const RESTART_LINE = /reboot: (?:Restarting system|machine restart)[^\n]*\n?\s*$/;
+
+/** Where each vCPU is, from `info registers -a`: one "CPU#n RIP=..." summary for the serial log. */
+async function cpuState(qmpSocket: string | undefined): Promise<string> {
+  if (!qmpSocket) return 'no QMP socket';
+  try {
+    const regs = await hmp(qmpSocket, 'info registers -a');
+    const rips = [...regs.matchAll(/RIP=([0-9a-f]+)/g)].map((m, i) => `CPU${i} RIP=${m[1]}`);
+    return rips.length ? rips.join(' ') : regs.trim().split('\n')[0] ?? '';
+  } catch (e) {
+    return (e as Error).message;
+  }
+}
+
+function watch(opts: QemuOptions, argv: string[], kids: import('node:child_process').ChildProcess[], qmpSocket?: string): Promise<QemuResult> {
   return new Promise((resolve, reject) => {
     const started = Date.now();
     const qemu = spawn('qemu-system-x86_64', argv, { stdio: ['pipe', 'pipe', 'pipe'] });
@@ -220,10 +255,52 @@ function watch(opts: QemuOptions, argv: string[], kids: import('node:child_proce
     let matched = false;
     let timedOut = false;
     let aborted = false;
+    let stalled = false;
+    let resets = 0;
     let settled = false;
+    let closed = false;
     const stop = (): void => {
       if (qemu.exitCode === null && qemu.signalCode === null) qemu.kill('SIGKILL');
     };
+    // The harness's own notes go into the console record so a failed test shows them in place.
+    const note = (text: string): void => {
+      // A note computed while QEMU was exiting has nowhere to go: the log stream is closed.
+      if (closed) return;
+      const line = `lamadist-harness: ${text}`;
+      serial += `\r\n${line}\r\n`;
+      log?.write(`\r\n${line}\r\n`);
+      opts.onLine?.(line);
+    };
+    let silence: NodeJS.Timeout | undefined;
+    let hungReboot: NodeJS.Timeout | undefined;
+    const clearWatchdogs = (): void => {
+      clearTimeout(silence);
+      clearTimeout(hungReboot);
+    };
+    const armWatchdogs = (): void => {
+      clearWatchdogs();
+      if (opts.stallMs && opts.stallMs > 0) {
+        silence = setTimeout(() => {
+          void cpuState(qmpSocket).then((where) => {
+            note(`console silent for ${Math.round(opts.stallMs! / 1000)} s; stopping the VM (${where})`);
+            stalled = true;
+            stop();
+          });
+        }, opts.stallMs);
+      }
+      if (opts.resetWatchdogMs && opts.resetWatchdogMs > 0 && RESTART_LINE.test(serial.slice(-200))) {
+        hungReboot = setTimeout(() => {
+          void (async () => {
+            const where = await cpuState(qmpSocket);
+            resets += 1;
+            note(`no firmware output ${Math.round(opts.resetWatchdogMs! / 1000)} s after the guest restarted (${where}); pressing reset`);
+            // system_reset restarts the machine as its reset line would; a failure leaves the stall limit or timeout in charge.
+            if (qmpSocket) await qmpCommands(qmpSocket, [{ execute: 'system_reset' }]).catch((e: Error) => note(`reset failed: ${e.message}`));
+          })();
+        }, opts.resetWatchdogMs);
+      }
+    };
+    armWatchdogs();
     const test = (): boolean => (typeof opts.until === 'function' ? opts.until(serial) : opts.until ? opts.until.test(serial) : false);
     qemu.stdout.on('data', (chunk: Buffer) => {
       const text = chunk.toString('utf8');
@@ -238,6 +315,7 @@ function watch(opts: QemuOptions, argv: string[], kids: import('node:child_proce
         matched = true;
         stop();
       }
+      if (!matched) armWatchdogs();
     });
     qemu.stderr.on('data', (c: Buffer) => {
       stderr += c.toString('utf8');
@@ -249,7 +327,10 @@ function watch(opts: QemuOptions, argv: string[], kids: import('node:child_proce
       opts.timeoutMs > 0 && Number.isFinite(opts.timeoutMs)
         ? setTimeout(() => {
             timedOut = true;
-            stop();
+            void cpuState(qmpSocket).then((where) => {
+              note(`timeout of ${Math.round(opts.timeoutMs / 1000)} s reached; stopping the VM (${where})`);
+              stop();
+            });
           }, opts.timeoutMs)
         : undefined;
     const onAbort = (): void => {
@@ -261,21 +342,24 @@ function watch(opts: QemuOptions, argv: string[], kids: import('node:child_proce
     qemu.on('error', (e: NodeJS.ErrnoException) => {
       settled = true;
       clearTimeout(timer);
+      clearWatchdogs();
       reject(e.code === 'ENOENT' ? missingTool('qemu-system-x86_64') : e);
     });
     qemu.on('close', (code) => {
+      closed = true;
       if (settled) return;
       clearTimeout(timer);
+      clearWatchdogs();
       opts.signal?.removeEventListener('abort', onAbort);
       if (opts.input) opts.input.unpipe(qemu.stdin);
       if (partial) opts.onLine?.(partial);
       log?.end();
-      const stoppedByUs = matched || timedOut || aborted;
+      const stoppedByUs = matched || timedOut || aborted || stalled;
       if (!stoppedByUs && code !== 0 && serial.length === 0) {
         reject(new UserError('LAMA_E_VM_START', `qemu-system-x86_64 failed (exit ${code}): ${stderr.trim().split('\n').pop() ?? ''}`));
         return;
       }
-      resolve({ serial, matched, exitCode: stoppedByUs ? null : code, timedOut, aborted, durationMs: Date.now() - started, argv });
+      resolve({ serial, matched, exitCode: stoppedByUs ? null : code, timedOut, aborted, stalled, resets, durationMs: Date.now() - started, argv });
     });
   });
 }

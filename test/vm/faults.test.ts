@@ -255,7 +255,7 @@ describe('cutPower', () => {
         let i = 0;
         const done = (aborted: boolean): void => {
           clearInterval(t);
-          resolve({ serial: lines.slice(0, i).join('\n'), matched: false, exitCode: aborted ? null : 0, timedOut: false, aborted, durationMs: Date.now() - started, argv: [] });
+          resolve({ serial: lines.slice(0, i).join('\n'), matched: false, exitCode: aborted ? null : 0, timedOut: false, aborted, stalled: false, resets: 0, durationMs: Date.now() - started, argv: [] });
         };
         const t = setInterval(() => {
           if (i < lines.length) onLine(lines[i++] ?? '');

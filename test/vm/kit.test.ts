@@ -44,9 +44,10 @@ describe('planQemu', () => {
   it('Secure Boot firmware turns on SMM and protects the flash; TPM goes through the swtpm socket', () => {
     const argv = planQemu(
       { firmware: { code: OVMF.secbootCode, vars: OVMF.vars }, tpm: { stateDir: '/state' }, network: false },
-      { accel: 'kvm', varsPath: '/tmp/x/VARS.fd', tpmSocket: '/tmp/x/swtpm.sock' },
+      { accel: 'kvm', varsPath: '/tmp/x/VARS.fd', tpmSocket: '/tmp/x/swtpm.sock', qmpSocket: '/tmp/x/qmp.sock' },
     );
     const s = argv.join(' ');
+    expect(s).toContain('-qmp unix:/tmp/x/qmp.sock,server=on,wait=off');
     expect(s).toContain('-machine q35,smm=on -accel kvm -cpu host');
     expect(s).toContain('-global driver=cfi.pflash01,property=secure,value=on');
     expect(s).toContain(`-drive if=pflash,format=raw,unit=0,readonly=on,file=${OVMF.secbootCode}`);

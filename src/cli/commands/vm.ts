@@ -105,7 +105,7 @@ export async function vmRun(ctx: Context, image: string | undefined, opts: VmRun
   const r = await runQemu({ ...plan, echo: ctx.json ? ctx.stderr : ctx.stdout, ...(interactive ? { input: process.stdin } : {}) });
   if (interactive) process.stdin.pause();
   ctx.result(
-    { matched: r.matched, exitCode: r.exitCode, timedOut: r.timedOut, durationMs: r.durationMs, serialLog: opts.serial ?? null },
+    { matched: r.matched, exitCode: r.exitCode, timedOut: r.timedOut, stalled: r.stalled, resets: r.resets, durationMs: r.durationMs, serialLog: opts.serial ?? null },
     '',
   );
   if (r.timedOut) throw new UserError('LAMA_E_VM_TIMEOUT', `the VM did not ${opts.until ? `print /${opts.until}/` : 'power off'} within ${opts.timeout} s`);

@@ -173,7 +173,7 @@ export type BootMode = 'secure' | 'direct';
 /** Console silence after which a device boot is given up (the VM's CPUs are recorded first). */
 export const DEVICE_STALL_MS = 300_000;
 /**
- * Time from the guest's restart to the firmware's first output before the harness presses reset.
+ * Time from the guest's restart to the firmware's first output before the harness power-cycles it.
  * OVMF prints within seconds of a reset even under TCG; in CI a device was seen printing nothing at
  * all for 25 minutes after its restart line, and a board's watchdog would end such a hang the same way.
  */

@@ -14,7 +14,7 @@
  *   timeoutMs, until?, serialLog?, onLine?, echo?, input?, signal?, accel?, stallMs?, resetWatchdogMs? }):
  *   Promise<QemuResult>` — resolves with `{ serial, matched, exitCode, timedOut, aborted, stalled,
  *   resets, durationMs, argv }`; a silent console (`stallMs`) ends the run, silence after the guest's
- *   restart line (`resetWatchdogMs`) gets a QMP `system_reset`; QEMU and
+ *   restart line (`resetWatchdogMs`) gets a power cycle (QEMU and swtpm started again); QEMU and
  *   swtpm are always killed and temp files removed on return, timeout, abort or Ctrl-C.
  * - `planQemu(opts, runtime)`, `planSwtpm(...)`: the command lines as data.
  * - `OVMF`: Debian's firmware paths; `SERIAL_CONSOLE`: kernel arguments for the serial console.

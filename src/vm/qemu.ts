@@ -6,7 +6,7 @@ import { onCleanup } from '../util/cleanup.js';
 import { makeTempDir } from '../util/fsx.js';
 import { missingTool } from '../util/proc.js';
 import { detectAccel } from './accel.js';
-import { hmp, qmpCommands } from './qmp.js';
+import { hmp } from './qmp.js';
 
 /** A disk attached as virtio-blk. */
 export interface QemuDisk {
@@ -75,8 +75,8 @@ export interface QemuOptions {
   stallMs?: number;
   /**
    * After the guest kernel announces a restart, the firmware must print something within this
-   * long; otherwise the harness presses reset (QMP `system_reset`), as a board's watchdog would.
-   * Counted in `resets`. Off by default.
+   * long; otherwise the harness cuts the power and starts QEMU (and swtpm) again on the same disks,
+   * variable store and TPM state, as a board's watchdog would reset it. Counted in `resets`. Off by default.
    */
   resetWatchdogMs?: number;
 }
@@ -93,7 +93,7 @@ export interface QemuResult {
   durationMs: number;
   /** Stopped because the console stayed silent for `stallMs`. */
   stalled: boolean;
-  /** Times the reset watchdog had to restart a guest that hung on its way through a reboot. */
+  /** Times the reset watchdog power-cycled a guest that hung on its way through a reboot. */
   resets: number;
   /** The argv QEMU ran with. */
   argv: string[];
@@ -105,7 +105,7 @@ export interface QemuRuntime {
   /** The per-VM variable store (a copy of firmware.vars, or the file itself with persistVars). */
   varsPath?: string;
   tpmSocket?: string;
-  /** QMP control socket: lets the harness read CPU state and press reset when a guest hangs. */
+  /** QMP control socket: lets the harness record where the vCPUs are when a guest hangs. */
   qmpSocket?: string;
 }
 
@@ -210,22 +210,39 @@ export async function runQemu(opts: QemuOptions): Promise<QemuResult> {
       rt.varsPath = opts.firmware.persistVars ? opts.firmware.vars : path.join(tmp.dir, 'OVMF_VARS.fd');
       if (!opts.firmware.persistVars) await fs.copyFile(opts.firmware.vars, rt.varsPath);
     }
-    if (opts.tpm) {
-      await fs.mkdir(opts.tpm.stateDir, { recursive: true });
-      rt.tpmSocket = path.join(tmp.dir, 'swtpm.sock');
-      const swtpm = spawn('swtpm', planSwtpm(opts.tpm.stateDir, rt.tpmSocket, path.join(tmp.dir, 'swtpm.log')), { stdio: 'ignore' });
-      kids.push(swtpm);
-      const spawnError = new Promise<never>((_, reject) => swtpm.on('error', (e: NodeJS.ErrnoException) => reject(e.code === 'ENOENT' ? missingTool('swtpm') : e)));
-      await Promise.race([waitForSocket(rt.tpmSocket, swtpm, 10_000), spawnError]);
+    if (opts.tpm) await fs.mkdir(opts.tpm.stateDir, { recursive: true });
+    const carry: Carry = { serial: '', resets: 0, started: Date.now() };
+    for (let power = 1; ; power++) {
+      if (opts.tpm) {
+        // A fresh control socket per power-on: swtpm ends with the QEMU that used the last one.
+        rt.tpmSocket = path.join(tmp.dir, `swtpm-${power}.sock`);
+        const swtpm = spawn('swtpm', planSwtpm(opts.tpm.stateDir, rt.tpmSocket, path.join(tmp.dir, 'swtpm.log')), { stdio: 'ignore' });
+        kids.push(swtpm);
+        const spawnError = new Promise<never>((_, reject) => swtpm.on('error', (e: NodeJS.ErrnoException) => reject(e.code === 'ENOENT' ? missingTool('swtpm') : e)));
+        await Promise.race([waitForSocket(rt.tpmSocket, swtpm, 10_000), spawnError]);
+      }
+      const argv = planQemu(opts, rt);
+      const r = await watch(opts, argv, kids, rt.qmpSocket, carry);
+      if (r !== 'power-cycle') return r;
+      // Off means off: the old swtpm has to be gone before the next one opens the same state.
+      killAll();
+      await Promise.all(kids.map((k) => (k.exitCode === null && k.signalCode === null ? new Promise((res) => k.once('close', res)) : undefined)));
+      kids.length = 0;
+      await fs.rm(rt.qmpSocket!, { force: true });
     }
-    const argv = planQemu(opts, rt);
-    return await watch(opts, argv, kids, rt.qmpSocket);
   } finally {
     killAll();
     await Promise.all(kids.map((k) => (k.exitCode === null && k.signalCode === null ? new Promise((r) => k.once('close', r)) : undefined)));
     unregister();
     await tmp.remove();
   }
+}
+
+/** What a VM run carries over a harness power cycle: the console so far, the count, the start time. */
+interface Carry {
+  serial: string;
+  resets: number;
+  started: number;
 }
 
 /** The guest kernel's last words before the machine resets (x86 `machine_restart`). */
@@ -235,7 +252,7 @@ const RESTART_LINE = /reboot: (?:Restarting system|machine restart)[^\n]*\n?\s*$
 async function cpuState(qmpSocket: string | undefined): Promise<string> {
   if (!qmpSocket) return 'no QMP socket';
   try {
-    const regs = await hmp(qmpSocket, 'info registers -a');
+    const regs = await hmp(qmpSocket, 'info registers -a', 5_000);
     const rips = [...regs.matchAll(/RIP=([0-9a-f]+)/g)].map((m, i) => `CPU${i} RIP=${m[1]}`);
     return rips.length ? rips.join(' ') : regs.trim().split('\n')[0] ?? '';
   } catch (e) {
@@ -243,20 +260,25 @@ async function cpuState(qmpSocket: string | undefined): Promise<string> {
   }
 }
 
-function watch(opts: QemuOptions, argv: string[], kids: import('node:child_process').ChildProcess[], qmpSocket?: string): Promise<QemuResult> {
+/**
+ * One power-on of the VM. Resolves with the run's result, or with 'power-cycle' when the reset
+ * watchdog cut the power (the console so far and the count are then in `carry`).
+ */
+function watch(opts: QemuOptions, argv: string[], kids: import('node:child_process').ChildProcess[], qmpSocket: string | undefined, carry: Carry): Promise<QemuResult | 'power-cycle'> {
   return new Promise((resolve, reject) => {
-    const started = Date.now();
+    const started = carry.started;
     const qemu = spawn('qemu-system-x86_64', argv, { stdio: ['pipe', 'pipe', 'pipe'] });
     kids.push(qemu);
     const log = opts.serialLog ? createWriteStream(opts.serialLog, { flags: 'a' }) : undefined;
-    let serial = '';
+    let serial = carry.serial;
     let stderr = '';
     let partial = '';
     let matched = false;
     let timedOut = false;
     let aborted = false;
     let stalled = false;
-    let resets = 0;
+    let resets = carry.resets;
+    let powerCycle = false;
     let settled = false;
     let closed = false;
     const stop = (): void => {
@@ -290,13 +312,14 @@ function watch(opts: QemuOptions, argv: string[], kids: import('node:child_proce
       }
       if (opts.resetWatchdogMs && opts.resetWatchdogMs > 0 && RESTART_LINE.test(serial.slice(-200))) {
         hungReboot = setTimeout(() => {
-          void (async () => {
-            const where = await cpuState(qmpSocket);
+          void cpuState(qmpSocket).then((where) => {
             resets += 1;
-            note(`no firmware output ${Math.round(opts.resetWatchdogMs! / 1000)} s after the guest restarted (${where}); pressing reset`);
-            // system_reset restarts the machine as its reset line would; a failure leaves the stall limit or timeout in charge.
-            if (qmpSocket) await qmpCommands(qmpSocket, [{ execute: 'system_reset' }]).catch((e: Error) => note(`reset failed: ${e.message}`));
-          })();
+            // A power cycle rather than QMP's system_reset: a hang that holds QEMU's main loop
+            // (a TPM or firmware flash call that never returns) would not see the reset either.
+            note(`no firmware output ${Math.round(opts.resetWatchdogMs! / 1000)} s after the guest restarted (${where}); power-cycling it`);
+            powerCycle = true;
+            stop();
+          });
         }, opts.resetWatchdogMs);
       }
     };
@@ -331,7 +354,7 @@ function watch(opts: QemuOptions, argv: string[], kids: import('node:child_proce
               note(`timeout of ${Math.round(opts.timeoutMs / 1000)} s reached; stopping the VM (${where})`);
               stop();
             });
-          }, opts.timeoutMs)
+          }, Math.max(0, opts.timeoutMs - (Date.now() - started)))
         : undefined;
     const onAbort = (): void => {
       aborted = true;
@@ -354,6 +377,12 @@ function watch(opts: QemuOptions, argv: string[], kids: import('node:child_proce
       if (opts.input) opts.input.unpipe(qemu.stdin);
       if (partial) opts.onLine?.(partial);
       log?.end();
+      if (powerCycle && !matched && !timedOut && !aborted) {
+        carry.serial = serial;
+        carry.resets = resets;
+        resolve('power-cycle');
+        return;
+      }
       const stoppedByUs = matched || timedOut || aborted || stalled;
       if (!stoppedByUs && code !== 0 && serial.length === 0) {
         reject(new UserError('LAMA_E_VM_START', `qemu-system-x86_64 failed (exit ${code}): ${stderr.trim().split('\n').pop() ?? ''}`));

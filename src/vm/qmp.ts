@@ -9,10 +9,10 @@ interface QmpReply {
 
 /**
  * Run commands on a QEMU's QMP socket, in order, and return their replies. The harness uses it
- * only when a guest has gone silent (to record where its CPUs are, and to press reset), so it
+ * only when a guest has gone silent (to record where its CPUs are), so it
  * opens a connection per call instead of keeping one for the life of the VM.
  */
-export function qmpCommands(socket: string, commands: { execute: string; arguments?: Record<string, unknown> }[], timeoutMs = 10_000): Promise<QmpReply[]> {
+function qmpCommands(socket: string, commands: { execute: string; arguments?: Record<string, unknown> }[], timeoutMs = 10_000): Promise<QmpReply[]> {
   return new Promise((resolve, reject) => {
     const conn = net.connect(socket);
     const replies: QmpReply[] = [];
@@ -49,8 +49,8 @@ export function qmpCommands(socket: string, commands: { execute: string; argumen
 }
 
 /** An HMP command's text output through QMP (`info registers`, `info cpus`). */
-export async function hmp(socket: string, commandLine: string): Promise<string> {
-  const [r] = await qmpCommands(socket, [{ execute: 'human-monitor-command', arguments: { 'command-line': commandLine } }]);
+export async function hmp(socket: string, commandLine: string, timeoutMs?: number): Promise<string> {
+  const [r] = await qmpCommands(socket, [{ execute: 'human-monitor-command', arguments: { 'command-line': commandLine } }], timeoutMs);
   if (r?.error) throw new Error(`QMP ${commandLine}: ${r.error.desc}`);
   return String(r?.return ?? '');
 }

@@ -57,13 +57,13 @@ describe('guest kit boots Debian kernel with a tiny initramfs', () => {
   });
 
   // The harness's own watchdogs against a real QEMU: a guest that says it restarts and then goes
-  // quiet gets reset (and boots again), a guest that goes quiet otherwise is stopped as stalled.
+  // quiet is power-cycled (and boots again), a guest that goes quiet otherwise is stopped as stalled.
   // Both record where the vCPUs were, read over QMP.
-  it('presses reset when a restart is followed by silence, and stops a silent guest as stalled', async () => {
+  it('power-cycles a guest whose restart is followed by silence, and stops a silent guest as stalled', async () => {
     const initrd = await buildInitramfs({
       init: [
-        'mount -t proc proc /proc',
-        'echo "LAMA-BOOT $(cat /proc/sys/kernel/random/boot_id)"',
+        'mount -t proc proc /proc; mount -t sysfs sys /sys',
+        'echo "LAMA-BOOT $(cat /proc/sys/kernel/random/boot_id) TPM=$(cat /sys/class/tpm/tpm0/tpm_version_major 2>/dev/null)"',
         // The kernel's last words before a reset, then nothing: what a hung reboot looks like.
         'grep -q lama.hang=restart /proc/cmdline && echo "reboot: Restarting system"',
         'exec sleep 100000',
@@ -71,15 +71,25 @@ describe('guest kit boots Debian kernel with a tiny initramfs', () => {
       out: path.join(dir, 'quiet.gz'),
     });
     // loglevel=1: no late kernel message may break the silence after the restart line.
+    // With a TPM: a power cycle has to bring back swtpm on the same state too.
     const boot = (mode: string, extra: { stallMs?: number; resetWatchdogMs?: number; until?: (s: string) => boolean }) =>
-      runQemu({ kernel: kernel.vmlinuz, initrd, append: `${SERIAL_CONSOLE} loglevel=1 panic=-1 lama.hang=${mode}`, memMiB: 512, network: false, timeoutMs: 240_000, ...extra });
-    const bootsIn = (s: string): number => s.match(/LAMA-BOOT [0-9a-f-]{36}/g)?.length ?? 0;
+      runQemu({
+        kernel: kernel.vmlinuz,
+        initrd,
+        append: `${SERIAL_CONSOLE} loglevel=1 panic=-1 lama.hang=${mode}`,
+        memMiB: 512,
+        network: false,
+        tpm: { stateDir: path.join(dir, 'tpm') },
+        timeoutMs: 240_000,
+        ...extra,
+      });
+    const bootsIn = (s: string): number => s.match(/LAMA-BOOT [0-9a-f-]{36} TPM=2/g)?.length ?? 0;
 
     const reset = await boot('restart', { resetWatchdogMs: 3_000, until: (s) => bootsIn(s) >= 2 });
     expect(reset.matched, reset.serial.slice(-2000)).toBe(true);
     expect(reset.resets).toBe(1);
-    expect(reset.serial).toMatch(/lamadist-harness: no firmware output 3 s after the guest restarted \(CPU0 RIP=[0-9a-f]{16} CPU1 RIP=[0-9a-f]{16}\); pressing reset/);
-    const ids = reset.serial.match(/LAMA-BOOT ([0-9a-f-]{36})/g) ?? [];
+    expect(reset.serial).toMatch(/lamadist-harness: no firmware output 3 s after the guest restarted \(CPU0 RIP=[0-9a-f]{16} CPU1 RIP=[0-9a-f]{16}\); power-cycling it/);
+    const ids = reset.serial.match(/LAMA-BOOT [0-9a-f-]{36}/g) ?? [];
     expect(new Set(ids).size).toBe(2);
 
     // Long enough for the kernel to reach init without printing anything, even on a loaded machine.

@@ -203,6 +203,12 @@ export async function runQemu(opts: QemuOptions): Promise<QemuResult> {
   const killAll = (): void => {
     for (const k of kids) if (k.exitCode === null && k.signalCode === null) k.kill('SIGKILL');
   };
+  // Killed and waited for: swtpm must have let go of its state before another one opens it.
+  const powerOff = async (): Promise<void> => {
+    killAll();
+    await Promise.all(kids.map((k) => (k.exitCode === null && k.signalCode === null ? new Promise((r) => k.once('close', r)) : undefined)));
+    kids.length = 0;
+  };
   const unregister = onCleanup(killAll);
   try {
     const rt: QemuRuntime = { accel: opts.accel ?? (await detectAccel()), qmpSocket: path.join(tmp.dir, 'qmp.sock') };
@@ -224,15 +230,11 @@ export async function runQemu(opts: QemuOptions): Promise<QemuResult> {
       const argv = planQemu(opts, rt);
       const r = await watch(opts, argv, kids, rt.qmpSocket, carry);
       if (r !== 'power-cycle') return r;
-      // Off means off: the old swtpm has to be gone before the next one opens the same state.
-      killAll();
-      await Promise.all(kids.map((k) => (k.exitCode === null && k.signalCode === null ? new Promise((res) => k.once('close', res)) : undefined)));
-      kids.length = 0;
+      await powerOff();
       await fs.rm(rt.qmpSocket!, { force: true });
     }
   } finally {
-    killAll();
-    await Promise.all(kids.map((k) => (k.exitCode === null && k.signalCode === null ? new Promise((r) => k.once('close', r)) : undefined)));
+    await powerOff();
     unregister();
     await tmp.remove();
   }

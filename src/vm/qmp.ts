@@ -33,7 +33,13 @@ function qmpCommands(socket: string, commands: { execute: string; arguments?: Re
         const line = buf.slice(0, nl).trim();
         buf = buf.slice(nl + 1);
         if (!line) continue;
-        const msg = JSON.parse(line) as QmpReply & { QMP?: unknown; event?: string };
+        let msg: QmpReply & { QMP?: unknown };
+        try {
+          msg = JSON.parse(line) as typeof msg;
+        } catch {
+          done(new Error(`QMP on ${socket}: not JSON: ${line.slice(0, 80)}`));
+          return;
+        }
         if (msg.QMP && !greeted) {
           // Capabilities negotiation first; the commands get ids so events in between are skipped.
           greeted = true;

@@ -344,8 +344,13 @@ function checkComposed(root: string, bsp: Bsp, files: string[], comp: KasComposi
   if (cfg.machine !== bsp.machine) {
     add('kas-compose', comp.origin(['machine']), 'LAMA_E_KAS_MACHINE', `BSP ${bsp.name} must build MACHINE '${bsp.machine}', but its kas files compose to '${String(cfg.machine)}'`);
   }
-  if (typeof cfg.distro !== 'string') add('kas-compose', comp.origin(['distro']), 'LAMA_E_KAS_DISTRO', `${combo} sets no distro`);
-  else if (OWN_NAME.test(cfg.distro) && !localLayerEntries(cfg).some((e) => existsSync(path.join(root, e.layer, 'conf', 'distro', `${cfg.distro as string}.conf`)))) {
+  const overlayDistro = checkPolicy(comp, add);
+  if (overlayDistro) {
+    // already reported at the overlay; the composed distro is that overlay's choice
+  } else if (typeof cfg.distro !== 'string') add('kas-compose', comp.origin(['distro']), 'LAMA_E_KAS_DISTRO', `${combo} sets no distro`);
+  else if (!OWN_DISTRO.test(cfg.distro)) {
+    add('kas-compose', comp.origin(['distro']), 'LAMA_E_KAS_POLICY', `distro '${cfg.distro}' is not LamaDist's: every build uses a distro of this repository's layers (lamadist or a lamadist-* variant)`);
+  } else if (!localLayerEntries(cfg).some((e) => existsSync(path.join(root, e.layer, 'conf', 'distro', `${cfg.distro as string}.conf`)))) {
     add('kas-compose', comp.origin(['distro']), 'LAMA_E_KAS_DISTRO', `distro '${cfg.distro}' has no conf/distro/${cfg.distro}.conf in the layers this build uses`);
   }
   const targets = Array.isArray(cfg.target) ? cfg.target : cfg.target === undefined ? [] : [cfg.target];
@@ -364,6 +369,42 @@ function checkComposed(root: string, bsp: Bsp, files: string[], comp: KasComposi
       add('kas-compose', comp.origin(['repos', key, 'layers', layer]), 'LAMA_E_KAS_LAYER_MISSING', `layer '${layer}' of repo '${key}' has no conf/layer.conf`);
     }
   }
+}
+
+/** LamaDist's distro and its variants (lamadist-debug). */
+const OWN_DISTRO = /^lamadist([-_]|$)/;
+/** Files that may choose the distro: the base, and extras selecting one of its variants (debug). */
+const DISTRO_SETTERS = /^kas\/(main\.kas\.ya?ml$|extras\/)/;
+/** What kas accepts as a pinned commit: a full object id (SHA-1, or SHA-256 for git's sha256 repositories). */
+const COMMIT_ID = /^([0-9a-f]{40}|[0-9a-f]{64})$/;
+
+/**
+ * The distribution policy an overlay must not replace: BSP files, scanners and their includes may not
+ * choose the distro, every pinned commit is an object id (a path or ref there would let an overlay
+ * build unreviewed sources), and kas builds with OpenEmbedded (isar builds Debian, not LamaDist).
+ * Returns whether an overlay chose the distro, so the composed value is not reported twice.
+ */
+function checkPolicy(comp: KasComposition, add: Add): boolean {
+  let overlayDistro = false;
+  for (const kf of comp.files) {
+    const value = kf.yaml.value;
+    if (getPath(value, ['distro']) !== undefined && !DISTRO_SETTERS.test(kf.rel)) {
+      overlayDistro = true;
+      add('kas-compose', kf.yaml.where(['distro']), 'LAMA_E_KAS_POLICY', `${kf.rel} must not set the distro (only kas/main.kas.yml and kas/extras/ choose it)`);
+    }
+    const bs = getPath(value, ['build_system']);
+    if (bs !== undefined && bs !== 'openembedded') {
+      add('kas-compose', kf.yaml.where(['build_system'], 'value'), 'LAMA_E_KAS_POLICY', `build_system must be 'openembedded', not '${String(bs)}'`);
+    }
+    const repos = getPath(value, ['repos']);
+    if (typeof repos !== 'object' || repos === null) continue;
+    for (const key of Object.keys(repos)) {
+      const commit = getPath(repos, [key, 'commit']);
+      if (commit === undefined || (typeof commit === 'string' && COMMIT_ID.test(commit))) continue;
+      add('kas-compose', kf.yaml.where(['repos', key, 'commit'], 'value'), 'LAMA_E_KAS_POLICY', `repo '${key}' commit '${String(commit)}' is not a full lower-case commit id (40 or 64 hex digits)`);
+    }
+  }
+  return overlayDistro;
 }
 
 /** The enabled layers of the project's own repository (repos without url or path) in a composed configuration. */

@@ -1,4 +1,15 @@
-import { LineCounter, parseDocument, isMap, isSeq, isScalar, isPair, type Node, type Document } from 'yaml';
+import {
+  LineCounter,
+  parseDocument,
+  visit,
+  isMap,
+  isSeq,
+  isScalar,
+  isPair,
+  type Alias,
+  type Node,
+  type Document,
+} from 'yaml';
 import { UserError } from '../errors.js';
 
 /** A parsed YAML document that can map any path inside it back to file:line:col. */
@@ -27,6 +38,16 @@ export function parseYamlLocated<T = unknown>(text: string, file: string): Locat
     const p = lineCounter.linePos(offset);
     return `${file}:${p.line}:${p.col}`;
   };
+  // The parser accepts an alias to an anchor that does not exist (yet); only toJS() notices, with a
+  // ReferenceError that carries no position.
+  const aliases: Alias[] = [];
+  visit(doc, { Alias: (_, node) => void aliases.push(node) });
+  for (const a of aliases) {
+    if (!a.resolve(doc))
+      throw new UserError('LAMA_E_YAML', `alias *${a.source} names no anchor defined before it`, {
+        where: at(a.range?.[0] ?? 0),
+      });
+  }
   const where = (p: readonly (string | number)[], part: 'key' | 'value' = 'key'): string => {
     let node: Node | null | undefined = doc.contents as Node | null;
     let keyNode: Node | undefined;
@@ -51,5 +72,15 @@ export function parseYamlLocated<T = unknown>(text: string, file: string): Locat
     const range = last?.range;
     return range ? at(range[0]) : `${file}:1:1`;
   };
-  return { file, value: doc.toJS({ maxAliasCount: 100 }) as T, doc, where };
+  let value: T;
+  try {
+    value = doc.toJS({ maxAliasCount: 100 }) as T;
+  } catch (e) {
+    // Alias expansion beyond the limit (a "billion laughs" document) is the remaining way to fail.
+    if (!(e instanceof ReferenceError)) throw e;
+    throw new UserError('LAMA_E_YAML', `${e.message} (aliases expand too much)`, {
+      where: at(aliases[0]?.range?.[0] ?? 0),
+    });
+  }
+  return { file, value, doc, where };
 }

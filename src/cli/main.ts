@@ -27,6 +27,43 @@ function overrideAll(cmd: Command): void {
   for (const sub of cmd.commands) overrideAll(sub);
 }
 
+/**
+ * The command line to parse instead of `argv` when it names a command that does not exist *and* asks
+ * for help (`lamadist provison --help`, `lamadist help provison`): commander would print the
+ * enclosing group's help and exit 0, so a typo would look like success to a script. Without the help
+ * request commander reports the unknown command itself (with its "Did you mean" suggestion) before
+ * any action runs. Undefined when `argv` needs no such treatment.
+ */
+function withoutHelpForUnknown(program: Command, argv: readonly string[]): string[] | undefined {
+  let cmd = program;
+  let helpAt: number | undefined;
+  for (let i = 0; i < argv.length; i++) {
+    const tok = argv[i] as string;
+    if (tok === '--') return undefined;
+    if (tok.startsWith('-')) {
+      const flag = tok.split('=')[0];
+      const opt = [cmd, program].flatMap((c) => c.options).find((o) => o.long === flag || o.short === flag);
+      // An option's value is not a command name (`fleet --server URL devices`).
+      if (opt && (opt.required || opt.optional) && !tok.includes('=')) i++;
+      continue;
+    }
+    // A command without subcommands takes its operands as arguments.
+    if (cmd.commands.length === 0) return undefined;
+    if (tok === 'help' && helpAt === undefined) {
+      helpAt = i;
+      continue;
+    }
+    const sub = cmd.commands.find((c) => c.name() === tok || c.aliases().includes(tok));
+    if (!sub) {
+      const asksHelp = helpAt !== undefined || argv.some((a) => a === '-h' || a === '--help');
+      return asksHelp ? argv.filter((a, j) => j !== helpAt && a !== '-h' && a !== '--help') : undefined;
+    }
+    if (helpAt !== undefined) return undefined;
+    cmd = sub;
+  }
+  return undefined;
+}
+
 function firstVerb(argv: readonly string[]): string | undefined {
   return argv.find((a) => !a.startsWith('-'));
 }
@@ -63,7 +100,7 @@ export async function main(argv: string[]): Promise<number> {
       program.outputHelp({ error: true });
       return EXIT_USER;
     }
-    await program.parseAsync(argv, { from: 'user' });
+    await program.parseAsync(withoutHelpForUnknown(program, argv) ?? argv, { from: 'user' });
     return EXIT_OK;
   } catch (err) {
     if (err instanceof CommanderError) {

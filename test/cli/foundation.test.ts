@@ -24,6 +24,29 @@ describe('CLI foundation', () => {
     expect(b.stderr).toMatch(/unknown option/);
   });
 
+  it('exits 2 on an unknown command even when help is asked for, so a typo is not success', async () => {
+    for (const argv of [
+      ['provison', '--help'],
+      ['lusk', '-h'],
+      ['help', 'lusk'],
+      ['luks', 'nosuch', '--help'],
+      ['luks', 'help', 'nosuch'],
+      ['fleet', '--server', 'http://127.0.0.1:1', 'nosuch', '--help'],
+    ]) {
+      const r = await runCli(argv);
+      expect(r.code, argv.join(' ')).toBe(2);
+      expect(r.stdout, argv.join(' ')).toBe('');
+      expect(r.stderr, argv.join(' ')).toMatch(/^error: unknown command '(provison|lusk|nosuch)'\n/);
+    }
+    expect((await runCli(['lusk', '--help'])).stderr).toContain('(Did you mean luks?)');
+    // help for commands that exist is still help, exit 0
+    for (const argv of [['--help'], ['luks', '--help'], ['luks', 'help', 'dump'], ['fleet', '--server', 'http://127.0.0.1:1', 'devices', '--help']]) {
+      const r = await runCli(argv);
+      expect(r.code, argv.join(' ')).toBe(0);
+      expect(r.stdout).toMatch(/^Usage: lamadist/);
+    }
+  });
+
   it('honours NO_COLOR', async () => {
     const r = await runCli(['bsp', 'list'], { env: { NO_COLOR: '1', FORCE_COLOR: '' } });
     expect(r.stdout).not.toContain('\u001b[');

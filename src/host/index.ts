@@ -271,10 +271,12 @@ export function kernelCmdline(host: Host, opts: { rootHash: string; bsp?: string
   }
   if (opts.slot !== 'a' && opts.slot !== 'b') throw new UserError('LAMA_E_BAD_SLOT', `slot '${String(opts.slot)}' must be a or b`);
   const bsp = getBsp(opts.bsp ?? host.bsp);
-  const args = [bsp.console, ...slotBootArgs(opts.rootHash, opts.slot), `systemd.hostname=${host.name}`, `systemd.machine_id=${host.machineId}`];
-  if (host.ip) args.push(`ip=${host.ip}`);
-  args.push(...host.kernelArgs, ...(opts.extra ?? []));
-  return args.join(' ');
+  return [bsp.console, ...slotBootArgs(opts.rootHash, opts.slot), ...hostArgs(host), ...(opts.extra ?? [])].join(' ');
+}
+
+/** What a host's command line adds to its release's: identity, network and the host's own arguments. */
+export function hostArgs(host: Host): string[] {
+  return [`systemd.hostname=${host.name}`, `systemd.machine_id=${host.machineId}`, ...(host.ip ? [`ip=${host.ip}`] : []), ...host.kernelArgs];
 }
 
 /** What `host add` records. */

@@ -208,6 +208,12 @@ export function sectionData(buf: Buffer, info: PeInfo, name: string): Buffer | u
 export interface NewSection {
   name: string;
   data: Buffer;
+  /**
+   * Bytes of file and address space to set aside for this section whatever its contents' length
+   * (VirtualSize stays the contents' length): the sections after it then keep their offsets when
+   * the contents change, so two images differing only here differ in a few header bytes and this area.
+   */
+  reserve?: number;
 }
 
 /** Where appended sections land; computed before any byte is written so it can be tested as data. */
@@ -224,7 +230,7 @@ export interface SectionPlan {
  * `vaAlignment` (a multiple of SectionAlignment; 4096 keeps them page-aligned), raw data aligned to
  * FileAlignment. Fails when the header area has no room for the new section headers.
  */
-export function planAppendSections(info: PeInfo, fileLength: number, sections: readonly { name: string; size: number }[], vaAlignment = 4096): {
+export function planAppendSections(info: PeInfo, fileLength: number, sections: readonly { name: string; size: number; reserve?: number }[], vaAlignment = 4096): {
   sections: SectionPlan[];
   sizeOfImage: number;
   fileLength: number;
@@ -242,9 +248,11 @@ export function planAppendSections(info: PeInfo, fileLength: number, sections: r
   let end = nextVa;
   for (const s of sections) {
     if (Buffer.byteLength(s.name, 'latin1') > 8) throw new Error(`section name ${s.name} is longer than 8 bytes`);
-    const raw = alignUp(s.size, info.fileAlignment);
+    if (s.reserve !== undefined && s.size > s.reserve) throw new UserError('LAMA_E_PE_SECTION_SIZE', `section ${s.name} holds ${s.size} bytes, more than the ${s.reserve} set aside for it`);
+    const span = Math.max(s.size, s.reserve ?? 0);
+    const raw = alignUp(span, info.fileAlignment);
     out.push({ name: s.name, virtualAddress: nextVa, virtualSize: s.size, pointerToRawData: nextRaw, sizeOfRawData: raw });
-    end = nextVa + Math.max(s.size, 1);
+    end = nextVa + Math.max(span, 1);
     nextVa = alignUp(end, va);
     nextRaw += raw;
   }
@@ -269,7 +277,7 @@ function loadedLength(pe: Buffer, info: PeInfo): number {
 export function appendSections(pe: Buffer, sections: readonly NewSection[], vaAlignment = 4096): Buffer {
   const info = parsePe(pe);
   const length = loadedLength(pe, info);
-  const plan = planAppendSections(info, length, sections.map((s) => ({ name: s.name, size: s.data.length })), vaAlignment);
+  const plan = planAppendSections(info, length, sections.map((s) => ({ name: s.name, size: s.data.length, ...(s.reserve !== undefined && { reserve: s.reserve }) })), vaAlignment);
   const out = Buffer.alloc(plan.fileLength);
   pe.copy(out, 0, 0, length);
   let initialized = out.readUInt32LE(info.offsets.sizeOfInitializedData);

@@ -8,6 +8,7 @@ import { onCleanup } from '../util/cleanup.js';
 import { run } from '../util/proc.js';
 import { formatVerity, verifyVerity } from '../verity/index.js';
 import { decryptEnvelope, detachedDigestName, envelope, isDetached, recipientsOf, signEmbedded, signerSummary, unverifiedContent, verifyDetached, verifyEmbedded, type CertSummary, type SignerMaterial } from './cms.js';
+import { casyncKind, parseCasyncIndex, type CasyncIndex } from './casync.js';
 import { readLayout, type BundleLayout } from './layout.js';
 import { parseManifest, renderManifest, type ImageHook, type Manifest, type ManifestImage } from './manifest.js';
 import { BLOCK, cryptInPlace, digestImage, digestPrefix, makeSquashfs } from './payload.js';
@@ -34,6 +35,12 @@ export interface CreateBundleOptions {
   images: BundleImageInput[];
   /** Slot classes the target's system.conf defines; images for other classes are refused. */
   slotClasses?: readonly string[];
+  /**
+   * Further files for the payload, beside the images (`name` is a relative path such as
+   * `hosts/<machine-id>/uki-a.map`). The signed verity tree covers them like every payload byte;
+   * hooks read them from the mounted bundle, and a streaming device fetches only what it reads.
+   */
+  payloadFiles?: { name: string; from: string }[];
   /** Bundle hook script (copied as `hook.sh`) and whether it implements install-check. */
   hookScript?: string;
   installCheck?: boolean;
@@ -90,6 +97,14 @@ export function planBundle(o: Omit<CreateBundleOptions, 'signer' | 'out'>): { ma
     return { slotClass: i.slotClass, filename: name, ...(i.hooks?.length && { hooks: i.hooks }), ...(i.adaptive && { adaptive: ['block-hash-index'] }) };
   });
   if (o.hookScript) files.push({ name: HOOK_NAME, from: o.hookScript });
+  for (const f of o.payloadFiles ?? []) {
+    const parts = f.name.split('/');
+    if (parts.length < 2 || !parts.every((p) => /^[A-Za-z0-9][A-Za-z0-9._+-]*$/.test(p))) {
+      throw new UserError('LAMA_E_BUNDLE_INPUT', `payload file '${f.name}' must be a relative path inside a directory of the bundle`);
+    }
+    if (files.some((x) => x.name === f.name || x.name === parts[0])) throw new UserError('LAMA_E_BUNDLE_INPUT', `payload file '${f.name}' collides with another file of the bundle`);
+    files.push(f);
+  }
   const needsHookScript = o.installCheck || o.images.some((i) => i.hooks?.length);
   if (needsHookScript && !o.hookScript) throw new UserError('LAMA_E_BUNDLE_INPUT', 'hooks were requested but no hook script was given');
   const manifest: Manifest = {
@@ -121,6 +136,16 @@ async function tempDirIn(parent: string): Promise<{ dir: string; remove: () => P
   };
   const unregister = onCleanup(remove);
   return { dir, remove };
+}
+
+/** Create `rel` under `root`, each directory 0755 whatever the umask (squashfs records modes). */
+async function mkdirs(root: string, rel: string): Promise<void> {
+  let dir = root;
+  for (const part of rel.split('/')) {
+    dir = path.join(dir, part);
+    await fs.mkdir(dir, { recursive: true });
+    await fs.chmod(dir, 0o755);
+  }
 }
 
 /**
@@ -164,7 +189,11 @@ export async function createBundle(o: CreateBundleOptions): Promise<CreatedBundl
   try {
     await fs.chmod(staging.dir, 0o755);
     step('hashing images');
-    for (const f of files) await stage(f.from, path.join(staging.dir, f.name), f.name === HOOK_NAME ? 0o755 : 0o644);
+    for (const f of files) {
+      const to = path.join(staging.dir, f.name);
+      if (f.name.includes('/')) await mkdirs(staging.dir, path.dirname(f.name));
+      await stage(f.from, to, f.name === HOOK_NAME ? 0o755 : 0o644);
+    }
     for (const img of manifest.images) {
       const p = path.join(staging.dir, img.filename);
       const d = await digestImage(p, { blockIndex: Boolean(img.adaptive) });
@@ -274,7 +303,16 @@ export interface BundleInfo {
     veritySalt?: string;
     veritySize?: number;
     hooks: string[];
-    images: { slotClass: string; filename: string; sha256: string; size: number; adaptive?: string[]; hooks?: string[] }[];
+    images: {
+      slotClass: string;
+      filename: string;
+      sha256: string;
+      size: number;
+      adaptive?: string[];
+      hooks?: string[];
+      /** casync bundles (`rauc convert`): the payload holds this index instead of the image. */
+      casync?: { kind: 'caibx' | 'caidx'; chunks?: number; indexSize?: number; chunkDigest?: string };
+    }[];
   };
   signer: CertSummary | undefined;
   /** Signer first, keyring CA last (only when verified). */
@@ -286,6 +324,8 @@ export interface BundleInfo {
   verified: boolean;
   /** dm-verity tree and image hashes checked. */
   payloadVerified: boolean;
+  /** What a verified bundle still leaves unchecked: the images of a casync bundle live in its chunk store. */
+  unchecked: string[];
 }
 
 async function openBundle(file: string): Promise<FileHandle> {
@@ -395,6 +435,9 @@ async function openChecked(file: string, o: InspectOptions): Promise<OpenedBundl
   if (m.format === 'plain') {
     throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', 'an embedded manifest cannot be in plain format', { where: file });
   }
+  if (layout.signatureOffset % BLOCK !== 0) {
+    throw new UserError('LAMA_E_BUNDLE_TRAILER', `signature starts at byte ${layout.signatureOffset}, which is not 4 KiB aligned as a ${m.format} bundle's hash tree must end`, { where: file });
+  }
   if (!m.verityHash || !m.veritySalt || !m.veritySize) {
     throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', `${m.format} manifest lacks verity-hash, verity-salt or verity-size`, { where: file });
   }
@@ -429,15 +472,16 @@ function checked(file: string, b: OpenedBundle, o: InspectOptions): OpenedBundle
 export async function inspectBundle(file: string, o: InspectOptions = {}): Promise<BundleInfo> {
   const b = await openChecked(file, o);
   const verifyPayload = o.verifyPayload ?? b.verified;
+  let indexes = new Map<string, CasyncIndex>();
   if (verifyPayload) {
     // A plain bundle's payload was covered by the signature digest already.
     if (b.manifest.format !== 'plain') await checkVerity(file, b.payload, b.manifest);
-    await checkImages(file, b.payload, b.manifest);
+    indexes = await checkImages(file, b.payload, b.manifest);
   }
-  return describe(file, b, verifyPayload);
+  return describe(file, b, verifyPayload, indexes);
 }
 
-function describe(file: string, b: OpenedBundle, payloadVerified: boolean): BundleInfo {
+function describe(file: string, b: OpenedBundle, payloadVerified: boolean, indexes = new Map<string, CasyncIndex>()): BundleInfo {
   const m = b.manifest;
   const { layout, chain, signingTime } = b;
   const signer = chain[0] ?? signerSummary(b.signedData);
@@ -461,6 +505,7 @@ function describe(file: string, b: OpenedBundle, payloadVerified: boolean): Bund
         size: i.size as number,
         ...(i.adaptive && { adaptive: i.adaptive }),
         ...(i.hooks && { hooks: i.hooks }),
+        ...casyncOf(i.filename, indexes.get(i.filename)),
       })),
     },
     signer,
@@ -470,7 +515,16 @@ function describe(file: string, b: OpenedBundle, payloadVerified: boolean): Bund
     sizes: { file: layout.fileSize, payload: b.payload, hashTree: m.veritySize ?? 0, signature: layout.signatureSize },
     verified: b.verified,
     payloadVerified,
+    unchecked: m.images
+      .filter((i) => casyncKind(i.filename))
+      .map((i) => `[${i.slotClass}] ${i.filename}: the image's sha256 and size and its chunks need the casync chunk store`),
   };
+}
+
+function casyncOf(filename: string, idx: CasyncIndex | undefined): Pick<BundleInfo['manifest']['images'][number], 'casync'> {
+  const kind = casyncKind(filename);
+  if (!kind) return {};
+  return { casync: { kind, ...(idx && { chunks: idx.chunks, indexSize: idx.size, chunkDigest: idx.chunkDigest }) } };
 }
 
 async function checkVerity(file: string, payload: number, m: Manifest): Promise<void> {
@@ -529,12 +583,27 @@ async function unpack(file: string, payload: number, m: Manifest, dir: string, o
   }
 }
 
-async function checkImages(file: string, payload: number, m: Manifest): Promise<void> {
+/**
+ * Each image against its manifest hash. The index of a casync image is checked for structure and,
+ * for a blob index, for the image size it describes: the manifest's sha256 is that of the image
+ * in the chunk store, so a valid index never matches it.
+ */
+async function checkImages(file: string, payload: number, m: Manifest): Promise<Map<string, CasyncIndex>> {
   const tmp = await makeTempDir('lamadist-inspect-');
+  const indexes = new Map<string, CasyncIndex>();
   try {
     const out = path.join(tmp.dir, 'x');
     await unpack(file, payload, m, out, m.images.map((i) => i.filename));
     for (const img of m.images) {
+      const kind = casyncKind(img.filename);
+      if (kind) {
+        const idx = parseCasyncIndex(await readIndex(file, path.join(out, img.filename), img.filename), kind, `${file}: ${img.filename}`);
+        if (kind === 'caibx' && idx.size !== img.size) {
+          throw new UserError('LAMA_E_BUNDLE_CASYNC_INDEX', `casync index ${img.filename} describes a ${idx.size}-byte image, the manifest says ${img.size}`, { where: file });
+        }
+        indexes.set(img.filename, idx);
+        continue;
+      }
       const d = await digestImage(path.join(out, img.filename)).catch((err: unknown) => {
         if (err instanceof UserError && err.code === 'LAMA_E_NOT_FOUND') {
           throw new UserError('LAMA_E_BUNDLE_IMAGE_TAMPERED', `image ${img.filename} named by the manifest is missing from the payload`, { where: file });
@@ -547,6 +616,16 @@ async function checkImages(file: string, payload: number, m: Manifest): Promise<
     }
   } finally {
     await tmp.remove();
+  }
+  return indexes;
+}
+
+async function readIndex(file: string, p: string, name: string): Promise<Buffer> {
+  try {
+    return await fs.readFile(p);
+  } catch (err) {
+    if (isErrno(err, 'ENOENT')) throw new UserError('LAMA_E_BUNDLE_IMAGE_TAMPERED', `casync index ${name} named by the manifest is missing from the payload`, { where: file });
+    throw err;
   }
 }
 

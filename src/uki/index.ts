@@ -7,11 +7,12 @@
  * - `planUki(opts)` → the ordered section list (pure)
  * - `buildUki({ stub, kernel, initrd, cmdline, osrel?, uname?, splash? })` → Buffer (unsigned PE)
  * - `inspectUki(pe)` → sections, command line, os-release, uname
+ * - `setUkiCmdline(pe, cmdline)` → the same unsigned UKI with another command line
  * - `kernelVersion(bzImage)` → the version string embedded in an x86 bzImage, if any
  */
 import { promises as fs } from 'node:fs';
 import { UserError, isErrno } from '../errors.js';
-import { appendSections, parsePe, sectionData, type NewSection, type PeInfo } from '../pe/index.js';
+import { appendSections, parsePe, sectionData, updateChecksum, type NewSection, type PeInfo } from '../pe/index.js';
 
 /** A file path or its contents. */
 export type Input = string | Buffer;
@@ -38,6 +39,14 @@ export const EFI_STUBS: Readonly<Record<string, string>> = {
 };
 
 export const UKI_SECTIONS = ['.osrel', '.cmdline', '.splash', '.uname', '.initrd', '.linux'] as const;
+
+/**
+ * Bytes set aside for `.cmdline` in every UKI: more than the kernel's COMMAND_LINE_SIZE (2048 on
+ * x86-64 and arm64), so no command line is refused by it. Because the area is fixed, the UKIs of
+ * one release for different hosts differ only inside it and in a few header fields, which is what
+ * lets a release carry one UKI per slot plus a small patch per host (src/release).
+ */
+export const CMDLINE_AREA = 4096;
 
 async function load(input: Input, what: string, code: `LAMA_E_${string}` = 'LAMA_E_NOT_FOUND'): Promise<Buffer> {
   if (Buffer.isBuffer(input)) return input;
@@ -72,7 +81,9 @@ export function planUki(parts: { kernel: Buffer; initrd?: Buffer; cmdline: strin
   if (/[\0\n]/.test(parts.cmdline)) throw new UserError('LAMA_E_CMDLINE', 'kernel command line must be a single line without NUL bytes');
   const out: NewSection[] = [];
   if (parts.osrel) out.push({ name: '.osrel', data: parts.osrel });
-  out.push({ name: '.cmdline', data: Buffer.from(parts.cmdline, 'utf8') });
+  const cmdline = Buffer.from(parts.cmdline, 'utf8');
+  if (cmdline.length > CMDLINE_AREA) throw new UserError('LAMA_E_CMDLINE', `kernel command line is ${cmdline.length} bytes, more than the ${CMDLINE_AREA} a UKI sets aside`);
+  out.push({ name: '.cmdline', data: cmdline, reserve: CMDLINE_AREA });
   if (parts.splash) out.push({ name: '.splash', data: parts.splash });
   const uname = parts.uname ?? kernelVersion(parts.kernel);
   if (uname) out.push({ name: '.uname', data: Buffer.from(uname, 'utf8') });
@@ -106,6 +117,27 @@ export async function buildUki(opts: UkiOptions): Promise<Buffer> {
     splash: opts.splash === undefined ? undefined : await load(opts.splash, 'splash'),
   });
   return appendSections(stub, sections);
+}
+
+/**
+ * The same UKI with another command line: the `.cmdline` area rewritten (zero-filled past the new
+ * line), its VirtualSize and the checksum updated. Byte-identical to `buildUki` with that command
+ * line, without assembling the kernel and initrd again. The input must be unsigned.
+ */
+export function setUkiCmdline(pe: Buffer, cmdline: string, where?: string): Buffer {
+  const info = parsePe(pe, where);
+  if (info.certTable.size > 0) throw new UserError('LAMA_E_PE_SIGNED', 'cannot change the command line of a signed UKI (sign after changing it)', where ? { where } : undefined);
+  const s = info.sections.find((x) => x.name === '.cmdline');
+  if (!s) throw new UserError('LAMA_E_NOT_UKI', 'UKI has no .cmdline section', where ? { where } : undefined);
+  if (/[\0\n]/.test(cmdline)) throw new UserError('LAMA_E_CMDLINE', 'kernel command line must be a single line without NUL bytes');
+  const data = Buffer.from(cmdline, 'utf8');
+  if (data.length > s.sizeOfRawData) throw new UserError('LAMA_E_CMDLINE', `kernel command line is ${data.length} bytes; this UKI sets aside ${s.sizeOfRawData}`, where ? { where } : undefined);
+  const out = Buffer.from(pe);
+  out.fill(0, s.pointerToRawData, s.pointerToRawData + s.sizeOfRawData);
+  data.copy(out, s.pointerToRawData);
+  out.writeUInt32LE(data.length, s.headerOffset + 8);
+  updateChecksum(out);
+  return out;
 }
 
 /** What `lamadist uki inspect` shows (signature state is added by the command from src/secureboot). */

@@ -4,30 +4,23 @@ import path from 'node:path';
 import { getBsp } from '../bsp/index.js';
 import { UserError } from '../errors.js';
 import { buildErofs } from '../erofs/index.js';
-import { slotCmdline } from '../image/index.js';
 import { FleetClient } from '../fleet/index.js';
 import { addDeviceKey, initKeys, keyPath, readManifest } from '../keys/index.js';
 import { LUKS2_DATA_OFFSET } from '../luks/index.js';
-import { createBundle, slotClassesOf, type CreatedBundle } from '../rauc/index.js';
-import { signPe } from '../secureboot/index.js';
+import type { CreatedBundle } from '../rauc/index.js';
+import { createRelease, type ReleaseHost } from '../release/index.js';
 import { startServer, type RunningServer } from '../server/index.js';
-import { EFI_STUBS, buildUki } from '../uki/index.js';
 import { makeTempDir } from '../util/fsx.js';
 import { run } from '../util/proc.js';
 import { formatVerity } from '../verity/index.js';
 import { bootDevice, prepareDevice, type Device } from './device.js';
-import { cachedTree, fixtureRootfs, pruneTrees, repoRoot } from './fixture.js';
+import { cachedTree, fixtureRootfs, pruneTrees } from './fixture.js';
 import { cacheRoot } from './kernel.js';
 import type { QemuResult } from './qemu.js';
 
 /** The health.d check a failing release carries (acceptance 3: its trial boot must fall back). */
 export const FAILING_HEALTH_CHECK = '/etc/lamadist/health.d/50-fixture-fails';
 
-/** meta-lamadist's RAUC bundle hook (installs the slot's UKI on the shared ESP). */
-export const BUNDLE_HOOK = 'meta-lamadist/dynamic-layers/rauc/recipes-core/bundles/files/lamadist-bundle-hook';
-
-/** meta-lamadist's system.conf of the efi family (the slot classes a bundle may carry). */
-const SYSTEM_CONF = 'meta-lamadist/recipes-core/rauc/files/efi/system.conf';
 
 /** What a fixture release changes in the root tree: its version, and optionally a failing health check. */
 export interface VariantSpec {
@@ -108,12 +101,15 @@ export async function fixtureBundle(opts: {
   out: string;
   /** Certificate files of further recipients (the update server verifies crypt bundles with its own key). */
   recipients?: string[];
+  /** Further hosts the release carries (the fleet around the device). */
+  otherHosts?: ReleaseHost[];
+  /** Leave the device itself out of the release (its install check must refuse the bundle). */
+  omitDevice?: boolean;
   log?: (m: string) => void;
 }): Promise<FixtureRelease> {
   const { device } = opts;
   const log = opts.log ?? (() => undefined);
   const bsp = getBsp('x86_64');
-  const repo = repoRoot();
   const fixture = await fixtureRootfs({ keyring: await keyPath(device.keys, 'rauc-ca-cert'), log });
   log(`root tree of version ${opts.version}`);
   const tree = await fixtureVariant(fixture.dir, { version: opts.version, ...(opts.failHealth && { failHealth: true }) });
@@ -129,39 +125,23 @@ export async function fixtureBundle(opts: {
     const verity = path.join(tmp.dir, 'verity.img');
     const v = await formatVerity({ dataPath: rootfs, dataBlocks: sb.bytes / 4096, hashPath: verity, salt: randomBytes(32), uuid: randomUUID() });
     const rootHash = v.rootHash.toString('hex');
-    log('signed UKIs for both slots');
-    const signer = {
-      certPem: await fs.readFile(await keyPath(device.keys, 'secureboot-db-cert')),
-      keyPem: await fs.readFile(await keyPath(device.keys, 'secureboot-db-key')),
-    };
-    const ukis = path.join(tmp.dir, 'ukis');
-    await fs.mkdir(ukis);
-    for (const slot of ['a', 'b'] as const) {
-      const pe = await buildUki({
-        stub: EFI_STUBS[bsp.arch] as string,
-        kernel: device.kernel.vmlinuz,
-        initrd: [device.initrd],
-        cmdline: slotCmdline(rootHash, slot, bsp, device.cmdline),
-        osrel: path.join(tree, 'usr/lib/os-release'),
-      });
-      await fs.writeFile(path.join(ukis, `lamadist-${slot}.efi`), signPe(pe, signer));
-    }
-    const efi = path.join(tmp.dir, 'efi.tar');
-    await run('tar', ['--sort=name', '--owner=0', '--group=0', '--numeric-owner', '--mtime=@0', '-cf', efi, '-C', ukis, 'lamadist-a.efi', 'lamadist-b.efi']);
-    log('RAUC crypt bundle');
-    const systemConf = path.join(repo, SYSTEM_CONF);
-    const created = await createBundle({
+    log('RAUC crypt bundle: template UKIs and per-host patches, signed with the fleet keys');
+    const created = await createRelease({
       out: opts.out,
-      compatible: bsp.compatible,
+      bsp,
+      rootHash,
+      kernel: device.kernel.vmlinuz,
+      initrd: [device.initrd],
+      osrel: path.join(tree, 'usr/lib/os-release'),
+      hosts: [...(opts.otherHosts ?? []), { name: device.hostname, machineId: device.machineId, args: device.cmdline.split(' ') }].filter((h) => !opts.omitDevice || h.machineId !== device.machineId),
+      db: {
+        certPem: await fs.readFile(await keyPath(device.keys, 'secureboot-db-cert')),
+        keyPem: await fs.readFile(await keyPath(device.keys, 'secureboot-db-key')),
+      },
       version: opts.version,
       description: `LamaDist test fixture ${opts.version}${opts.failHealth ? ' (fails its health check)' : ''}`,
-      images: [
-        { slotClass: 'rootfs', path: rootfs, adaptive: true },
-        { slotClass: 'verity', path: verity, adaptive: true },
-        { slotClass: 'efi', path: efi, hooks: ['install'] },
-      ],
-      slotClasses: slotClassesOf(await fs.readFile(systemConf, 'utf8'), systemConf),
-      hookScript: path.join(repo, BUNDLE_HOOK),
+      rootfs,
+      verity,
       format: 'crypt',
       signer: {
         certPem: await fs.readFile(await keyPath(device.keys, 'rauc-signing-cert'), 'utf8'),

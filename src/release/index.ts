@@ -1,0 +1,203 @@
+/**
+ * A fleet release: one RAUC bundle for every host of a BSP. The root image and its dm-verity tree
+ * are the same for all hosts; each host's identity (hostname, machine-id, network, own kernel
+ * arguments) lives on its UKI's signed command line. The bundle carries, per slot, one template
+ * UKI (the release's command line without identity, unsigned) and, per host, a small patch that
+ * rebuilds that host's signed UKI byte for byte (src/release/patch.ts): the command-line area, a
+ * few header fields and the Authenticode signature. docs/host-identity.md says why.
+ *
+ * Payload layout next to the images:
+ *   hosts/<machine-id>/cmdline-<slot>    the host's command line for the slot (the install check reads it)
+ *   hosts/<machine-id>/uki-<slot>.map    patch map (text)
+ *   hosts/<machine-id>/uki-<slot>.bin    patch data
+ *
+ * Public API:
+ * - `planHostCmdlines(...)` → the template's and every host's command line per slot (pure)
+ * - `releaseBootFiles(...)` → the template UKIs and every host's payload files
+ * - `createRelease(...)` → the bundle (rootfs, verity, efi templates, host patches, install check)
+ * - `diffUki`, `applyUkiPatch`, `renderPatch`, `parsePatch` (patch.ts)
+ */
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { Bsp } from '../bsp/index.js';
+import { UserError } from '../errors.js';
+import { hostArgs, isMachineId, type Host } from '../host/index.js';
+import { slotCmdline } from '../image/index.js';
+import { createBundle, slotClassesOf, type CreatedBundle, type SignerMaterial } from '../rauc/index.js';
+import { signPe, type SignerKeys } from '../secureboot/index.js';
+import { EFI_STUBS, buildUki, setUkiCmdline, type Input } from '../uki/index.js';
+import { makeTempDir } from '../util/fsx.js';
+import { run } from '../util/proc.js';
+import { diffUki, renderPatch } from './patch.js';
+
+export { applyUkiPatch, diffUki, parsePatch, renderPatch, MAX_PATCH_BYTES, type PatchWrite, type UkiPatch } from './patch.js';
+
+const SLOTS = ['a', 'b'] as const;
+export type Slot = (typeof SLOTS)[number];
+
+/** Directory of the per-host files in a release bundle's payload. */
+export const HOSTS_DIR = 'hosts';
+
+const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+/** meta-lamadist's bundle hook: install check and the efi slot's install (applies the host's patch). */
+export const BUNDLE_HOOK = path.join(REPO_ROOT, 'meta-lamadist/dynamic-layers/rauc/recipes-core/bundles/files/lamadist-bundle-hook');
+
+/** A host as a release sees it: its machine-id names its files, `args` follow the release's own arguments. */
+export interface ReleaseHost {
+  name: string;
+  machineId: string;
+  args: string[];
+}
+
+/** The release hosts of inventory entries. */
+export function releaseHosts(hosts: readonly Host[]): ReleaseHost[] {
+  return hosts.map((h) => ({ name: h.name, machineId: h.machineId, args: hostArgs(h) }));
+}
+
+/** Command lines of a release: the template's (no identity) and each host's, per slot. Pure. */
+export function planHostCmdlines(bsp: Bsp, rootHash: string, hosts: readonly ReleaseHost[]): { template: Record<Slot, string>; hosts: { host: ReleaseHost; cmdline: Record<Slot, string> }[] } {
+  const seen = new Set<string>();
+  for (const h of hosts) {
+    if (!isMachineId(h.machineId)) throw new UserError('LAMA_E_RELEASE_INPUT', `host ${h.name}: machine-id '${h.machineId}' is not 32 lowercase hex digits`);
+    if (seen.has(h.machineId)) throw new UserError('LAMA_E_RELEASE_INPUT', `two hosts share machine-id ${h.machineId}`);
+    seen.add(h.machineId);
+  }
+  const per = (extra?: string): Record<Slot, string> => ({ a: slotCmdline(rootHash, 'a', bsp, extra), b: slotCmdline(rootHash, 'b', bsp, extra) });
+  return { template: per(), hosts: hosts.map((host) => ({ host, cmdline: per(host.args.join(' ')) })) };
+}
+
+/** Inputs of a release's boot artefacts. */
+export interface ReleaseBootInput {
+  bsp: Bsp;
+  rootHash: string;
+  /** systemd EFI stub; default: Debian's for the BSP's architecture. */
+  stub?: Input;
+  kernel: Input;
+  initrd?: Input[];
+  osrel?: Input;
+  hosts: readonly ReleaseHost[];
+  /** Secure Boot db certificate and key: every host's UKI is signed with them. */
+  db: SignerKeys;
+}
+
+/** The template UKIs and, per host, its files under HOSTS_DIR and its signed UKIs. */
+export interface ReleaseBoot {
+  templates: Record<Slot, Buffer>;
+  hosts: { host: ReleaseHost; files: Record<string, Buffer>; ukis: Record<Slot, Buffer> }[];
+}
+
+/**
+ * Build the template UKI of each slot once, then each host's signed UKI from it (only the command
+ * line changes) and the patch between them. Every patch is applied back before it is kept.
+ */
+export async function releaseBootFiles(o: ReleaseBootInput): Promise<ReleaseBoot> {
+  const plan = planHostCmdlines(o.bsp, o.rootHash, o.hosts);
+  const stub = o.stub ?? EFI_STUBS[o.bsp.arch];
+  if (!stub) throw new UserError('LAMA_E_NO_STUB', `no systemd EFI stub known for ${o.bsp.arch}; pass one`);
+  const kernel = typeof o.kernel === 'string' ? await fs.readFile(o.kernel) : o.kernel;
+  const templates = {} as Record<Slot, Buffer>;
+  for (const slot of SLOTS) templates[slot] = await buildUki({ stub, kernel, initrd: o.initrd ?? [], cmdline: plan.template[slot], ...(o.osrel !== undefined && { osrel: o.osrel }) });
+  const hosts: ReleaseBoot['hosts'] = [];
+  for (const { host, cmdline } of plan.hosts) {
+    const files: Record<string, Buffer> = {};
+    const ukis = {} as Record<Slot, Buffer>;
+    for (const slot of SLOTS) {
+      const signed = signPe(setUkiCmdline(templates[slot], cmdline[slot]), o.db);
+      const { map, data } = renderPatch(diffUki(templates[slot], signed));
+      const dir = `${HOSTS_DIR}/${host.machineId}`;
+      files[`${dir}/cmdline-${slot}`] = Buffer.from(`${cmdline[slot]}\n`);
+      files[`${dir}/uki-${slot}.map`] = Buffer.from(map);
+      files[`${dir}/uki-${slot}.bin`] = data;
+      ukis[slot] = signed;
+    }
+    hosts.push({ host, files, ukis });
+  }
+  return { templates, hosts };
+}
+
+/** Everything `createRelease` needs besides the boot inputs. */
+export interface CreateReleaseOptions extends ReleaseBootInput {
+  out: string;
+  version: string;
+  build?: string;
+  description?: string;
+  /** EROFS root image and its dm-verity hash tree (no superblock), whose root hash is `rootHash`. */
+  rootfs: string;
+  verity: string;
+  format?: 'verity' | 'crypt';
+  /** RAUC signing certificate and key. */
+  signer: SignerMaterial;
+  /** Crypt bundles: recipient certificates (PEM texts). */
+  recipients?: string[];
+  signingTime?: Date;
+  force?: boolean;
+  onStep?: (step: string) => void;
+}
+
+/** What `createRelease` reports. */
+export interface CreatedRelease extends CreatedBundle {
+  hosts: { name: string; machineId: string; patchBytes: number }[];
+}
+
+/**
+ * Build the release bundle: rootfs and verity (adaptive), the efi image (a tar of the two
+ * template UKIs, installed by the bundle hook), every host's patch files, and the install check
+ * that refuses the bundle on a host it does not carry.
+ */
+export async function createRelease(o: CreateReleaseOptions): Promise<CreatedRelease> {
+  if (o.hosts.length === 0) throw new UserError('LAMA_E_RELEASE_INPUT', 'a release needs at least one host (its inventory is empty)');
+  const step = o.onStep ?? ((): void => undefined);
+  step(`boot artefacts for ${o.hosts.length} host(s)`);
+  const boot = await releaseBootFiles(o);
+  const tmp = await makeTempDir('lamadist-release-');
+  try {
+    for (const slot of SLOTS) await fs.writeFile(path.join(tmp.dir, `lamadist-${slot}.efi`), boot.templates[slot]);
+    const efi = path.join(tmp.dir, 'efi.tar');
+    await run('tar', ['--sort=name', '--owner=0', '--group=0', '--numeric-owner', '--mtime=@0', '-cf', efi, '-C', tmp.dir, 'lamadist-a.efi', 'lamadist-b.efi']);
+    const payloadFiles: { name: string; from: string }[] = [];
+    for (const h of boot.hosts) {
+      for (const [name, data] of Object.entries(h.files)) {
+        const from = path.join(tmp.dir, 'payload', name);
+        await fs.mkdir(path.dirname(from), { recursive: true });
+        await fs.writeFile(from, data);
+        payloadFiles.push({ name, from });
+      }
+    }
+    const systemConf = path.join(REPO_ROOT, 'meta-lamadist/recipes-core/rauc/files', o.bsp.raucFamily, 'system.conf');
+    const created = await createBundle({
+      out: o.out,
+      compatible: o.bsp.compatible,
+      version: o.version,
+      ...(o.build !== undefined && { build: o.build }),
+      ...(o.description !== undefined && { description: o.description }),
+      images: [
+        { slotClass: 'rootfs', path: o.rootfs, adaptive: true },
+        { slotClass: 'verity', path: o.verity, adaptive: true },
+        { slotClass: 'efi', path: efi, hooks: ['install'] },
+      ],
+      slotClasses: slotClassesOf(await fs.readFile(systemConf, 'utf8'), systemConf),
+      hookScript: BUNDLE_HOOK,
+      installCheck: true,
+      payloadFiles,
+      format: o.format ?? 'verity',
+      signer: o.signer,
+      ...(o.signingTime && { signingTime: o.signingTime }),
+      ...(o.recipients?.length && { recipients: o.recipients }),
+      force: o.force ?? false,
+      onStep: step,
+    });
+    return {
+      ...created,
+      hosts: boot.hosts.map((h) => ({
+        name: h.host.name,
+        machineId: h.host.machineId,
+        patchBytes: Object.entries(h.files)
+          .filter(([n]) => n.endsWith('.bin'))
+          .reduce((a, [, d]) => a + d.length, 0),
+      })),
+    };
+  } finally {
+    await tmp.remove();
+  }
+}

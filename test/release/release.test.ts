@@ -1,0 +1,260 @@
+import { spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { existsSync, promises as fs } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { getBsp } from '../../src/bsp/index.js';
+import { buildErofs } from '../../src/erofs/index.js';
+import { UserError } from '../../src/errors.js';
+import { initKeys, keyPath } from '../../src/keys/index.js';
+import { inspectBundle } from '../../src/rauc/index.js';
+import { BUNDLE_HOOK, applyUkiPatch, createRelease, diffUki, parsePatch, planHostCmdlines, releaseBootFiles, renderPatch, type ReleaseBoot, type ReleaseHost } from '../../src/release/index.js';
+import { buildUki, inspectUki, setUkiCmdline } from '../../src/uki/index.js';
+import { formatVerity } from '../../src/verity/index.js';
+import { skipBecause } from '../helpers/skip.js';
+import { STUB } from '../uki/helpers.js';
+
+const bsp = getBsp('x86_64');
+const ROOT_HASH = 'ab'.repeat(32);
+const mid = (n: number): string => n.toString(16).padStart(32, '0');
+const host = (n: number, extra: string[] = []): ReleaseHost => ({
+  name: `node${n}`,
+  machineId: mid(n),
+  args: [`systemd.hostname=node${n}`, `systemd.machine_id=${mid(n)}`, ...extra],
+});
+
+function sh(cmd: string, args: string[], env: NodeJS.ProcessEnv = {}): { code: number; out: string } {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', env: { ...process.env, ...env } });
+  return { code: r.status ?? 128, out: `${r.stdout}${r.stderr}` };
+}
+
+let tmp: string;
+let keys: string;
+let db: { certPem: Buffer; keyPem: Buffer };
+let kernel: Buffer;
+let initrd: Buffer;
+let boot: ReleaseBoot;
+const hosts = [host(1, ['ip=192.0.2.10::192.0.2.1:255.255.255.0:node1:eth0:off']), host(2)];
+
+beforeAll(async () => {
+  tmp = await fs.mkdtemp(path.join(os.tmpdir(), 'lamadist-release-'));
+  keys = path.join(tmp, 'keys');
+  await initKeys(keys);
+  db = { certPem: await fs.readFile(await keyPath(keys, 'secureboot-db-cert')), keyPem: await fs.readFile(await keyPath(keys, 'secureboot-db-key')) };
+  kernel = randomBytes(3 << 20);
+  initrd = randomBytes(1 << 20);
+  boot = await releaseBootFiles({ bsp, rootHash: ROOT_HASH, stub: STUB, kernel, initrd: [initrd], osrel: Buffer.from('ID=lamadist\n'), hosts, db });
+}, 120_000);
+afterAll(async () => {
+  await fs.rm(tmp, { recursive: true, force: true });
+});
+
+describe('per-host UKIs as patches of one template', () => {
+  it('the template carries no identity and every host its own, with the release root hash and slot', () => {
+    const plan = planHostCmdlines(bsp, ROOT_HASH, hosts);
+    expect(plan.template.b).toBe(`roothash=${ROOT_HASH} lamadist.slot=b rauc.slot=B ${bsp.console} rw`);
+    expect(plan.hosts[0]?.cmdline.a).toBe(`${plan.template.a} ${hosts[0]?.args.join(' ')}`);
+    expect(() => planHostCmdlines(bsp, ROOT_HASH, [host(3), host(3)])).toThrow(/share machine-id/);
+    expect(() => planHostCmdlines(bsp, ROOT_HASH, [{ ...host(4), machineId: 'NOT-HEX' }])).toThrow(UserError);
+  });
+
+  it('changing the command line of the template gives the bytes buildUki gives', async () => {
+    const cmdline = planHostCmdlines(bsp, ROOT_HASH, hosts).hosts[1]?.cmdline.b as string;
+    const direct = await buildUki({ stub: STUB, kernel, initrd: [initrd], cmdline, osrel: Buffer.from('ID=lamadist\n') });
+    expect(setUkiCmdline(boot.templates.b, cmdline).equals(direct)).toBe(true);
+    expect(() => setUkiCmdline(boot.templates.b, 'x'.repeat(4097))).toThrow(/sets aside 4096/);
+  });
+
+  it('sections after .cmdline keep their offsets whatever the command line', async () => {
+    const short = inspectUki(await buildUki({ stub: STUB, kernel, initrd: [initrd], cmdline: 'a' }));
+    const long = inspectUki(await buildUki({ stub: STUB, kernel, initrd: [initrd], cmdline: 'a'.repeat(3000) }));
+    const at = (i: typeof short, n: string): number[] => {
+      const s = i.sections.find((x) => x.name === n);
+      return [s?.fileOffset ?? -1, s?.virtualAddress ?? -1];
+    };
+    for (const n of ['.uname', '.initrd', '.linux']) if (short.sections.some((s) => s.name === n)) expect(at(long, n)).toEqual(at(short, n));
+  });
+
+  it('each host patch rebuilds its signed UKI byte for byte, sbverify accepts it, and it is small', async () => {
+    for (const h of boot.hosts) {
+      for (const slot of ['a', 'b'] as const) {
+        const map = h.files[`hosts/${h.host.machineId}/uki-${slot}.map`]?.toString() as string;
+        const bin = h.files[`hosts/${h.host.machineId}/uki-${slot}.bin`] as Buffer;
+        const rebuilt = applyUkiPatch(boot.templates[slot], parsePatch(map, bin));
+        expect(rebuilt.equals(h.ukis[slot])).toBe(true);
+        expect(bin.length).toBeLessThan(16 * 1024);
+        expect(inspectUki(rebuilt).cmdline).toContain(`systemd.machine_id=${h.host.machineId}`);
+        const f = path.join(tmp, `${h.host.name}-${slot}.efi`);
+        await fs.writeFile(f, rebuilt);
+        expect(sh('sbverify', ['--cert', path.join(keys, 'db.crt'), f]).out).toMatch(/Signature verification OK/);
+      }
+    }
+  });
+
+  it('a patch is refused against another template, with a corrupt data file, or when malformed', () => {
+    const h = boot.hosts[0] as ReleaseBoot['hosts'][number];
+    const map = h.files[`hosts/${h.host.machineId}/uki-a.map`]?.toString() as string;
+    const bin = h.files[`hosts/${h.host.machineId}/uki-a.bin`] as Buffer;
+    expect(() => applyUkiPatch(boot.templates.b, parsePatch(map, bin))).toThrow(/not the one this host's patch was made from/);
+    const flipped = Buffer.from(bin);
+    flipped[10] = (flipped[10] as number) ^ 1;
+    expect(() => applyUkiPatch(boot.templates.a, parsePatch(map, flipped))).toThrow(/does not have the hash/);
+    expect(() => parsePatch(map, bin.subarray(1))).toThrow(UserError);
+    const where = (f: () => unknown): string | undefined => {
+      try {
+        f();
+      } catch (err) {
+        return err instanceof UserError ? err.where : 'not a UserError';
+      }
+      return undefined;
+    };
+    expect(where(() => parsePatch(map.replace('lamadist-uki-patch 1', 'x'), bin, 'm'))).toBe('m:1:1');
+    expect(where(() => parsePatch(map.replace(/write (\d+)/, 'write -$1'), bin, 'm'))).toBe('m:4:1');
+    const lines = map.trimEnd().split('\n');
+    const swapped = [...lines.slice(0, 3), lines[4], lines[3], ...lines.slice(5)].join('\n');
+    expect(() => parsePatch(swapped, bin)).toThrow(/increasing offset/);
+    expect(() => diffUki(Buffer.alloc(10), Buffer.alloc(5))).toThrow();
+    const { map: m2, data } = renderPatch(diffUki(Buffer.from('abcdef'), Buffer.from('abXdefGH')));
+    expect(applyUkiPatch(Buffer.from('abcdef'), parsePatch(m2, data)).toString()).toBe('abXdefGH');
+  });
+});
+
+describe("meta-lamadist's bundle hook on a release's files", () => {
+  let mount: string;
+  let tar: string;
+  /** The command line a host runs with: its slot A UKI's. */
+  const running = (h: ReleaseBoot['hosts'][number]): string => inspectUki(h.ukis.a).cmdline as string;
+
+  beforeAll(async () => {
+    mount = path.join(tmp, 'bundle');
+    for (const h of boot.hosts) {
+      for (const [name, data] of Object.entries(h.files)) {
+        await fs.mkdir(path.dirname(path.join(mount, name)), { recursive: true });
+        await fs.writeFile(path.join(mount, name), data);
+      }
+    }
+    for (const slot of ['a', 'b'] as const) await fs.writeFile(path.join(tmp, `lamadist-${slot}.efi`), boot.templates[slot]);
+    tar = path.join(mount, 'efi.tar');
+    expect(sh('tar', ['-cf', tar, '-C', tmp, 'lamadist-a.efi', 'lamadist-b.efi']).code).toBe(0);
+  });
+
+  const check = async (cmdline: string, bundle = mount): Promise<{ code: number; out: string }> => {
+    const f = path.join(tmp, 'cmdline');
+    await fs.writeFile(f, `${cmdline}\n`);
+    return sh(BUNDLE_HOOK, ['install-check'], { RAUC_BUNDLE_MOUNT_POINT: bundle, LAMADIST_CMDLINE: f });
+  };
+
+  it('install-check accepts a host of the release', async () => {
+    for (const h of boot.hosts) expect(await check(running(h))).toEqual({ code: 0, out: '' });
+  });
+
+  it('install-check refuses, with exit 10 and one line, a host the release lacks, an identity it drops, and a bundle without hosts', async () => {
+    const h1 = boot.hosts[0] as ReleaseBoot['hosts'][number];
+    const other = running(h1).replaceAll(h1.host.machineId, mid(99));
+    expect(await check(other)).toEqual({ code: 10, out: `lamadist-bundle-hook: host ${mid(99)} (node1) is not in this release\n` });
+    // node2 runs with a static address today; the release's line for it has none.
+    const h2 = boot.hosts[1] as ReleaseBoot['hosts'][number];
+    const withIp = `${running(h2)} ip=192.0.2.20::192.0.2.1:255.255.255.0:node2:eth0:off`;
+    expect(await check(withIp)).toEqual({ code: 10, out: 'lamadist-bundle-hook: release would drop ip=192.0.2.20::192.0.2.1:255.255.255.0:node2:eth0:off from this host\'s command line (slot a)\n' });
+    expect((await check('console=ttyS0 roothash=00')).code).toBe(10);
+    const empty = path.join(tmp, 'empty-bundle');
+    await fs.mkdir(empty, { recursive: true });
+    const r = await check(running(h1), empty);
+    expect(r.code).toBe(10);
+    expect(r.out).toMatch(/no per-host boot files.*drop this host's identity/);
+  });
+
+  const canUnshare = sh('unshare', ['--mount', 'true']).code === 0;
+  it.skipIf(skipBecause(!canUnshare, 'bundle hook slot-install', 'unshare --mount is not permitted here (it needs a private tmpfs ESP)'))('slot-install writes the host\'s signed UKI for the target slot only, atomically; a corrupt patch changes nothing', async () => {
+    const h = boot.hosts[0] as ReleaseBoot['hosts'][number];
+    const esp = path.join(tmp, 'esp');
+    const out = path.join(tmp, 'esp-after');
+    await fs.mkdir(esp, { recursive: true });
+    const cmdline = path.join(tmp, 'running');
+    await fs.writeFile(cmdline, running(h));
+    const env = { RAUC_SLOT_CLASS: 'efi', RAUC_SLOT_NAME: 'efi.1', RAUC_IMAGE_NAME: tar, RAUC_BUNDLE_MOUNT_POINT: mount, LAMADIST_ESP: esp, LAMADIST_CMDLINE: cmdline };
+    // The hook insists on a mounted ESP: a private tmpfs in its own mount namespace, copied out after.
+    const inNs = (script: string, e: NodeJS.ProcessEnv): { code: number; out: string } =>
+      sh('unshare', ['--mount', 'sh', '-c', `mount -t tmpfs tmpfs '${esp}' && ${script}; rc=$?; rm -rf '${out}'; cp -a '${esp}' '${out}'; exit $rc`], e);
+    const r = inNs(`'${BUNDLE_HOOK}' slot-install`, env);
+    expect(r).toEqual({ code: 0, out: '' });
+    expect((await fs.readFile(path.join(out, 'EFI/Linux/lamadist-b.efi'))).equals(h.ukis.b)).toBe(true);
+    expect(existsSync(path.join(out, 'EFI/Linux/lamadist-a.efi'))).toBe(false);
+    expect(sh('sbverify', ['--cert', path.join(keys, 'db.crt'), path.join(out, 'EFI/Linux/lamadist-b.efi')]).out).toMatch(/Signature verification OK/);
+
+    // A corrupt patch: the old UKI stays, no temporary file is left.
+    const bin = path.join(mount, `hosts/${h.host.machineId}/uki-b.bin`);
+    const good = await fs.readFile(bin);
+    const bad = Buffer.from(good);
+    bad[20] = (bad[20] as number) ^ 0xff;
+    await fs.writeFile(bin, bad);
+    try {
+      const seeded = `mkdir -p '${esp}/EFI/Linux' && echo OLD > '${esp}/EFI/Linux/lamadist-b.efi' && '${BUNDLE_HOOK}' slot-install`;
+      const c = inNs(seeded, env);
+      expect(c.code).toBe(1);
+      expect(c.out).toBe('lamadist-bundle-hook: the rebuilt UKI of slot b does not have the hash the release promises\n');
+      expect(await fs.readFile(path.join(out, 'EFI/Linux/lamadist-b.efi'), 'utf8')).toBe('OLD\n');
+      expect(await fs.readdir(path.join(out, 'EFI/Linux'))).toEqual(['lamadist-b.efi']);
+    } finally {
+      await fs.writeFile(bin, good);
+    }
+    const unknown = inNs(`'${BUNDLE_HOOK}' slot-install`, { ...env, RAUC_SLOT_NAME: 'efi.7' });
+    expect(unknown.out).toMatch(/unknown efi slot efi\.7/);
+    expect(sh(BUNDLE_HOOK, ['slot-install'], env).out).toMatch(/the ESP is not mounted/);
+  });
+});
+
+describe('release bundles', () => {
+  let rootfs: string;
+  let verity: string;
+  let rootHash: string;
+  beforeAll(async () => {
+    const tree = path.join(tmp, 'tree');
+    await fs.mkdir(path.join(tree, 'usr/lib'), { recursive: true });
+    await fs.writeFile(path.join(tree, 'usr/lib/os-release'), 'ID=lamadist\nVERSION_ID=1\n');
+    rootfs = path.join(tmp, 'rootfs.img');
+    const sb = await buildErofs({ source: tree, out: rootfs, uuid: '6a1d2e8c-5a4f-4b1e-9c3d-1f2e3d4c5b6a', timestamp: 0 });
+    verity = path.join(tmp, 'verity.img');
+    const v = await formatVerity({ dataPath: rootfs, dataBlocks: sb.bytes / 4096, hashPath: verity, salt: Buffer.alloc(32, 7), uuid: '1b2c3d4e-5f60-4172-8394-a5b6c7d8e9f0' });
+    rootHash = v.rootHash.toString('hex');
+  });
+
+  const release = async (n: number, out: string) =>
+    createRelease({
+      out,
+      bsp,
+      rootHash,
+      stub: STUB,
+      kernel,
+      initrd: [initrd],
+      hosts: Array.from({ length: n }, (_, i) => host(i + 1)),
+      db,
+      version: '1.0',
+      rootfs,
+      verity,
+      signer: { certPem: await fs.readFile(path.join(keys, 'rauc-signing.crt'), 'utf8'), keyPem: await fs.readFile(path.join(keys, 'rauc-signing.key'), 'utf8') },
+      signingTime: new Date('2026-01-01T00:00:00Z'),
+    });
+
+  it('one bundle for 10 hosts is at most a few KiB per host larger than for 1, and rauc accepts it', async () => {
+    const one = await release(1, path.join(tmp, 'one.raucb'));
+    const ten = await release(10, path.join(tmp, 'ten.raucb'));
+    expect(ten.hosts).toHaveLength(10);
+    expect(ten.size - one.size).toBeLessThan(10 * 1024 * 1024);
+    expect((ten.size - one.size) / 9).toBeLessThan(64 * 1024);
+    expect(ten.manifest.installCheck).toBe(true);
+    const info = await inspectBundle(ten.path, { keyring: path.join(keys, 'rauc-ca.crt') });
+    expect(info.payloadVerified).toBe(true);
+    // The device's system.conf checks the signer's code-signing purpose, as meta-lamadist's does.
+    const conf = path.join(tmp, 'system.conf');
+    await fs.writeFile(conf, `[system]\ncompatible=${bsp.compatible}\nbootloader=noop\n[keyring]\npath=${keys}/rauc-ca.crt\ncheck-purpose=codesign\n[slot.rootfs.0]\ndevice=/dev/null\n`);
+    const r = sh('rauc', ['info', '--conf', conf, '--keyring', path.join(keys, 'rauc-ca.crt'), ten.path]);
+    expect(r.code, r.out).toBe(0);
+    expect(r.out).toMatch(/Hooks:\s+'install-check'/);
+    const x = path.join(tmp, 'extracted');
+    expect(sh('rauc', ['extract', '--conf', conf, '--keyring', path.join(keys, 'rauc-ca.crt'), ten.path, x]).code).toBe(0);
+    expect((await fs.readdir(path.join(x, 'hosts'))).sort()).toEqual(Array.from({ length: 10 }, (_, i) => mid(i + 1)));
+    expect((await fs.readFile(path.join(x, `hosts/${mid(3)}/cmdline-b`), 'utf8')).trim()).toBe(`roothash=${rootHash} lamadist.slot=b rauc.slot=B ${bsp.console} rw systemd.hostname=node3 systemd.machine_id=${mid(3)}`);
+  }, 120_000);
+});

@@ -8,6 +8,7 @@ import { UserError, type ErrorCode } from '../errors.js';
 import {
   composeKas,
   getPath,
+  KAS_PROJECT_SCHEMA,
   kasFilesFor,
   loadKasFile,
   loadKasSchema,
@@ -93,14 +94,20 @@ const RAUC_SLOT_TYPES = new Set(['raw', 'ext4', 'vfat', 'nand', 'nor', 'ubifs', 
 const RAUC_BOOTLOADERS: Record<Bsp['raucFamily'], string[]> = { efi: ['efi', 'custom'], uboot: ['uboot', 'custom'] };
 
 /**
- * Find the kas schema for the kas release the build container pins: $LAMADIST_KAS_SCHEMA, then the
- * kas installation inside the local build container image, then a host installation of the pinned
- * release (its package ships schema-kas.json), then the reference copy beside the repository
- * (../shared/reference/kas/schema-kas-<version>.json).
+ * The kas schema `check` validates with: $LAMADIST_KAS_SCHEMA, then the schema of the pinned kas
+ * release where one is installed (`findInstalledKasSchema`), else the project's own schema of the
+ * format, shipped with the package, so a fresh clone without kas still checks its files.
  */
 export async function findKasSchema(root: string): Promise<string> {
-  const fromEnv = process.env.LAMADIST_KAS_SCHEMA;
-  if (fromEnv) return fromEnv;
+  return process.env.LAMADIST_KAS_SCHEMA || ((await findInstalledKasSchema(root)) ?? KAS_PROJECT_SCHEMA);
+}
+
+/**
+ * The schema-kas.json of the kas release the build container pins: from the kas inside the local
+ * build container image, else from a host installation of that release. Undefined when neither
+ * exists.
+ */
+export async function findInstalledKasSchema(root: string): Promise<string | undefined> {
   const fromImage = await schemaFromContainer(root);
   if (fromImage) return fromImage;
   const pinned = await pinnedKasVersion(root);
@@ -112,14 +119,7 @@ export async function findKasSchema(root: string): Promise<string> {
     // Only the pinned release's schema says what the container's kas accepts (Debian's kas 3.1 does not).
     if (pinned !== undefined && v !== undefined && (v === pinned || v.startsWith(`${pinned}.`))) return schema;
   }
-  const ref = path.resolve(root, '..', 'shared', 'reference', 'kas');
-  for (const name of [`schema-kas-${pinned ?? '5.4'}.json`, 'schema-kas-5.4.json']) {
-    if (existsSync(path.join(ref, name))) return path.join(ref, name);
-  }
-  throw new UserError(
-    'LAMA_E_KAS_SCHEMA_MISSING',
-    `no kas schema found for kas ${pinned ?? '(unpinned)'}; install that kas release or pass --kas-schema PATH`,
-  );
+  return undefined;
 }
 
 /** Prints the schema file of the kas package the interpreter imports. */

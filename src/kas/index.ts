@@ -1,5 +1,6 @@
 import { existsSync, promises as fs } from 'node:fs';
 import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { Ajv, type ErrorObject, type ValidateFunction } from 'ajv';
 import { UserError, isErrno, type ErrorCode } from '../errors.js';
 import { parseYamlLocated, type LocatedYaml } from '../util/yaml.js';
@@ -204,6 +205,13 @@ export function kasConfigArg(sel: KasSelection): string {
   return kasFilesFor(sel).join(':');
 }
 
+/**
+ * The project's own schema of the kas configuration format (the format versions the pinned kas
+ * accepts), shipped in the package's schema/ directory; the same relative path holds from src/ and
+ * from dist/. `lamadist check` falls back to it when no kas installation supplies its schema.
+ */
+export const KAS_PROJECT_SCHEMA = fileURLToPath(new URL('../../schema/kas-project.schema.json', import.meta.url));
+
 /** A compiled kas JSON schema and the highest header format version it accepts. */
 export interface KasSchema {
   file: string;
@@ -258,7 +266,7 @@ function pointerToPath(pointer: string, value: unknown): (string | number)[] {
  */
 function significant(errors: readonly ErrorObject[]): ErrorObject[] {
   const byPath = new Map<string, ErrorObject>();
-  for (const e of errors) {
+  for (const e of errors.filter((x) => !otherAlternative(x, errors))) {
     const key = e.keyword === 'additionalProperties' ? `${e.instancePath}/${String(e.params.additionalProperty)}` : e.instancePath;
     const prev = byPath.get(key);
     const vague = (x: ErrorObject): boolean => x.keyword === 'anyOf' || x.keyword === 'oneOf';
@@ -270,6 +278,28 @@ function significant(errors: readonly ErrorObject[]): ErrorObject[] {
     (e) =>
       !(e.keyword === 'anyOf' || e.keyword === 'oneOf') ||
       !kept.some((o) => o !== e && o.keyword !== 'anyOf' && o.keyword !== 'oneOf' && o.instancePath.startsWith(e.instancePath)),
+  );
+}
+
+const SHAPE = new Set(['type', 'enum', 'const']);
+
+/**
+ * Whether `e` only says the value does not have the shape of one alternative of an anyOf/oneOf
+ * (wrong type, not one of an enum) while it has the shape of another alternative, which failed
+ * inside: the author meant that other one, so "repos.x must be null" next to "unknown key" is noise.
+ */
+function otherAlternative(e: ErrorObject, errors: readonly ErrorObject[]): boolean {
+  const m = SHAPE.has(e.keyword) ? /^(.*\/(?:anyOf|oneOf))\/(\d+)\/[^/]+$/.exec(e.schemaPath) : null;
+  if (!m) return false;
+  const [, choice, branch] = m;
+  return errors.some(
+    (o) =>
+      o.keyword !== 'anyOf' &&
+      o.keyword !== 'oneOf' &&
+      o.instancePath.startsWith(e.instancePath) &&
+      (o.instancePath !== e.instancePath || !SHAPE.has(o.keyword)) &&
+      o.schemaPath.startsWith(`${choice}/`) &&
+      !o.schemaPath.startsWith(`${choice}/${branch}/`),
   );
 }
 

@@ -2,6 +2,7 @@ import { chmodSync, cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSy
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { KAS_PROJECT_SCHEMA } from '../../src/kas/index.js';
 import { run } from '../../src/util/proc.js';
 import { REPO_ROOT, runCli } from '../helpers/cli.js';
 
@@ -38,9 +39,9 @@ mkdir -p /work/build/tmp/deploy/images/lamadist-rk1
 echo image > /work/build/tmp/deploy/images/lamadist-rk1/probe.wic
 `;
 
-/** The reference kas schema, marked so the test can tell which copy `check` used. */
+/** A kas schema, marked so the test can tell which copy `check` used. */
 function containerSchema(): string {
-  const schema = JSON.parse(readFileSync(path.resolve(REPO_ROOT, '../shared/reference/kas/schema-kas-5.4.json'), 'utf8')) as Record<string, unknown>;
+  const schema = JSON.parse(readFileSync(KAS_PROJECT_SCHEMA, 'utf8')) as Record<string, unknown>;
   return JSON.stringify({ ...schema, title: 'kas schema from the build container' });
 }
 

@@ -3,11 +3,11 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runChecks, type DpsLookup } from '../../src/check/index.js';
+import { KAS_PROJECT_SCHEMA } from '../../src/kas/index.js';
 import { REPO_ROOT } from '../helpers/cli.js';
 import { sfdiskDps } from './sfdisk-dps.js';
 
 const FIXTURES = path.join(REPO_ROOT, 'test/fixtures/check');
-const SCHEMA = path.resolve(REPO_ROOT, '../shared/reference/kas/schema-kas-5.4.json');
 
 interface FixtureSpec {
   remove?: string[];
@@ -36,7 +36,7 @@ function materialise(name: string): { root: string; spec: FixtureSpec } {
 
 describe('lamadist check on fixtures', () => {
   it('passes the good repository with every BSP × extras × installer composed', async () => {
-    const report = await runChecks({ root: path.join(FIXTURES, 'good'), kasSchema: SCHEMA, dps });
+    const report = await runChecks({ root: path.join(FIXTURES, 'good'), kasSchema: KAS_PROJECT_SCHEMA, dps });
     expect(report.problems).toEqual([]);
     expect(report.ok).toBe(true);
     // 4 BSPs × {no extras, debug} × {with, without installer} × {no scanner, cve}
@@ -54,7 +54,7 @@ describe('lamadist check on fixtures', () => {
     it(`fails on ${name} at the right file:line:col`, async () => {
       const { root, spec } = materialise(name);
       expect(existsSync(root)).toBe(true);
-      const report = await runChecks({ root, kasSchema: SCHEMA, dps });
+      const report = await runChecks({ root, kasSchema: KAS_PROJECT_SCHEMA, dps });
       expect(report.ok).toBe(false);
       // exactly the expected problems: the right place, and no noise elsewhere
       const key = (p: { where: string; code: string }): string => `${p.where} ${p.code}`;

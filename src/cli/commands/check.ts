@@ -29,7 +29,7 @@ export function configure(cmd: Command): void {
   cmd
     .description('check kas files, layers, machines, wks templates and RAUC system.conf against each other (file:line:col)')
     .option('-C, --dir <path>', 'repository to check', '.')
-    .option('--kas-schema <path>', 'kas JSON schema (default: the pinned kas installation, else ../shared/reference/kas/)')
+    .option('--kas-schema <path>', 'kas JSON schema (default: the pinned kas release, in the build container image or installed, else the schema shipped with lamadist)')
     .action(
       act<{ dir: string; kasSchema?: string }>(async (ctx, _args, opts) => {
         await check(ctx, opts.dir, opts.kasSchema ? { kasSchema: opts.kasSchema } : {});

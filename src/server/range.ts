@@ -69,7 +69,29 @@ export function planRange(size: number, rangeHeader: string | undefined, ifRange
     ranges.push({ start, end: Math.min(end, size - 1) });
   }
   if (ranges.length === 0 || size === 0) return { status: 416 };
-  return { status: 206, ranges };
+  // As nginx does: ranges that add up to more than the entity are answered with the entity, once.
+  // Otherwise `bytes=0-,0-,…` would send it once per range (RFC 7233 §6.1).
+  if (ranges.reduce((n, r) => n + r.end - r.start + 1, 0) > size) return { status: 200 };
+  return { status: 206, ranges: coalesce(ranges) };
+}
+
+/**
+ * Merge overlapping and adjacent ranges (RFC 7233 §4.1 allows it), so no byte is sent twice. Each
+ * merged range takes the place of its earliest member; disjoint ranges keep the requested order.
+ */
+function coalesce(ranges: readonly ByteRange[]): ByteRange[] {
+  const merged: (ByteRange & { first: number })[] = [];
+  const byStart = ranges.map((r, first) => ({ ...r, first })).sort((a, b) => a.start - b.start);
+  for (const r of byStart) {
+    const last = merged.at(-1);
+    if (last && r.start <= last.end + 1) {
+      last.end = Math.max(last.end, r.end);
+      last.first = Math.min(last.first, r.first);
+    } else {
+      merged.push(r);
+    }
+  }
+  return merged.sort((a, b) => a.first - b.first).map(({ start, end }) => ({ start, end }));
 }
 
 /** `Content-Range` value for one range of an entity of `size` bytes. */

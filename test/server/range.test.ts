@@ -30,12 +30,43 @@ describe('planRange (RFC 7233)', () => {
 
   it('answers 416 when no range overlaps, and ignores what it cannot parse', () => {
     expect(planRange(1000, 'bytes=1000-1001', undefined, v)).toEqual({ status: 416 });
+    expect(planRange(1000, 'bytes=1000-1001,2000-', undefined, v)).toEqual({ status: 416 });
     expect(planRange(1000, 'bytes=-0', undefined, v)).toEqual({ status: 416 });
     expect(planRange(0, 'bytes=0-3', undefined, v)).toEqual({ status: 416 });
     expect(planRange(1000, 'bytes=5-2', undefined, v)).toEqual({ status: 200 });
     expect(planRange(1000, 'items=0-3', undefined, v)).toEqual({ status: 200 });
     expect(planRange(1000, 'bytes=a-b', undefined, v)).toEqual({ status: 200 });
     expect(planRange(1000, `bytes=${Array.from({ length: MAX_RANGES + 1 }, (_, i) => `${i}-${i}`).join(',')}`, undefined, v)).toEqual({ status: 200 });
+  });
+
+  it('coalesces overlapping and adjacent ranges, keeps the order of disjoint ones', () => {
+    expect(planRange(1000, 'bytes=0-9,5-14', undefined, v)).toEqual({ status: 206, ranges: [{ start: 0, end: 14 }] });
+    expect(planRange(1000, 'bytes=20-29,10-19,0-9', undefined, v)).toEqual({ status: 206, ranges: [{ start: 0, end: 29 }] });
+    expect(planRange(1000, 'bytes=500-509,0-9,5-14', undefined, v)).toEqual({
+      status: 206,
+      ranges: [
+        { start: 500, end: 509 },
+        { start: 0, end: 14 },
+      ],
+    });
+    expect(planRange(1000, 'bytes=-5,0-4', undefined, v)).toEqual({
+      status: 206,
+      ranges: [
+        { start: 995, end: 999 },
+        { start: 0, end: 4 },
+      ],
+    });
+  });
+
+  it('answers 200 with the whole entity once when the ranges add up to more than it, as nginx does', () => {
+    expect(planRange(1000, `bytes=${Array(MAX_RANGES).fill('0-').join(',')}`, undefined, v)).toEqual({ status: 200 });
+    expect(planRange(1000, 'bytes=0-599,400-999', undefined, v)).toEqual({ status: 200 });
+    expect(planRange(1000, 'bytes=-600,0-500', undefined, v)).toEqual({ status: 200 });
+    // Exactly the entity's size is still a range answer (nginx: only more than the size declines).
+    expect(planRange(1000, 'bytes=0-499,500-999', undefined, v)).toEqual({ status: 206, ranges: [{ start: 0, end: 999 }] });
+    // Ranges past the end do not count.
+    expect(planRange(1000, 'bytes=0-599,400-999,5000-', undefined, v).status).toBe(200);
+    expect(planRange(1000, 'bytes=0-599,5000-6000', undefined, v)).toEqual({ status: 206, ranges: [{ start: 0, end: 599 }] });
   });
 
   it('honours If-Range only for a strong ETag match or the exact Last-Modified date', () => {
@@ -62,17 +93,54 @@ function parts(body: Buffer, contentType: string): { range: string; data: string
     });
 }
 
+/** The byte ranges a 200 or 206 response carries, with their bytes (whole entity, one range or multipart). */
+function pieces(status: number, headers: Headers, body: Buffer, size: number): { start: number; end: number; bytes: Buffer }[] {
+  if (status === 200) return [{ start: 0, end: size - 1, bytes: body }];
+  const ct = headers.get('content-type') ?? '';
+  const span = (cr: string): [number, number] => {
+    const m = /^bytes (\d+)-(\d+)\/\d+$/.exec(cr);
+    if (!m) throw new Error(`bad Content-Range ${cr}`);
+    return [Number(m[1]), Number(m[2])];
+  };
+  if (!ct.startsWith('multipart/byteranges')) {
+    const [start, end] = span(headers.get('content-range') ?? '');
+    return [{ start, end, bytes: body }];
+  }
+  const boundary = /boundary=("?)([^";]+)\1/.exec(ct)?.[2] ?? '';
+  const text = body.toString('latin1');
+  return text
+    .split(`--${boundary}`)
+    .slice(1, -1)
+    .map((p) => {
+      const [head = '', ...rest] = p.replace(/^\r\n/, '').split('\r\n\r\n');
+      const [start, end] = span(/content-range: *([^\r\n]+)/i.exec(head)?.[1] ?? '');
+      return { start, end, bytes: Buffer.from(rest.join('\r\n\r\n').replace(/\r\n$/, ''), 'latin1') };
+    });
+}
+
+/** Union of closed intervals, sorted. */
+function union(spans: { start: number; end: number }[]): [number, number][] {
+  const out: [number, number][] = [];
+  for (const { start, end } of [...spans].sort((a, b) => a.start - b.start)) {
+    const last = out.at(-1);
+    if (last && start <= last[1] + 1) last[1] = Math.max(last[1], end);
+    else out.push([start, end]);
+  }
+  return out;
+}
+
 describe('artifact serving against nginx on the same file', () => {
   let dir: string;
   let app: FastifyInstance;
   let ours: string;
   let nginx: Nginx;
   let store: ArtifactStore;
+  let data: Buffer;
   const size = 5 * 1024 * 1024 + 77;
 
   beforeAll(async () => {
     dir = await fs.mkdtemp(path.join(os.tmpdir(), 'lamadist-range-'));
-    const data = randomBytes(size);
+    data = randomBytes(size);
     const sha256 = createHash('sha256').update(data).digest('hex');
     store = await ArtifactStore.open(path.join(dir, 'store'));
     await fs.mkdir(path.dirname(store.pathFor(sha256)), { recursive: true });
@@ -131,6 +199,35 @@ describe('artifact serving against nginx on the same file', () => {
     }
     expect(a.headers.get('accept-ranges')).toBe('bytes');
   });
+
+  // Overlapping and adjacent sets: nginx answers them part by part (or 200 when they add up to more
+  // than the file); the server coalesces them. The status and the bytes covered must be the same.
+  const overlapping = [
+    `bytes=${Array(256).fill('0-').join(',')}`,
+    `bytes=${Array(100).fill('0-999').join(',')}`,
+    'bytes=0-99,50-149',
+    'bytes=10-19,20-29,0-9',
+    'bytes=0-3145727,2097152-',
+    'bytes=-3000000,0-3000000',
+    `bytes=${Array.from({ length: 200 }, (_, i) => `${i * 1000}-${i * 1000 + 1999}`).join(',')}`,
+    'bytes=4194300-4194310,0-9,5-14',
+  ];
+
+  it.each(overlapping.map((c) => [c.length > 60 ? `${c.slice(0, 60)}… (${c.split(',').length} ranges)` : c, c]))(
+    '%s: same status and bytes as nginx, never more than the file once',
+    async (_name, range) => {
+      const headers = { Range: range };
+      const [a, b] = await Promise.all([fetch(ours, { headers }), fetch(`${nginx.url}/f`, { headers })]);
+      expect(a.status).toBe(b.status);
+      const [ba, bb] = [Buffer.from(await a.arrayBuffer()), Buffer.from(await b.arrayBuffer())];
+      const [pa, pb] = [pieces(a.status, a.headers, ba, size), pieces(b.status, b.headers, bb, size)];
+      for (const p of [...pa, ...pb]) expect(p.bytes.equals(data.subarray(p.start, p.end + 1))).toBe(true);
+      expect(union(pa)).toEqual(union(pb));
+      // Coalesced: no byte twice, and the framing adds at most a little per part.
+      expect(pa.reduce((n, p) => n + p.end - p.start + 1, 0)).toBe(union(pa).reduce((n, [s, e]) => n + e - s + 1, 0));
+      expect(ba.length).toBeLessThanOrEqual(size + 200 * pa.length);
+    },
+  );
 
   it('sends validators, honours If-Range and If-None-Match, and HEAD has no body', async () => {
     const head = await fetch(ours, { method: 'HEAD' });

@@ -7,9 +7,3 @@ export function skipBecause(skip: boolean, what: string, why: string): boolean {
   if (skip) console.warn(`skip: ${what}: ${why}`);
   return skip;
 }
-
-/** Skips the running test from inside it (a condition known only at run time), saying why. */
-export function skipNow(ctx: { skip: (note?: string) => never }, what: string, why: string): never {
-  console.warn(`skip: ${what}: ${why}`);
-  return ctx.skip(why);
-}

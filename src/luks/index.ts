@@ -56,6 +56,29 @@ const HASH = 'sha256';
  */
 export const DEFAULT_KEYSLOT_ITERATIONS = 1000;
 const DIGEST_ITERATIONS = 1000;
+/** cryptsetup refuses fewer PBKDF2 iterations than this for a keyslot. */
+export const MIN_PBKDF2_ITERATIONS = 1000;
+/** cryptsetup's default unlocking time for a LUKS2 keyslot (`--iter-time`). */
+export const DEFAULT_ITER_TIME_MS = 2000;
+
+/**
+ * PBKDF2 iterations that take `iterTimeMs` on this machine for a keyslot key of `keySize` bytes, as
+ * cryptsetup's `--iter-time` benchmark chooses them (never below cryptsetup's minimum): a passphrase
+ * gets as much stretching as the wait its owner accepted. Doubles a trial run until it lasts 100 ms
+ * (long enough that timer resolution is a small error), then scales linearly. Like cryptsetup it
+ * counts CPU time, so other load on the machine does not lower the count.
+ */
+export function benchmarkPbkdf2(iterTimeMs: number, keySize = VOLUME_KEY_SIZE, hash = HASH): number {
+  const salt = Buffer.alloc(32);
+  for (let n = MIN_PBKDF2_ITERATIONS; ; n *= 2) {
+    const start = process.cpuUsage();
+    pbkdf2Sync('benchmark', salt, n, keySize, hash);
+    const used = process.cpuUsage(start);
+    const ms = (used.user + used.system) / 1000;
+    if (ms >= 100 || n >= 2 ** 31 / 2)
+      return Math.max(MIN_PBKDF2_ITERATIONS, Math.min(2 ** 32 - 1, Math.round((n * iterTimeMs) / Math.max(ms, 0.001))));
+  }
+}
 
 export interface Luks2Plan {
   /** Bytes 0 .. LUKS2_DATA_OFFSET of the container. */

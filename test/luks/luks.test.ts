@@ -266,8 +266,9 @@ describe('lamadist luks (CLI)', () => {
     const key = path.join(dir, 'cli.key');
     await fs.writeFile(key, randomBytes(32));
     const out = path.join(dir, 'cli.luks');
-    const f = await runCli(['luks', 'format', '--key-file', key, '--label', 'var', payload, out]);
+    const f = await runCli(['luks', 'format', '--key-file', key, '--label', 'var', '--iter-time', '200', payload, out]);
     expect(f.code, f.stderr).toBe(0);
+    expect(f.stderr).toMatch(/iterations \(200 ms on this machine\)/);
     expect(cryptsetup(['open', '--test-passphrase', '--key-file', key, out]).code).toBe(0);
     const d = await runCli(['--json', 'luks', 'dump', out]);
     expect(d.code, d.stderr).toBe(0);
@@ -284,5 +285,41 @@ describe('lamadist luks (CLI)', () => {
     const bad = await runCli(['luks', 'dump', payload]);
     expect(bad.code).toBe(2);
     expect(bad.stderr).toMatch(/not a LUKS2 container .*LAMA_E_LUKS_HEADER/);
+  });
+
+  it('stretches a key file like cryptsetup (benchmarked iterations), and warns about a low forced count', async () => {
+    const payload = path.join(dir, 'pbkdf.plain');
+    await fs.writeFile(payload, randomBytes(4096));
+    const key = path.join(dir, 'pbkdf.pass');
+    await fs.writeFile(key, 'correct horse battery staple');
+    const iterationsOf = (file: string): number => {
+      const m = /Iterations:\s+(\d+)/.exec(cryptsetup(['luksDump', file]).stdout);
+      return Number(m?.[1]);
+    };
+    // cryptsetup's own choice for a 1 s keyslot on this machine is the yardstick
+    const ref = path.join(dir, 'pbkdf.ref');
+    await fs.writeFile(ref, Buffer.alloc(32 << 20));
+    const fmt = cryptsetup(['luksFormat', '-q', '--type', 'luks2', '--pbkdf', 'pbkdf2', '--iter-time', '1000', '--key-file', key, ref]);
+    expect(fmt.code, fmt.stderr).toBe(0);
+    const theirs = iterationsOf(ref);
+
+    const out = path.join(dir, 'pbkdf.luks');
+    const f = await runCli(['luks', 'format', '--key-file', key, '--iter-time', '1000', payload, out]);
+    expect(f.code, f.stderr).toBe(0);
+    expect(f.stderr).not.toMatch(/warning/);
+    const ours = iterationsOf(out);
+    // Node's PBKDF2 and cryptsetup's differ in speed and the machine is shared: same order of magnitude.
+    expect(ours).toBeGreaterThan(theirs / 4);
+    expect(ours).toBeLessThan(theirs * 4);
+    expect(cryptsetup(['open', '--test-passphrase', '--key-file', key, out]).code).toBe(0);
+
+    const low = path.join(dir, 'pbkdf-low.luks');
+    const l = await runCli(['luks', 'format', '--key-file', key, '--pbkdf-force-iterations', '1000', payload, low]);
+    expect(l.code, l.stderr).toBe(0);
+    expect(l.stderr).toMatch(/warning: 1000 PBKDF2 iterations unlock in under a second here/);
+    expect(iterationsOf(low)).toBe(1000);
+    const tooLow = await runCli(['luks', 'format', '--key-file', key, '--pbkdf-force-iterations', '999', payload, path.join(dir, 'x.luks')]);
+    expect(tooLow.code).toBe(2);
+    expect(tooLow.stderr.trim().split('\n')).toHaveLength(1);
   });
 });

@@ -4,7 +4,10 @@ import { promises as fs } from 'node:fs';
 import { UserError } from '../../errors.js';
 import { readUserFile, withAtomicFile } from '../../util/fsx.js';
 import {
+  DEFAULT_ITER_TIME_MS,
   LUKS2_DATA_OFFSET,
+  MIN_PBKDF2_ITERATIONS,
+  benchmarkPbkdf2,
   encryptPayload,
   luksSummary,
   planLuks2,
@@ -19,6 +22,35 @@ export interface LuksFormatOptions {
   uuid?: string;
   label?: string;
   force?: boolean;
+  /** Milliseconds one keyslot should take to unlock on this machine (cryptsetup's --iter-time). */
+  iterTime?: number;
+  /** A fixed PBKDF2 iteration count instead of the benchmark (cryptsetup's --pbkdf-force-iterations). */
+  pbkdfForceIterations?: number;
+}
+
+/**
+ * Keyslot iterations for `luks format`: a key file may hold a passphrase, so they come from the
+ * benchmark like cryptsetup's, and a count the user forces below one second's worth is named.
+ */
+function keyslotIterations(ctx: Context, opts: LuksFormatOptions): number {
+  const oneSecond = benchmarkPbkdf2(1000);
+  const forced = opts.pbkdfForceIterations;
+  if (forced !== undefined && forced < MIN_PBKDF2_ITERATIONS)
+    throw new UserError(
+      'LAMA_E_USAGE',
+      `--pbkdf-force-iterations ${forced} is below the ${MIN_PBKDF2_ITERATIONS} cryptsetup accepts for pbkdf2`,
+    );
+  if (opts.iterTime !== undefined && opts.iterTime < 1)
+    throw new UserError('LAMA_E_USAGE', '--iter-time must be at least 1 ms');
+  const iterTime = opts.iterTime ?? DEFAULT_ITER_TIME_MS;
+  const iterations = forced ?? Math.max(MIN_PBKDF2_ITERATIONS, Math.round((oneSecond * iterTime) / 1000));
+  const how = forced !== undefined ? 'forced' : `${iterTime} ms on this machine`;
+  ctx.info(`keyslot pbkdf2-sha256: ${iterations} iterations (${how})`);
+  if (iterations < oneSecond)
+    ctx.warn(
+      `${iterations} PBKDF2 iterations unlock in under a second here (${oneSecond} take 1 s): weak against guessing if a key file holds a passphrase`,
+    );
+  return iterations;
 }
 
 /**
@@ -38,8 +70,9 @@ export async function luksFormat(
   });
   try {
     const length = (await src.stat()).size;
+    const iterations = keyslotIterations(ctx, opts);
     const volumeKey = randomBytes(64);
-    const plan = planLuks2({ volumeKey, keys, uuid: opts.uuid, label: opts.label });
+    const plan = planLuks2({ volumeKey, keys, uuid: opts.uuid, label: opts.label, iterations });
     const bar = ctx.progress('encrypting', length);
     await withAtomicFile(out, { force: opts.force }, async (o) => {
       await o.fd.write(plan.metadata, 0, plan.metadata.length, 0);
@@ -117,6 +150,16 @@ export function configure(cmd: Command): void {
     .option('--key-file <file>', 'key for one keyslot (repeat for more keyslots)', collect, [])
     .option('--uuid <uuid>', 'container UUID')
     .option('--label <label>', 'LUKS2 label')
+    .option(
+      '--iter-time <ms>',
+      `keyslot unlocking time on this machine, for the PBKDF2 benchmark (default ${DEFAULT_ITER_TIME_MS}, as cryptsetup)`,
+      intOption('--iter-time'),
+    )
+    .option(
+      '--pbkdf-force-iterations <n>',
+      `PBKDF2 iterations instead of the benchmark (at least ${MIN_PBKDF2_ITERATIONS}; warns below one second's worth)`,
+      intOption('--pbkdf-force-iterations'),
+    )
     .option('--force', 'replace an existing output')
     .action(
       act<LuksFormatOptions>(

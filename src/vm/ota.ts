@@ -226,13 +226,15 @@ export async function prepareFleetDevice(opts: {
 /** Build a release for the device, upload it to the server (which verifies it) and roll it out to the device. */
 export async function rollOutRelease(
   fd: FleetDevice,
-  spec: VariantSpec & { log?: (m: string) => void },
+  spec: VariantSpec & { omitDevice?: boolean; otherHosts?: ReleaseHost[]; log?: (m: string) => void },
 ): Promise<{ release: FixtureRelease; releaseId: number; rolloutId: number }> {
   const out = path.join(fd.device.dir, `release-${spec.version}.raucb`);
   const release = await fixtureBundle({
     device: fd.device,
     version: spec.version,
     ...(spec.failHealth && { failHealth: true }),
+    ...(spec.omitDevice && { omitDevice: true }),
+    ...(spec.otherHosts && { otherHosts: spec.otherHosts }),
     out,
     recipients: [fd.serverCert],
     ...(spec.log && { log: spec.log }),

@@ -123,6 +123,8 @@ describe('per-host UKIs as patches of one template', () => {
 describe("meta-lamadist's bundle hook on a release's files", () => {
   let mount: string;
   let tar: string;
+  let hook: string;
+  const compat = { RAUC_MF_COMPATIBLE: bsp.compatible, RAUC_SYSTEM_COMPATIBLE: bsp.compatible };
   /** The command line a host runs with: its slot A UKI's. */
   const running = (h: ReleaseBoot['hosts'][number]): string => inspectUki(h.ukis.a).cmdline as string;
 
@@ -135,14 +137,17 @@ describe("meta-lamadist's bundle hook on a release's files", () => {
       }
     }
     for (const slot of ['a', 'b'] as const) await fs.writeFile(path.join(tmp, `lamadist-${slot}.efi`), boot.templates[slot]);
+    // RAUC runs the hook as hook.sh from the bundle's root, which is how the hook finds the bundle.
+    hook = path.join(mount, 'hook.sh');
+    await fs.copyFile(BUNDLE_HOOK, hook);
     tar = path.join(mount, 'efi.tar');
     expect(sh('tar', ['-cf', tar, '-C', tmp, 'lamadist-a.efi', 'lamadist-b.efi']).code).toBe(0);
   });
 
-  const check = async (cmdline: string, bundle = mount): Promise<{ code: number; out: string }> => {
+  const check = async (cmdline: string, env: NodeJS.ProcessEnv = compat, script = hook): Promise<{ code: number; out: string }> => {
     const f = path.join(tmp, 'cmdline');
     await fs.writeFile(f, `${cmdline}\n`);
-    return sh(BUNDLE_HOOK, ['install-check'], { RAUC_BUNDLE_MOUNT_POINT: bundle, LAMADIST_CMDLINE: f });
+    return sh(script, ['install-check'], { ...env, LAMADIST_CMDLINE: f });
   };
 
   it('install-check accepts a host of the release', async () => {
@@ -160,9 +165,15 @@ describe("meta-lamadist's bundle hook on a release's files", () => {
     expect((await check('console=ttyS0 roothash=00')).code).toBe(10);
     const empty = path.join(tmp, 'empty-bundle');
     await fs.mkdir(empty, { recursive: true });
-    const r = await check(running(h1), empty);
+    await fs.copyFile(BUNDLE_HOOK, path.join(empty, 'hook.sh'));
+    const r = await check(running(h1), compat, path.join(empty, 'hook.sh'));
     expect(r.code).toBe(10);
     expect(r.out).toMatch(/no per-host boot files.*drop this host's identity/);
+    // With an install-check hook RAUC skips its own compatible check: the hook makes it.
+    expect(await check(running(h1), { RAUC_MF_COMPATIBLE: 'lamadist-rk1', RAUC_SYSTEM_COMPATIBLE: bsp.compatible })).toEqual({
+      code: 10,
+      out: `lamadist-bundle-hook: bundle is for 'lamadist-rk1', this system is '${bsp.compatible}'\n`,
+    });
   });
 
   const canUnshare = sh('unshare', ['--mount', 'true']).code === 0;
@@ -173,11 +184,11 @@ describe("meta-lamadist's bundle hook on a release's files", () => {
     await fs.mkdir(esp, { recursive: true });
     const cmdline = path.join(tmp, 'running');
     await fs.writeFile(cmdline, running(h));
-    const env = { RAUC_SLOT_CLASS: 'efi', RAUC_SLOT_NAME: 'efi.1', RAUC_IMAGE_NAME: tar, RAUC_BUNDLE_MOUNT_POINT: mount, LAMADIST_ESP: esp, LAMADIST_CMDLINE: cmdline };
+    const env = { RAUC_SLOT_CLASS: 'efi', RAUC_SLOT_NAME: 'efi.1', RAUC_IMAGE_NAME: tar, LAMADIST_ESP: esp, LAMADIST_CMDLINE: cmdline };
     // The hook insists on a mounted ESP: a private tmpfs in its own mount namespace, copied out after.
     const inNs = (script: string, e: NodeJS.ProcessEnv): { code: number; out: string } =>
       sh('unshare', ['--mount', 'sh', '-c', `mount -t tmpfs tmpfs '${esp}' && ${script}; rc=$?; rm -rf '${out}'; cp -a '${esp}' '${out}'; exit $rc`], e);
-    const r = inNs(`'${BUNDLE_HOOK}' slot-install`, env);
+    const r = inNs(`'${hook}' slot-install`, env);
     expect(r).toEqual({ code: 0, out: '' });
     expect((await fs.readFile(path.join(out, 'EFI/Linux/lamadist-b.efi'))).equals(h.ukis.b)).toBe(true);
     expect(existsSync(path.join(out, 'EFI/Linux/lamadist-a.efi'))).toBe(false);
@@ -190,7 +201,7 @@ describe("meta-lamadist's bundle hook on a release's files", () => {
     bad[20] = (bad[20] as number) ^ 0xff;
     await fs.writeFile(bin, bad);
     try {
-      const seeded = `mkdir -p '${esp}/EFI/Linux' && echo OLD > '${esp}/EFI/Linux/lamadist-b.efi' && '${BUNDLE_HOOK}' slot-install`;
+      const seeded = `mkdir -p '${esp}/EFI/Linux' && echo OLD > '${esp}/EFI/Linux/lamadist-b.efi' && '${hook}' slot-install`;
       const c = inNs(seeded, env);
       expect(c.code).toBe(1);
       expect(c.out).toBe('lamadist-bundle-hook: the rebuilt UKI of slot b does not have the hash the release promises\n');
@@ -199,9 +210,9 @@ describe("meta-lamadist's bundle hook on a release's files", () => {
     } finally {
       await fs.writeFile(bin, good);
     }
-    const unknown = inNs(`'${BUNDLE_HOOK}' slot-install`, { ...env, RAUC_SLOT_NAME: 'efi.7' });
+    const unknown = inNs(`'${hook}' slot-install`, { ...env, RAUC_SLOT_NAME: 'efi.7' });
     expect(unknown.out).toMatch(/unknown efi slot efi\.7/);
-    expect(sh(BUNDLE_HOOK, ['slot-install'], env).out).toMatch(/the ESP is not mounted/);
+    expect(sh(hook, ['slot-install'], env).out).toMatch(/the ESP is not mounted/);
   });
 });
 

@@ -30,19 +30,32 @@ describe('acceptance 2 and 3: over-the-air update to slot B and rollback of a fa
     await fs.rm(dir, { recursive: true, force: true });
   });
 
-  it('rolls out version 2: installed to slot B, success only after B booted and was marked good', async () => {
-    const v2 = await rollOutRelease(fd, { version: '2' });
-    const bytesBefore = fd.server.service.counters.artifactBytes;
-    const actionState = async (): Promise<string> => (await fd.fleet.getDevice(fd.controllerId)).actions.find((a) => a.releaseId === v2.releaseId)?.state ?? 'none';
-    // The console milestones `lamadist vm demo` follows, with the server's view after each.
+  it('refuses a release that lacks the device, then rolls out version 2: installed to slot B, success only after B booted and was marked good', async () => {
+    // A fleet release for two other hosts: the device's install check must refuse it, nothing is
+    // written, and the server shows the failure with the hook's reason.
+    const others = ['lama-other-1', 'lama-other-2'].map((name, i) => {
+      const machineId = `${'0'.repeat(31)}${i + 1}`;
+      return { name, machineId, args: [`systemd.hostname=${name}`, `systemd.machine_id=${machineId}`] };
+    });
+    const lacking = await rollOutRelease(fd, { version: '1.9', omitDevice: true, otherHosts: others });
     const watch = watchDevice(fd.device, { timeoutMs: 1_500_000, serialLog: path.join(dir, 'ota.log') });
+    let v2: Awaited<ReturnType<typeof rollOutRelease>> | undefined;
+    let bytesBefore = 0;
+    const actionState = async (id: number | undefined): Promise<string> => (await fd.fleet.getDevice(fd.controllerId)).actions.find((a) => a.releaseId === id)?.state ?? 'none';
+    // The console milestones `lamadist vm demo` follows, with the server's view after each.
     const seen: { title: string; seconds: number; action: string }[] = [];
     const t0 = Date.now();
     let at = 0;
     try {
+      at = await watch.waitFor(/lamadist-ddi: rauc install failed: .*is not in this release/);
+      const refused = (await fd.fleet.getDevice(fd.controllerId)).actions.find((a) => a.releaseId === lacking.releaseId);
+      expect(refused?.state).toBe('failed');
+      expect(JSON.stringify(refused?.history)).toMatch(/is not in this release/);
+      v2 = await rollOutRelease(fd, { version: '2' });
+      bytesBefore = fd.server.service.counters.artifactBytes;
       for (const m of otaMilestones('1', '2', 'A')) {
         at = await watch.waitFor(m.marker, at);
-        seen.push({ title: m.title, seconds: Math.round((Date.now() - t0) / 1000), action: await actionState() });
+        seen.push({ title: m.title, seconds: Math.round((Date.now() - t0) / 1000), action: await actionState(v2.releaseId) });
       }
     } finally {
       await watch.stop();
@@ -65,11 +78,11 @@ describe('acceptance 2 and 3: over-the-air update to slot B and rollback of a fa
     expect(slots?.health).toBe('success');
     expect(slots?.state.B).toMatchObject({ state: 'booted', boot: 'good' });
     expect(seen[2]?.action).toBe('installed');
-    expect(await actionState()).toBe('success');
+    expect(await actionState(v2?.releaseId)).toBe('success');
     const fetched = fd.server.service.counters.artifactBytes - bytesBefore;
     console.log(
       [
-        `OTA v2: bundle ${v2.release.size} bytes, device fetched ${fetched} bytes (${((100 * fetched) / v2.release.size).toFixed(1)}%)`,
+        `OTA v2: bundle ${v2?.release.size} bytes, device fetched ${fetched} bytes (${((100 * fetched) / (v2?.release.size ?? 1)).toFixed(1)}%)`,
         ...seen.map((m) => `  ${String(m.seconds).padStart(4)} s  ${m.title} (server: ${m.action})`),
       ].join('\n'),
     );

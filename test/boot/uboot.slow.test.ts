@@ -15,6 +15,7 @@ import {
 } from '../../src/vm/index.js';
 import { parsePe } from '../../src/pe/index.js';
 import { REPO_ROOT } from '../helpers/cli.js';
+import { skipBecause } from '../helpers/skip.js';
 import { arm64EfiApp } from './efi-app.js';
 
 // meta-lamadist's U-Boot A/B script (boot.scr of lamadist-boot-script) on real U-Boot: Debian's
@@ -155,7 +156,7 @@ afterAll(async () => {
   await fs.rm(tmp, { recursive: true, force: true });
 });
 
-describe.skipIf(!existsSync(UBOOT_QEMU_ARM64))('boot.cmd on Debian U-Boot (qemu_arm64)', () => {
+describe.skipIf(skipBecause(!existsSync(UBOOT_QEMU_ARM64), 'boot.cmd on U-Boot', `no ${UBOOT_QEMU_ARM64} (u-boot-qemu)`))('boot.cmd on Debian U-Boot (qemu_arm64)', () => {
   it('fresh environment: defaults, slot a, one attempt spent, UKI loaded from partition 1', async () => {
     const b = await bootOnce(async (s) => {
       const info = await s.command('printenv kernel_addr_r BOOT_ORDER BOOT_A_LEFT BOOT_B_LEFT');

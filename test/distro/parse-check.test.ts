@@ -4,6 +4,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { REPO_ROOT } from '../helpers/cli.js';
+import { skipBecause } from '../helpers/skip.js';
 
 // scripts/parse-check runs BitBake for real; without the layer checkouts it must say "skipped"
 // (exit 77), never pass. These tests cover that and the checks it makes before BitBake starts.
@@ -40,7 +41,7 @@ describe('scripts/parse-check', () => {
     expect(r.stderr).toMatch(/unknown BSP pc-98 \(known: x86_64, orin-nx, rk1, soquartz\)/);
   });
 
-  it.skipIf(process.getuid?.() !== 0)('refuses to run BitBake as root without a build user', async () => {
+  it.skipIf(skipBecause(process.getuid?.() !== 0, 'parse-check as root', 'needs root (the refusal is of root)'))('refuses to run BitBake as root without a build user', async () => {
     const layers = path.join(tmp, 'layers-root');
     await fs.mkdir(layers, { recursive: true });
     const r = run([layers, 'x86_64']);

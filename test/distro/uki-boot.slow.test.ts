@@ -5,6 +5,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { OVMF, buildInitramfs, debianKernel, runQemu } from '../../src/vm/index.js';
 import { REPO_ROOT } from '../helpers/cli.js';
+import { skipBecause } from '../helpers/skip.js';
 
 // The UKI that meta-lamadist's class builds (lib/lamadist/uki.py on systemd-boot's EFI stub) must
 // boot: OVMF loads it from the ESP's removable-media path, the stub starts the kernel with the
@@ -25,7 +26,7 @@ afterAll(async () => {
   await fs.rm(tmp, { recursive: true, force: true });
 });
 
-describe.skipIf(!existsSync(STUB) || !existsSync(OVMF.code))('UKI from meta-lamadist boots in OVMF', () => {
+describe.skipIf(skipBecause(!existsSync(STUB) || !existsSync(OVMF.code), 'UKI boot in OVMF', `needs ${STUB} (systemd-boot-efi) and ${OVMF.code} (ovmf)`))('UKI from meta-lamadist boots in OVMF', () => {
   it('starts the kernel with the embedded initramfs and the slot command line', async () => {
     const kernel = await debianKernel();
     const initrd = await buildInitramfs({

@@ -252,6 +252,7 @@ describe('release bundles', () => {
     const one = await release(1, path.join(tmp, 'one.raucb'));
     const ten = await release(10, path.join(tmp, 'ten.raucb'));
     expect(ten.hosts).toHaveLength(10);
+    console.log(`release bundle: 1 host ${one.size} bytes, 10 hosts ${ten.size} bytes (+${Math.round((ten.size - one.size) / 9)} bytes per host); patch per host ${ten.hosts[0]?.patchBytes} bytes for both slots`);
     expect(ten.size - one.size).toBeLessThan(10 * 1024 * 1024);
     expect((ten.size - one.size) / 9).toBeLessThan(64 * 1024);
     expect(ten.manifest.installCheck).toBe(true);

@@ -46,7 +46,10 @@ export interface ServerOptions {
   clientCa?: string;
   /** Device poll interval in seconds (default 300). */
   pollSeconds?: number;
-  /** Base URL put into DDI links when the server sits behind a proxy. */
+  /**
+   * Base URL (scheme, host, optional path prefix) of every link sent to devices. When set, the
+   * request's Host header is never used; without it links take the Host the device sent.
+   */
   publicUrl?: string;
   /** Tenant used by the management API when none is given (default DEFAULT). */
   tenant?: string;
@@ -67,6 +70,10 @@ export interface ServerOptions {
   verifyBundle?: BundleVerifier;
   /** Request logging (pino JSON to stderr). */
   log?: boolean;
+  /** Time allowed to receive a whole request, bundle uploads excepted (default 300 s, as Node's). */
+  requestTimeoutMs?: number;
+  /** A bundle upload fails when no byte arrived for this long (default 60 s); it has no overall limit. */
+  uploadIdleTimeoutMs?: number;
 }
 
 export interface RunningServer {
@@ -106,6 +113,48 @@ async function adminToken(store: string, given: string | undefined): Promise<{ t
   return { token: (await fs.readFile(file, 'utf8')).trim(), file };
 }
 
+/** `--public-url` as the origin (and path prefix) links are built from: http(s), no query. */
+function publicOrigin(text: string): string {
+  let u: URL | undefined;
+  try {
+    u = new URL(text);
+  } catch {
+    u = undefined;
+  }
+  if (!u || !['http:', 'https:'].includes(u.protocol) || u.search || u.hash || u.username || u.password) {
+    throw new UserError('LAMA_E_SERVER_PUBLIC_URL', `--public-url '${text}' must be an http:// or https:// URL without query, fragment or credentials`);
+  }
+  return u.origin + u.pathname.replace(/\/+$/, '');
+}
+
+/**
+ * Deepest JSON nesting a request body may have. DDI and management bodies are two or three levels
+ * deep; a 64 KiB body can nest 32,000 levels, which recursive code (serialisers, validators) must
+ * never see.
+ */
+const MAX_JSON_DEPTH = 32;
+
+/** Nesting depth of a JSON text, counted without parsing it (brackets inside strings do not count). */
+function jsonDepth(text: string): number {
+  let depth = 0;
+  let max = 0;
+  let inString = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (inString) {
+      if (c === 0x5c) i++;
+      else if (c === 0x22) inString = false;
+    } else if (c === 0x22) {
+      inString = true;
+    } else if (c === 0x5b || c === 0x7b) {
+      max = Math.max(max, ++depth);
+    } else if (c === 0x5d || c === 0x7d) {
+      depth--;
+    }
+  }
+  return max;
+}
+
 function statusFor(err: UserError): number {
   if (err.code.endsWith('_NOT_FOUND')) return 404;
   if (err.code.endsWith('_EXISTS')) return 409;
@@ -120,6 +169,7 @@ function statusFor(err: UserError): number {
  * poll times and closes the database.
  */
 export async function startServer(options: ServerOptions): Promise<RunningServer> {
+  const publicUrl = options.publicUrl === undefined ? undefined : publicOrigin(options.publicUrl);
   const storeDir = path.resolve(options.store);
   await fs.mkdir(storeDir, { recursive: true });
   const keyring = path.resolve(options.keyring);
@@ -151,6 +201,9 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   const app = Fastify({
     logger: options.log ? { level: 'info', stream: process.stderr } : false,
     bodyLimit: 64 * 1024,
+    // Path parameters up to the longest valid controller id or artifact name (128 characters) with
+    // every character percent-encoded; fastify's default of 100 answered 414 to valid ids.
+    routerOptions: { maxParamLength: 3 * 128 },
     // Devices keep connections open between range reads; shutdown must not wait for them.
     forceCloseConnections: true,
     ...(https ? { https } : {}),
@@ -162,6 +215,16 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       return server;
     },
   }) as unknown as FastifyInstance;
+
+  const defaultJson = app.getDefaultJsonParser('error', 'error');
+  app.removeContentTypeParser('application/json');
+  app.addContentTypeParser('application/json', { parseAs: 'string' }, (req, body, done) => {
+    if (jsonDepth(body as string) > MAX_JSON_DEPTH) {
+      done(new UserError('LAMA_E_SERVER_BAD_JSON', `JSON body nested deeper than ${MAX_JSON_DEPTH} levels`), undefined);
+      return;
+    }
+    defaultJson(req, body as string, done);
+  });
 
   app.setErrorHandler((err: FastifyError | UserError, _req, reply) => {
     if (err instanceof UserError) return reply.code(statusFor(err)).send({ error: err.code, message: err.line() });
@@ -195,7 +258,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     verifyBundle,
     compatibles: options.compatibles ?? BSPS.map((b) => b.compatible),
   });
-  registerDdi(app, service, store, options.publicUrl ? { publicUrl: options.publicUrl } : {});
+  registerDdi(app, service, store, publicUrl !== undefined ? { publicUrl } : {});
   registerDashboard(app);
 
   const { host, port } = parseListen(options.listen ?? '127.0.0.1:8080');

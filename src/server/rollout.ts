@@ -8,7 +8,7 @@ import { UserError } from '../errors.js';
 /** One wave: a number of devices, or a percentage of all targeted devices (rounded up). */
 export type WaveSpec = { count: number } | { percent: number };
 
-/** Which devices a rollout targets. Every given criterion must hold. */
+/** Which devices a rollout targets. Every given criterion must hold; an empty list matches no device. */
 export interface TargetFilter {
   /** Devices carrying all of these tags. */
   tags?: string[];
@@ -83,13 +83,26 @@ export function planWaveSizes(total: number, waves: readonly WaveSpec[]): number
 
 /** True when the device satisfies every criterion of the filter. */
 export function matchesFilter(d: FilterableDevice, f: TargetFilter): boolean {
-  if (f.devices && f.devices.length > 0 && !f.devices.includes(d.controllerId)) return false;
-  if (f.bsp && d.bsp !== f.bsp) return false;
-  if (f.tags && !f.tags.every((t) => d.tags.includes(t))) return false;
+  if (f.devices && !f.devices.includes(d.controllerId)) return false;
+  if (f.bsp !== undefined && d.bsp !== f.bsp) return false;
+  if (f.tags && (f.tags.length === 0 || !f.tags.every((t) => d.tags.includes(t)))) return false;
   if (f.attributes) {
-    for (const [k, v] of Object.entries(f.attributes)) if (d.attributes[k] !== v) return false;
+    for (const [k, v] of Object.entries(f.attributes)) if (!Object.hasOwn(d.attributes, k) || d.attributes[k] !== v) return false;
   }
   return true;
+}
+
+/**
+ * Refuse a filter with an empty device or tag list or an empty BSP. Such a filter matches no
+ * device, and it is almost always a list that a script computed and that came out empty: naming
+ * the field is more use than "no targets", and far safer than reading it as "no criterion" (which
+ * once rolled the release out to the whole tenant).
+ */
+export function checkFilter(f: TargetFilter): void {
+  for (const key of ['devices', 'tags'] as const) {
+    if (f[key]?.length === 0) throw new UserError('LAMA_E_ROLLOUT_FILTER', `filter.${key} is an empty list, which matches no device; leave it out to not filter by ${key}`);
+  }
+  if (f.bsp === '') throw new UserError('LAMA_E_ROLLOUT_FILTER', 'filter.bsp is empty, which matches no device; leave it out to not filter by BSP');
 }
 
 /**

@@ -1,11 +1,12 @@
 import type { CompiledQuery, Kysely, Transaction } from 'kysely';
 import { BSPS } from '../bsp/index.js';
-import { UserError } from '../errors.js';
+import { UserError, type ErrorCode } from '../errors.js';
 import { hashToken, newToken, tokenMatches } from './auth.js';
 import { nowMs, sql, type Database, type OpenDb, type ReleaseFields } from './db.js';
 import {
   DONE_STATES,
   assignWaves,
+  checkFilter,
   decideWave,
   matchesFilter,
   planWaveSizes,
@@ -95,6 +96,16 @@ export interface Feedback {
 const EXECUTIONS = new Set(['closed', 'proceeding', 'canceled', 'scheduled', 'rejected', 'resumed', 'downloaded', 'download']);
 const FINISHED = new Set(['success', 'failure', 'none']);
 
+/**
+ * A JSON scalar as the string hawkBit's DDI models hold (its JSON mapper turns numbers and booleans
+ * into strings too); anything else is refused rather than turned into `[object Object]` or a throw.
+ */
+function ddiString(v: unknown, code: ErrorCode, what: string): string {
+  if (typeof v === 'string') return v;
+  if (typeof v === 'number' || typeof v === 'boolean') return String(v);
+  throw new UserError(code, `${what} must be a string, not ${v === null ? 'null' : Array.isArray(v) ? 'an array' : typeof v}`);
+}
+
 /** Validate the `status` object of a DDI feedback body. */
 export function parseFeedback(body: unknown): Feedback {
   const status = (body as { status?: unknown } | null)?.status as
@@ -104,8 +115,31 @@ export function parseFeedback(body: unknown): Feedback {
   const finished = typeof status?.result?.finished === 'string' ? status.result.finished.toLowerCase() : '';
   if (!EXECUTIONS.has(execution)) throw new UserError('LAMA_E_DDI_FEEDBACK', `status.execution '${execution}' is not a DDI execution state`);
   if (!FINISHED.has(finished)) throw new UserError('LAMA_E_DDI_FEEDBACK', `status.result.finished '${finished}' is not success, failure or none`);
-  const details = Array.isArray(status?.details) ? status.details.map((d) => String(d)).slice(0, 100) : [];
+  const raw = status?.details ?? [];
+  if (!Array.isArray(raw)) throw new UserError('LAMA_E_DDI_FEEDBACK', 'status.details must be a list of strings');
+  const details = raw.slice(0, 100).map((d, i) => ddiString(d, 'LAMA_E_DDI_FEEDBACK', `status.details[${i}]`));
   return { execution, finished, details };
+}
+
+/**
+ * What one device may store as attributes, in total over every configData request and in the
+ * management API. rauc-hawkbit-updater sends a handful of short ones (its `[device]` section);
+ * hawkBit's own default quota is 100 entries per target.
+ */
+export const ATTRIBUTE_LIMITS = { keys: 100, keyChars: 128, valueChars: 1024, totalBytes: 16 * 1024 } as const;
+
+/** Refuse attributes beyond ATTRIBUTE_LIMITS; the total is the size of the stored JSON. */
+function checkAttributes(attrs: ReadonlyMap<string, string>, code: ErrorCode): string {
+  const { keys, keyChars, valueChars, totalBytes } = ATTRIBUTE_LIMITS;
+  for (const [k, v] of attrs) {
+    if (k.length === 0 || k.length > keyChars) throw new UserError(code, `attribute name '${k.slice(0, 40)}${k.length > 40 ? '…' : ''}' must be 1-${keyChars} characters`);
+    if (v.length > valueChars) throw new UserError(code, `attribute '${k}' is ${v.length} characters; at most ${valueChars}`);
+  }
+  if (attrs.size > keys) throw new UserError(code, `a device stores at most ${keys} attributes; this would make ${attrs.size}`);
+  const json = JSON.stringify(Object.fromEntries(attrs));
+  const bytes = Buffer.byteLength(json);
+  if (bytes > totalBytes) throw new UserError(code, `a device stores at most ${totalBytes} bytes of attributes; this would make ${bytes}`);
+  return json;
 }
 
 const iso = (ms: number | null): string | null => (ms === null ? null : new Date(ms).toISOString());
@@ -301,7 +335,7 @@ export class FleetService {
         name: input.name ?? input.controllerId,
         bsp: input.bsp ?? null,
         tags: JSON.stringify([...new Set(input.tags ?? [])].sort()),
-        attributes: JSON.stringify(input.attributes ?? {}),
+        attributes: checkAttributes(new Map(Object.entries(input.attributes ?? {})), 'LAMA_E_SERVER_ATTRIBUTES'),
       });
       await this.audit(trx, actor, 'device.register', `${input.tenant}/${input.controllerId}`, { bsp: input.bsp, tags: input.tags });
       return this.deviceRow(trx, input.tenant, input.controllerId);
@@ -462,24 +496,25 @@ export class FleetService {
   async putConfigData(device: DeviceRow, body: unknown): Promise<void> {
     const data = (body as { data?: unknown } | null)?.data;
     if (!data || typeof data !== 'object' || Array.isArray(data)) throw new UserError('LAMA_E_DDI_CONFIG', 'configData needs an object "data"');
-    const mode = String((body as { mode?: unknown }).mode ?? 'merge').toLowerCase();
+    const mode = ddiString((body as { mode?: unknown }).mode ?? 'merge', 'LAMA_E_DDI_CONFIG', 'configData mode').toLowerCase();
     if (!['merge', 'replace', 'remove'].includes(mode)) throw new UserError('LAMA_E_DDI_CONFIG', `configData mode '${mode}' is not merge, replace or remove`);
-    const entries = Object.entries(data as Record<string, unknown>);
-    if (entries.length > 200) throw new UserError('LAMA_E_DDI_CONFIG', 'configData has more than 200 attributes');
+    const given = Object.entries(data as Record<string, unknown>);
+    // Checked before the transaction too, so an oversized request costs no database work.
+    if (given.length > ATTRIBUTE_LIMITS.keys) throw new UserError('LAMA_E_DDI_CONFIG', `configData has ${given.length} attributes; a device stores at most ${ATTRIBUTE_LIMITS.keys}`);
+    const entries = mode === 'remove' ? [] : given.map(([k, v]) => [k, ddiString(v, 'LAMA_E_DDI_CONFIG', `configData attribute '${k.slice(0, 40)}'`)] as const);
     const decided: number[] = [];
     await this.db.transaction().execute(async (trx) => {
       const row = (await trx.selectFrom('devices').selectAll().where('id', '=', device.id).executeTakeFirstOrThrow()) as DeviceRow;
-      let attrs = mode === 'replace' ? {} : parseJson<Record<string, string>>(row.attributes);
-      if (mode === 'remove') {
-        attrs = Object.fromEntries(Object.entries(attrs).filter(([k]) => !(k in (data as object))));
-      } else {
-        for (const [k, v] of entries) attrs[k.slice(0, 128)] = String(v).slice(0, 1024);
-      }
-      const version = attrs[this.opts.versionAttribute] ?? null;
-      const bootId = attrs[this.opts.bootIdAttribute] ?? null;
+      // A Map, so names such as `__proto__` or `toString` are attributes like any other.
+      const attrs = new Map(mode === 'replace' ? [] : Object.entries(parseJson<Record<string, string>>(row.attributes)));
+      if (mode === 'remove') for (const [k] of given) attrs.delete(k);
+      for (const [k, v] of entries) attrs.set(k, v);
+      const stored = checkAttributes(attrs, 'LAMA_E_DDI_CONFIG');
+      const version = attrs.get(this.opts.versionAttribute) ?? null;
+      const bootId = attrs.get(this.opts.bootIdAttribute) ?? null;
       await trx
         .updateTable('devices')
-        .set({ attributes: JSON.stringify(attrs), version, boot_id: bootId, attributes_at: nowMs() })
+        .set({ attributes: stored, version, boot_id: bootId, attributes_at: nowMs() })
         .where('id', '=', device.id)
         .execute();
       const waiting = await trx
@@ -688,6 +723,7 @@ export class FleetService {
     },
     actor: string,
   ): Promise<RolloutView> {
+    checkFilter(input.filter);
     for (const [n, v] of [['success threshold', input.successThreshold], ['error threshold', input.errorThreshold]] as const) {
       if (!(v >= 0 && v <= 100)) throw new UserError('LAMA_E_ROLLOUT_THRESHOLD', `${n} must be a percentage 0-100, got ${v}`);
     }

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { assignWaves, decideWave, formatSleep, matchesFilter, parseWaves, planWaveSizes } from '../../src/server/rollout.js';
+import { assignWaves, checkFilter, decideWave, formatSleep, matchesFilter, parseWaves, planWaveSizes } from '../../src/server/rollout.js';
 
 describe('rollout planning', () => {
   it('parses wave lists and refuses nonsense with a clear code', () => {
@@ -28,6 +28,18 @@ describe('rollout planning', () => {
     expect(matchesFilter(d, { attributes: { site: 'work' } })).toBe(false);
     expect(matchesFilter(d, { bsp: 'rk1' })).toBe(false);
     expect(matchesFilter(d, { devices: ['n2'] })).toBe(false);
+    // An empty list is a criterion no device meets, never "no criterion".
+    expect(matchesFilter(d, { devices: [] })).toBe(false);
+    expect(matchesFilter(d, { tags: [] })).toBe(false);
+    expect(matchesFilter(d, { bsp: '' })).toBe(false);
+    expect(matchesFilter({ ...d, attributes: {} }, { attributes: { toString: 'x' } })).toBe(false);
+  });
+
+  it('refuses filters with an empty list or BSP, naming the field', () => {
+    expect(() => checkFilter({ devices: [] })).toThrow(/LAMA_E_ROLLOUT_FILTER|filter\.devices is an empty list/);
+    expect(() => checkFilter({ tags: [], devices: ['n1'] })).toThrow(/filter\.tags is an empty list/);
+    expect(() => checkFilter({ bsp: '' })).toThrow(/filter\.bsp is empty/);
+    expect(() => checkFilter({ devices: ['n1'], tags: ['lab'], attributes: {} })).not.toThrow();
   });
 
   it('decides waves by success and error thresholds', () => {

@@ -6,7 +6,7 @@
  *
  * Public API:
  * - `initKeys(dir, { force?, commonName?, days?, now? })` → KeyManifest
- * - `addDeviceKey(dir, name, { force?, days? })` → KeyManifest
+ * - `addDeviceKey(dir, name, { force?, days?, ec? })` → KeyManifest (`ec`: P-256 device key)
  * - `readManifest(dir)` → KeyManifest; `keyPath(dir, purpose)` → absolute path of a file by purpose
  * - `createCertificate(spec)` → { certPem, keyPem } (one certificate, for tests and tools)
  */
@@ -73,6 +73,8 @@ export interface CertSpec {
   /** Extended key usages by OID (code signing: 1.3.6.1.5.5.7.3.3). */
   eku?: string[];
   keyUsage?: number;
+  /** A P-256 key instead of RSA (the issuer still signs with its own key). */
+  ec?: boolean;
   issuer?: { certPem: string; keyPem: string };
 }
 
@@ -88,10 +90,10 @@ function pem(label: string, der: ArrayBuffer): string {
   return `-----BEGIN ${label}-----\n${b64}\n-----END ${label}-----\n`;
 }
 
-/** Create an RSA key pair and an X.509 certificate for it (issued by `spec.issuer` or self-signed). */
+/** Create an RSA (or P-256) key pair and an X.509 certificate for it (issued by `spec.issuer` or self-signed). */
 export async function createCertificate(spec: CertSpec): Promise<{ certPem: string; keyPem: string }> {
   const alg = RSA(spec.bits ?? 2048);
-  const keys = (await webcrypto.subtle.generateKey(alg, true, ['sign', 'verify'])) as CryptoKeyPair;
+  const keys = (await webcrypto.subtle.generateKey(spec.ec ? { name: 'ECDSA', namedCurve: 'P-256' } : alg, true, ['sign', 'verify'])) as CryptoKeyPair;
   const notBefore = spec.notBefore ?? new Date(Date.now() - 60_000);
   const notAfter = spec.notAfter ?? new Date(notBefore.getTime() + 10 * 365 * 86_400_000);
   const usage = spec.keyUsage ?? (spec.ca ? x509.KeyUsageFlags.keyCertSign | x509.KeyUsageFlags.cRLSign | x509.KeyUsageFlags.digitalSignature : x509.KeyUsageFlags.digitalSignature);
@@ -104,7 +106,9 @@ export async function createCertificate(spec: CertSpec): Promise<{ certPem: stri
   // Positive 16-byte serial: random so two key directories never collide.
   const serial = randomBytes(16);
   serial[0] = (serial[0] ?? 0) & 0x7f;
-  const common = { serialNumber: serial.toString('hex'), notBefore, notAfter, signingAlgorithm: alg, extensions };
+  // Issuers are RSA (importPkcs8); a self-signed EC certificate signs itself with ECDSA.
+  const signingAlgorithm = spec.ec && !spec.issuer ? { name: 'ECDSA', hash: 'SHA-256' } : alg;
+  const common = { serialNumber: serial.toString('hex'), notBefore, notAfter, signingAlgorithm, extensions };
   let cert: x509.X509Certificate;
   if (spec.issuer) {
     const issuerCert = new x509.X509Certificate(spec.issuer.certPem);
@@ -274,7 +278,7 @@ export async function keyPath(dir: string, purpose: KeyPurpose, device?: string)
  * Issue a device certificate (RSA 2048, keyEncipherment) from the RAUC CA, the recipient RAUC
  * encrypts bundles to. The device's private key belongs on the device (installed by provisioning).
  */
-export async function addDeviceKey(dir: string, name: string, opts: { force?: boolean; days?: number } = {}): Promise<KeyManifest> {
+export async function addDeviceKey(dir: string, name: string, opts: { force?: boolean; days?: number; ec?: boolean } = {}): Promise<KeyManifest> {
   if (!/^[a-z0-9][a-z0-9-]{0,62}$/.test(name)) throw new UserError('LAMA_E_BAD_NAME', `device name '${name}' must be lowercase letters, digits and '-' (at most 63)`);
   const m = await readManifest(dir);
   const ca = { certPem: await fs.readFile(await keyPath(dir, 'rauc-ca-cert'), 'utf8'), keyPem: await fs.readFile(await keyPath(dir, 'rauc-ca-key'), 'utf8') };
@@ -282,7 +286,9 @@ export async function addDeviceKey(dir: string, name: string, opts: { force?: bo
   const dev = await createCertificate({
     commonName: `device ${name}`,
     issuer: ca,
-    keyUsage: x509.KeyUsageFlags.keyEncipherment | x509.KeyUsageFlags.digitalSignature,
+    // An EC key cannot encipher: bundles reach it by ECDH key agreement (CMS KeyAgreeRecipientInfo).
+    keyUsage: (opts.ec ? x509.KeyUsageFlags.keyAgreement : x509.KeyUsageFlags.keyEncipherment) | x509.KeyUsageFlags.digitalSignature,
+    ...(opts.ec && { ec: true }),
     notBefore,
     notAfter: new Date(notBefore.getTime() + (opts.days ?? 3650) * 86_400_000),
   });

@@ -517,7 +517,7 @@ function describe(file: string, b: OpenedBundle, payloadVerified: boolean, index
     payloadVerified,
     unchecked: m.images
       .filter((i) => casyncKind(i.filename))
-      .map((i) => `[${i.slotClass}] ${i.filename}: the image's sha256 and size and its chunks need the casync chunk store`),
+      .map((i) => `[${i.slotClass}] ${i.filename}: the image's sha256${casyncKind(i.filename) === 'caidx' ? ' and size' : ''} and the chunks need the casync chunk store`),
   };
 }
 

@@ -6,6 +6,8 @@ import {
   createHash,
   createPrivateKey,
   createPublicKey,
+  diffieHellman,
+  generateKeyPairSync,
   privateDecrypt,
   publicEncrypt,
   randomBytes,
@@ -45,6 +47,15 @@ const OID = {
   codeSigning: '1.3.6.1.5.5.7.3.3',
   emailProtection: '1.3.6.1.5.5.7.3.4',
   anyEku: '2.5.29.37.0',
+  ecPublicKey: '1.2.840.10045.2.1',
+  stdDhSha1Kdf: '1.3.133.16.840.63.0.2',
+  stdDhSha224Kdf: '1.3.132.1.11.0',
+  stdDhSha256Kdf: '1.3.132.1.11.1',
+  stdDhSha384Kdf: '1.3.132.1.11.2',
+  stdDhSha512Kdf: '1.3.132.1.11.3',
+  aes128wrap: '2.16.840.1.101.3.4.1.5',
+  aes192wrap: '2.16.840.1.101.3.4.1.25',
+  aes256wrap: '2.16.840.1.101.3.4.1.45',
 } as const;
 
 const DIGESTS: Record<string, string> = { [OID.sha256]: 'sha256', [OID.sha384]: 'sha384', [OID.sha512]: 'sha512', [OID.sha1]: 'sha1' };
@@ -344,35 +355,162 @@ function verifySigner(
   return { ...(signingTime && { signingTime }), chain: chain.map(summarize) };
 }
 
+function selfSigned(c: X509Certificate): boolean {
+  return c.checkIssued(c) && c.verify(c.publicKey);
+}
+
+/**
+ * Signer to a self-signed root of the keyring, through the included certificates and the keyring's
+ * own intermediates. Like OpenSSL's default (and RAUC without `allow-partial-chain`), a keyring
+ * certificate that is not a self-signed root is not a trust anchor by itself.
+ */
 function buildChain(leaf: X509Certificate, included: X509Certificate[], keyringPem: string, at: Date): X509Certificate[] {
   const anchors = pemCertificates(keyringPem, 'keyring').map((d) => new X509Certificate(d));
-  const subject = leaf.subject.replaceAll('\n', ', ');
+  const name = (c: X509Certificate): string => c.subject.replaceAll('\n', ', ');
+  const issuedBy = (cur: X509Certificate, c: X509Certificate): boolean => !c.raw.equals(cur.raw) && c.ca && cur.checkIssued(c) && cur.verify(c.publicKey);
   const chain = [leaf];
   let cur = leaf;
+  let partial: X509Certificate | undefined;
   for (let depth = 0; depth < 8; depth++) {
-    if (!timeOk(cur, at)) {
-      throw new UserError('LAMA_E_BUNDLE_UNTRUSTED_SIGNER', `certificate ${cur.subject.replaceAll('\n', ', ')} is not valid at ${at.toISOString()}`);
-    }
-    const anchor = anchors.find((a) => a.raw.equals(cur.raw) || (cur.checkIssued(a) && cur.verify(a.publicKey)));
-    if (anchor) {
-      if (!anchor.raw.equals(cur.raw)) {
-        if (!timeOk(anchor, at)) throw new UserError('LAMA_E_BUNDLE_UNTRUSTED_SIGNER', `keyring CA ${anchor.subject} is not valid at ${at.toISOString()}`);
-        chain.push(anchor);
-      }
-      return chain;
-    }
-    const next = included.find((c) => !c.raw.equals(cur.raw) && c.ca && cur.checkIssued(c) && cur.verify(c.publicKey));
+    if (!timeOk(cur, at)) throw new UserError('LAMA_E_BUNDLE_UNTRUSTED_SIGNER', `certificate ${name(cur)} is not valid at ${at.toISOString()}`);
+    const trusted = anchors.some((a) => a.raw.equals(cur.raw));
+    if (trusted && selfSigned(cur)) return chain;
+    if (trusted) partial ??= cur;
+    const next = anchors.find((a) => issuedBy(cur, a)) ?? included.find((c) => issuedBy(cur, c));
     if (!next) break;
     chain.push(next);
     cur = next;
   }
-  throw new UserError('LAMA_E_BUNDLE_UNTRUSTED_SIGNER', `signer ${subject} does not chain to a CA in the keyring`);
+  if (partial) {
+    throw new UserError('LAMA_E_BUNDLE_UNTRUSTED_SIGNER', `signer ${name(leaf)} chains only to keyring certificate ${name(partial)}, which is not a self-signed root (RAUC needs allow-partial-chain for that)`);
+  }
+  throw new UserError('LAMA_E_BUNDLE_UNTRUSTED_SIGNER', `signer ${name(leaf)} does not chain to a CA in the keyring`);
+}
+
+/** RFC 3394 AES key wrap, named by key size: the KEK algorithm OpenSSL pairs with AES content encryption. */
+const AES_WRAP: Record<string, { cipher: string; keyLength: number }> = {
+  [OID.aes128wrap]: { cipher: 'id-aes128-wrap', keyLength: 16 },
+  [OID.aes192wrap]: { cipher: 'id-aes192-wrap', keyLength: 24 },
+  [OID.aes256wrap]: { cipher: 'id-aes256-wrap', keyLength: 32 },
+};
+/** RFC 5753 standard (non-cofactor) ECDH key agreement schemes and the X9.63 KDF hash of each. */
+const ECDH_KDF: Record<string, string> = {
+  [OID.stdDhSha1Kdf]: 'sha1',
+  [OID.stdDhSha224Kdf]: 'sha224',
+  [OID.stdDhSha256Kdf]: 'sha256',
+  [OID.stdDhSha384Kdf]: 'sha384',
+  [OID.stdDhSha512Kdf]: 'sha512',
+};
+const WRAP_IV = Buffer.from('a6a6a6a6a6a6a6a6', 'hex');
+
+/**
+ * The key-encryption key of a KeyAgreeRecipientInfo (RFC 5753): the ANSI X9.63 KDF over the ECDH
+ * shared secret and the DER of ECC-CMS-SharedInfo (wrap algorithm, optional ukm, KEK length in bits).
+ */
+function x963Kek(hash: string, z: Buffer, wrapOid: string, keyLength: number, ukm?: Buffer): Buffer {
+  const suppPubInfo = Buffer.alloc(4);
+  suppPubInfo.writeUInt32BE(keyLength * 8);
+  const sharedInfo = new pkijs.ECCCMSSharedInfo({
+    keyInfo: new pkijs.AlgorithmIdentifier({ algorithmId: wrapOid }),
+    ...(ukm && { entityUInfo: new asn1js.OctetString({ valueHex: ab(ukm) }) }),
+    suppPubInfo: new asn1js.OctetString({ valueHex: ab(suppPubInfo) }),
+  });
+  const info = Buffer.from(sharedInfo.toSchema().toBER(false));
+  const out: Buffer[] = [];
+  for (let counter = 1; out.length * createHash(hash).digest().length < keyLength; counter++) {
+    const c = Buffer.alloc(4);
+    c.writeUInt32BE(counter);
+    out.push(createHash(hash).update(z).update(c).update(info).digest());
+  }
+  return Buffer.concat(out).subarray(0, keyLength);
+}
+
+/** An uncompressed EC point (0x04 || X || Y) as a public key on the curve of `like`. */
+function ecPoint(point: Buffer, like: KeyObject): KeyObject {
+  const crv = (like.export({ format: 'jwk' }) as { crv?: string }).crv;
+  const half = (point.length - 1) / 2;
+  if (point[0] !== 0x04 || !Number.isInteger(half) || !crv) {
+    throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', 'the originator key of an EC recipient entry is not an uncompressed point');
+  }
+  const b64 = (b: Buffer): string => b.toString('base64url');
+  try {
+    return createPublicKey({ key: { kty: 'EC', crv, x: b64(point.subarray(1, 1 + half)), y: b64(point.subarray(1 + half)) }, format: 'jwk' });
+  } catch (err) {
+    throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', 'the originator key of an EC recipient entry is not a point on the device key\'s curve', { cause: err });
+  }
+}
+
+function uncompressedPoint(key: KeyObject): Buffer {
+  const jwk = key.export({ format: 'jwk' }) as { x?: string; y?: string };
+  return Buffer.concat([Buffer.from([4]), Buffer.from(jwk.x ?? '', 'base64url'), Buffer.from(jwk.y ?? '', 'base64url')]);
+}
+
+/** A KeyTransRecipientInfo for an RSA certificate: RSAES-OAEP (SHA-256) over the content key. */
+function rsaRecipient(x: X509Certificate, c: pkijs.Certificate, cek: Buffer): pkijs.RecipientInfo {
+  const wrapped = publicEncrypt({ key: x.publicKey, padding: constants.RSA_PKCS1_OAEP_PADDING, oaepHash: 'sha256' }, cek);
+  const oaepParams = new pkijs.RSAESOAEPParams({
+    hashAlgorithm: new pkijs.AlgorithmIdentifier({ algorithmId: OID.sha256 }),
+    maskGenAlgorithm: new pkijs.AlgorithmIdentifier({
+      algorithmId: OID.mgf1,
+      algorithmParams: new pkijs.AlgorithmIdentifier({ algorithmId: OID.sha256 }).toSchema(),
+    }),
+  });
+  return new pkijs.RecipientInfo({
+    variant: 1,
+    value: new pkijs.KeyTransRecipientInfo({
+      version: 0,
+      rid: new pkijs.IssuerAndSerialNumber({ issuer: c.issuer, serialNumber: c.serialNumber }),
+      keyEncryptionAlgorithm: new pkijs.AlgorithmIdentifier({ algorithmId: OID.rsaOaep, algorithmParams: oaepParams.toSchema() }),
+      encryptedKey: new asn1js.OctetString({ valueHex: ab(wrapped) }),
+    }),
+  });
+}
+
+/**
+ * A KeyAgreeRecipientInfo for an EC certificate exactly as OpenSSL's CMS_encrypt (and so `rauc
+ * encrypt`) writes it: a fresh ephemeral key on the recipient's curve as originatorKey (parameters
+ * absent), dhSinglePass-stdDH-sha1kdf-scheme with aes256-wrap, no ukm.
+ */
+function ecRecipient(x: X509Certificate, c: pkijs.Certificate, cek: Buffer): pkijs.RecipientInfo {
+  const namedCurve = x.publicKey.asymmetricKeyDetails?.namedCurve;
+  if (!namedCurve) throw new UserError('LAMA_E_BUNDLE_RECIPIENT', `recipient ${x.subject.replaceAll('\n', ', ')} has an EC key on an unnamed curve`);
+  const eph = generateKeyPairSync('ec', { namedCurve });
+  const z = diffieHellman({ privateKey: eph.privateKey, publicKey: x.publicKey });
+  const kek = x963Kek('sha1', z, OID.aes256wrap, 32);
+  const w = createCipheriv('id-aes256-wrap', kek, WRAP_IV);
+  const wrapped = Buffer.concat([w.update(cek), w.final()]);
+  return new pkijs.RecipientInfo({
+    variant: 2,
+    value: new pkijs.KeyAgreeRecipientInfo({
+      version: 3,
+      originator: new pkijs.OriginatorIdentifierOrKey({
+        variant: 3,
+        value: new pkijs.OriginatorPublicKey({
+          algorithm: new pkijs.AlgorithmIdentifier({ algorithmId: OID.ecPublicKey }),
+          publicKey: new asn1js.BitString({ valueHex: ab(uncompressedPoint(eph.publicKey)) }),
+        }),
+      }),
+      keyEncryptionAlgorithm: new pkijs.AlgorithmIdentifier({
+        algorithmId: OID.stdDhSha1Kdf,
+        algorithmParams: new pkijs.AlgorithmIdentifier({ algorithmId: OID.aes256wrap }).toSchema(),
+      }),
+      recipientEncryptedKeys: new pkijs.RecipientEncryptedKeys({
+        encryptedKeys: [
+          new pkijs.RecipientEncryptedKey({
+            rid: new pkijs.KeyAgreeRecipientIdentifier({ variant: 1, value: new pkijs.IssuerAndSerialNumber({ issuer: c.issuer, serialNumber: c.serialNumber }) }),
+            encryptedKey: new asn1js.OctetString({ valueHex: ab(wrapped) }),
+          }),
+        ],
+      }),
+    }),
+  });
 }
 
 /**
  * CMS EnvelopedData of `content` (the bundle's SignedData) for every recipient certificate: a fresh
- * AES-256-CBC content key, wrapped per RSA recipient with RSAES-OAEP (SHA-256), which OpenSSL and so
- * RAUC decrypt. Recipients are identified by issuer and serial number, as OpenSSL does.
+ * AES-256-CBC content key, wrapped per RSA recipient with RSAES-OAEP (SHA-256) and per EC recipient
+ * with ECDH key agreement (RFC 5753, as OpenSSL writes it), both of which OpenSSL and so RAUC
+ * decrypt. Recipients are identified by issuer and serial number, as OpenSSL does.
  */
 export function envelope(content: Buffer, recipientPems: string[]): Buffer {
   if (recipientPems.length === 0) throw new UserError('LAMA_E_BUNDLE_NO_RECIPIENTS', 'encrypting needs at least one recipient certificate');
@@ -382,30 +520,14 @@ export function envelope(content: Buffer, recipientPems: string[]): Buffer {
   const encrypted = Buffer.concat([cipher.update(content), cipher.final()]);
   const recipientInfos = recipientPems.flatMap((pem) => pemCertificates(pem, 'recipient certificate')).map((der) => {
     const x = new X509Certificate(der);
-    if (x.publicKey.asymmetricKeyType !== 'rsa') {
-      throw new UserError('LAMA_E_BUNDLE_RECIPIENT', `recipient ${x.subject.replaceAll('\n', ', ')} has a ${x.publicKey.asymmetricKeyType} key; only RSA recipients are supported`);
-    }
-    const c = parseCert(der);
-    const wrapped = publicEncrypt({ key: x.publicKey, padding: constants.RSA_PKCS1_OAEP_PADDING, oaepHash: 'sha256' }, cek);
-    const oaepParams = new pkijs.RSAESOAEPParams({
-      hashAlgorithm: new pkijs.AlgorithmIdentifier({ algorithmId: OID.sha256 }),
-      maskGenAlgorithm: new pkijs.AlgorithmIdentifier({
-        algorithmId: OID.mgf1,
-        algorithmParams: new pkijs.AlgorithmIdentifier({ algorithmId: OID.sha256 }).toSchema(),
-      }),
-    });
-    return new pkijs.RecipientInfo({
-      variant: 1,
-      value: new pkijs.KeyTransRecipientInfo({
-        version: 0,
-        rid: new pkijs.IssuerAndSerialNumber({ issuer: c.issuer, serialNumber: c.serialNumber }),
-        keyEncryptionAlgorithm: new pkijs.AlgorithmIdentifier({ algorithmId: OID.rsaOaep, algorithmParams: oaepParams.toSchema() }),
-        encryptedKey: new asn1js.OctetString({ valueHex: ab(wrapped) }),
-      }),
-    });
+    const type = x.publicKey.asymmetricKeyType;
+    if (type === 'rsa') return rsaRecipient(x, parseCert(der), cek);
+    if (type === 'ec') return ecRecipient(x, parseCert(der), cek);
+    throw new UserError('LAMA_E_BUNDLE_RECIPIENT', `recipient ${x.subject.replaceAll('\n', ', ')} has a ${type} key; only RSA and EC recipients are supported`);
   });
   const ed = new pkijs.EnvelopedData({
-    version: 0,
+    // RFC 5652 6.1: version 2 as soon as one recipient entry is not a version 0 KeyTransRecipientInfo.
+    version: recipientInfos.every((r) => r.variant === 1) ? 0 : 2,
     recipientInfos,
     encryptedContentInfo: new pkijs.EncryptedContentInfo({
       contentType: OID.data,
@@ -423,24 +545,35 @@ export function envelope(content: Buffer, recipientPems: string[]): Buffer {
   return Buffer.from(ci.toSchema().toBER(false));
 }
 
-/** Recipients of an EnvelopedData, for inspect. */
+function ridText(rid: unknown): { issuer: string; serial: string } {
+  if (!(rid instanceof pkijs.IssuerAndSerialNumber)) return { issuer: '', serial: '' };
+  return {
+    issuer: rid.issuer.typesAndValues.map((t) => `${t.type}=${t.value.valueBlock.value}`).join(', '),
+    serial: Buffer.from(rid.serialNumber.valueBlock.valueHexView).toString('hex').toUpperCase(),
+  };
+}
+
+/** Recipients of an EnvelopedData, for inspect: one row per RSA entry and per EC recipient key. */
 export function recipientsOf(der: Buffer): { issuer: string; serial: string; keyEncryption: string }[] {
   const ed = getEnveloped(der);
-  return ed.recipientInfos.map((ri) => {
+  return ed.recipientInfos.flatMap((ri) => {
+    if (ri.variant === 2) {
+      const k = ri.value as pkijs.KeyAgreeRecipientInfo;
+      return k.recipientEncryptedKeys.encryptedKeys.map((r) => ({ ...ridText(r.rid.value), keyEncryption: k.keyEncryptionAlgorithm.algorithmId }));
+    }
     const k = ri.value as pkijs.KeyTransRecipientInfo;
-    const rid = k.rid as pkijs.IssuerAndSerialNumber | undefined;
-    return {
-      issuer: rid instanceof pkijs.IssuerAndSerialNumber ? rid.issuer.typesAndValues.map((t) => `${t.type}=${t.value.valueBlock.value}`).join(', ') : '',
-      serial: rid instanceof pkijs.IssuerAndSerialNumber ? Buffer.from(rid.serialNumber.valueBlock.valueHexView).toString('hex').toUpperCase() : '',
-      keyEncryption: k.keyEncryptionAlgorithm?.algorithmId ?? 'key agreement',
-    };
+    return [{ ...ridText(k.rid), keyEncryption: k.keyEncryptionAlgorithm?.algorithmId ?? 'unknown' }];
   });
 }
 
 function getEnveloped(der: Buffer): pkijs.EnvelopedData {
   const ci = parseCms(der);
   if (ci.contentType !== OID.envelopedData) throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', 'signature area is not CMS EnvelopedData');
-  return new pkijs.EnvelopedData({ schema: ci.content });
+  try {
+    return new pkijs.EnvelopedData({ schema: ci.content });
+  } catch (err) {
+    throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', `signature is not a valid EnvelopedData (${(err as Error).message})`, { cause: err });
+  }
 }
 
 /** PKCS#1 v1.5 type 2 unpadding after a raw RSA decryption (OpenSSL's default CMS key transport). */
@@ -451,7 +584,7 @@ function unpadPkcs1(block: Buffer): Buffer | undefined {
   return block.subarray(sep + 1);
 }
 
-function unwrapKey(k: pkijs.KeyTransRecipientInfo, key: KeyObject): Buffer | undefined {
+function unwrapRsa(k: pkijs.KeyTransRecipientInfo, key: KeyObject): Buffer | undefined {
   const wrapped = Buffer.from(k.encryptedKey.valueBlock.valueHexView);
   try {
     if (k.keyEncryptionAlgorithm.algorithmId === OID.rsaOaep) {
@@ -471,8 +604,58 @@ function unwrapKey(k: pkijs.KeyTransRecipientInfo, key: KeyObject): Buffer | und
 }
 
 /**
- * Decrypt an EnvelopedData with a device's private key (and certificate, to pick its recipient
- * entry). Throws LAMA_E_BUNDLE_WRONG_DEVICE_KEY when the key is not one of the recipients.
+ * The content key from one EC recipient entry: ECDH between the device key and the originator's
+ * ephemeral key, X9.63 KDF, AES key unwrap. Undefined when the entry is not for this key (the key
+ * unwrap's integrity check fails).
+ */
+function unwrapEc(k: pkijs.KeyAgreeRecipientInfo, encryptedKey: Buffer, key: KeyObject): Buffer | undefined {
+  const kdf = ECDH_KDF[k.keyEncryptionAlgorithm.algorithmId];
+  if (!kdf) {
+    throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', `unsupported EC key agreement ${k.keyEncryptionAlgorithm.algorithmId} (only the standard ECDH schemes)`);
+  }
+  if (k.originator.variant !== 3) throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', 'EC recipient entry has no originator public key');
+  let wrapOid: string;
+  try {
+    wrapOid = new pkijs.AlgorithmIdentifier({ schema: k.keyEncryptionAlgorithm.algorithmParams }).algorithmId;
+  } catch (err) {
+    throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', 'EC recipient entry names no key wrap algorithm', { cause: err });
+  }
+  const wrap = AES_WRAP[wrapOid];
+  if (!wrap) throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', `unsupported key wrap algorithm ${wrapOid}`);
+  const origin = k.originator.value as pkijs.OriginatorPublicKey;
+  const z = diffieHellman({ privateKey: key, publicKey: ecPoint(Buffer.from(origin.publicKey.valueBlock.valueHexView), key) });
+  const ukm = k.ukm ? Buffer.from(k.ukm.valueBlock.valueHexView) : undefined;
+  const kek = x963Kek(kdf, z, wrapOid, wrap.keyLength, ukm);
+  try {
+    const d = createDecipheriv(wrap.cipher, kek, WRAP_IV);
+    return Buffer.concat([d.update(encryptedKey), d.final()]);
+  } catch {
+    return undefined;
+  }
+}
+
+/** Every content key candidate this device key can unwrap, restricted to the certificate's entries when given. */
+function contentKeys(ed: pkijs.EnvelopedData, key: KeyObject, cert?: X509Certificate): Buffer[] {
+  const mine = (rid: unknown): boolean => !cert || (rid instanceof pkijs.IssuerAndSerialNumber && sameIssuerSerial(cert, rid));
+  const keys: (Buffer | undefined)[] = [];
+  for (const ri of ed.recipientInfos) {
+    if (ri.variant === 1 && key.asymmetricKeyType === 'rsa') {
+      const k = ri.value as pkijs.KeyTransRecipientInfo;
+      if (mine(k.rid)) keys.push(unwrapRsa(k, key));
+    } else if (ri.variant === 2 && key.asymmetricKeyType === 'ec') {
+      const k = ri.value as pkijs.KeyAgreeRecipientInfo;
+      for (const r of k.recipientEncryptedKeys.encryptedKeys) {
+        if (mine(r.rid.value)) keys.push(unwrapEc(k, Buffer.from(r.encryptedKey.valueBlock.valueHexView), key));
+      }
+    }
+  }
+  return keys.filter((k): k is Buffer => k?.length === 32);
+}
+
+/**
+ * Decrypt an EnvelopedData with a device's private key, RSA (key transport) or EC (key agreement),
+ * and optionally its certificate to pick its recipient entries. Throws
+ * LAMA_E_BUNDLE_WRONG_DEVICE_KEY when the key is not one of the recipients.
  */
 export function decryptEnvelope(der: Buffer, keyPem: string, certPem?: string): Buffer {
   const ed = getEnveloped(der);
@@ -489,19 +672,18 @@ export function decryptEnvelope(der: Buffer, keyPem: string, certPem?: string): 
   if (eci.contentEncryptionAlgorithm.algorithmId !== OID.aes256cbc) {
     throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', `unsupported content encryption ${eci.contentEncryptionAlgorithm.algorithmId}`);
   }
-  const iv = Buffer.from((eci.contentEncryptionAlgorithm.algorithmParams as asn1js.OctetString).valueBlock.valueHexView);
+  const ivParam = eci.contentEncryptionAlgorithm.algorithmParams;
+  if (!(ivParam instanceof asn1js.OctetString) || ivParam.valueBlock.valueHexView.length !== 16) {
+    throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', 'EnvelopedData has no 16-byte AES IV');
+  }
+  const iv = Buffer.from(ivParam.valueBlock.valueHexView);
   const ec = eci.encryptedContent;
   if (!ec) throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', 'EnvelopedData carries no encrypted content');
   const encrypted = ec.idBlock.isConstructed
     ? Buffer.concat((ec.valueBlock.value as asn1js.OctetString[]).map((p) => Buffer.from(p.valueBlock.valueHexView)))
     : Buffer.from(ec.valueBlock.valueHexView);
-  const ktris = ed.recipientInfos.filter((r) => r.variant === 1).map((r) => r.value as pkijs.KeyTransRecipientInfo);
-  const mine = cert
-    ? ktris.filter((k) => k.rid instanceof pkijs.IssuerAndSerialNumber && sameIssuerSerial(cert, k.rid))
-    : ktris;
-  for (const k of mine) {
-    const cek = unwrapKey(k, key);
-    if (!cek || cek.length !== 32) continue;
+  const keys = contentKeys(ed, key, cert);
+  for (const cek of keys) {
     try {
       const d = createDecipheriv('aes-256-cbc', cek, iv);
       return Buffer.concat([d.update(encrypted), d.final()]);
@@ -509,5 +691,7 @@ export function decryptEnvelope(der: Buffer, keyPem: string, certPem?: string): 
       // Wrong key material shows up as bad padding; try the next recipient entry.
     }
   }
+  // OAEP and AES key wrap refuse a wrong key, so an unwrapped key that does not decrypt means damage.
+  if (keys.length > 0) throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', 'the encrypted signature is damaged: the device key opens its recipient entry but the content does not decrypt');
   throw new UserError('LAMA_E_BUNDLE_WRONG_DEVICE_KEY', 'the device key is not among the bundle\'s recipients');
 }

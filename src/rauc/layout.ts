@@ -6,7 +6,9 @@ import { BLOCK } from './payload.js';
 /**
  * Where the parts of a RAUC bundle sit. Every bundle ends in its CMS (SignedData, or EnvelopedData
  * for an encrypted crypt bundle) followed by the CMS size as a big-endian u64; in verity and crypt
- * bundles everything before the CMS is payload plus hash tree, a whole number of 4 KiB blocks.
+ * bundles everything before the CMS is payload plus hash tree, a whole number of 4 KiB blocks. A
+ * plain bundle's squashfs may end anywhere (`mksquashfs -nopad`): RAUC only notes it, so the
+ * alignment is checked once the format is known, not here.
  */
 export interface BundleLayout {
   fileSize: number;
@@ -67,9 +69,6 @@ export async function readLayout(h: FileHandle, file: string): Promise<BundleLay
     if (derLength(sig) === sig.length) {
       const type = cmsType(sig);
       if (type === 'signed' || type === 'enveloped') {
-        if (offset % BLOCK !== 0) {
-          throw new UserError('LAMA_E_BUNDLE_TRAILER', `signature starts at byte ${offset}, which is not 4 KiB aligned`, { where: file });
-        }
         return { fileSize: size, signatureOffset: offset, signatureSize: sig.length, signature: sig, cms: type };
       }
     }
@@ -78,8 +77,9 @@ export async function readLayout(h: FileHandle, file: string): Promise<BundleLay
   // trailer is damaged; otherwise the end of the file is missing.
   const tail = await readAt(h, tailLen, size - 8 - tailLen);
   const tailStart = size - 8 - tailLen;
-  for (let off = Math.ceil(tailStart / BLOCK) * BLOCK; off < size - 8; off += BLOCK) {
+  for (let off = tailStart; off < size - 8; off++) {
     const rel = off - tailStart;
+    if (tail[rel] !== 0x30) continue;
     const len = derLength(tail.subarray(rel, rel + 6));
     if (len !== undefined && off + len === size - 8 && cmsType(tail.subarray(rel, rel + len))) {
       throw new UserError('LAMA_E_BUNDLE_TRAILER', `size trailer at byte ${size - 8} says ${sigSize} but the signature at byte ${off} is ${len} bytes`, { where: file });

@@ -135,6 +135,29 @@ describe('keys CLI', () => {
     expect(bad.code).toBe(2);
   }, 60_000);
 
+  it('keys device --ec issues a P-256 key-agreement certificate; rauc opens a bundle encrypted to it with its key', async () => {
+    const r = await runCli(['--json', 'keys', 'device', 'node02', '--ec', '--dir', dir]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(statSync(k('device-node02.key')).mode & 0o777).toBe(0o600);
+    expect(tool('openssl', ['verify', '-CAfile', k('rauc-ca.crt'), k('device-node02.crt')]).code).toBe(0);
+    const text = tool('openssl', ['x509', '-in', k('device-node02.crt'), '-noout', '-text']).out;
+    expect(text).toMatch(/id-ecPublicKey[\s\S]*ASN1 OID: prime256v1/);
+    expect(text).toMatch(/Key Usage: critical\s+Digital Signature, Key Agreement/);
+    expect(tool('openssl', ['pkey', '-in', k('device-node02.key'), '-noout', '-text']).out).toMatch(/prime256v1/);
+    const img = path.join(t.dir, 'rootfs.img');
+    writeFileSync(img, randomBytes(64 * 1024));
+    const bundle = path.join(t.dir, 'ec.raucb');
+    const made = await runCli(['bundle', 'create', '--format', 'crypt', '--compatible', 'lamadist-x86-64', '--version', '1', '--image', `rootfs=${img}`, '--keys', dir, '--to', k('device-node02.crt'), '-o', bundle]);
+    expect(made.code, made.stderr).toBe(0);
+    const conf = path.join(t.dir, 'system.conf');
+    writeFileSync(conf, `[system]\ncompatible=lamadist-x86-64\nbootloader=noop\n[keyring]\npath=${k('rauc-ca.crt')}\ncheck-purpose=codesign\n[slot.rootfs.0]\ndevice=/dev/null\n`);
+    const info = tool('rauc', ['info', '--conf', conf, '--keyring', k('rauc-ca.crt'), '--key', k('device-node02.key'), bundle]);
+    expect(info.code, info.out).toBe(0);
+    expect(tool('rauc', ['info', '--conf', conf, '--keyring', k('rauc-ca.crt'), '--key', k('device-node01.key'), bundle]).code).not.toBe(0);
+    const ours = await runCli(['bundle', 'verify', '--keyring', k('rauc-ca.crt'), '--key', k('device-node02.key'), bundle]);
+    expect(ours.code, ours.stderr).toBe(0);
+  }, 60_000);
+
   it('keys show lists every file and flags a secret made world-readable', async () => {
     const ok = await runCli(['--json', 'keys', 'show', dir]);
     expect(ok.code).toBe(0);

@@ -271,13 +271,15 @@ export function describeBundle(ctx: Context, i: BundleInfo): string {
     ...i.manifest.images.flatMap((m) => [
       `  [${m.slotClass}] ${m.filename}`,
       `    sha256 ${m.sha256}  size ${m.size}${m.adaptive ? `  adaptive ${m.adaptive.join(',')}` : ''}${m.hooks ? `  hooks ${m.hooks.join(',')}` : ''}`,
+      ...(m.casync ? [`    casync ${m.casync.kind}${m.casync.chunks !== undefined ? `: ${m.casync.chunks} chunks (${m.casync.chunkDigest}), ${m.casync.indexSize} bytes` : ''}`] : []),
     ]),
     '',
     i.verified ? 'Certificate chain:' : `Signer (${ctx.c.yellow('NOT verified: no --keyring')}):`,
     ...(i.verified ? i.chain : i.signer ? [i.signer] : []).flatMap((c, n) => [`  ${n} Subject: ${c.subject}`, `    Issuer: ${c.issuer}`, `    SPKI sha256: ${c.spkiSha256}`, `    Valid: ${c.notBefore} .. ${c.notAfter}`]),
     ...(i.recipients ? ['', `${i.recipients.length} recipient(s):`, ...i.recipients.map((r) => `  serial ${r.serial} issuer ${r.issuer} (${r.keyEncryption})`)] : []),
   ];
-  if (i.verified) lines.push('', ctx.c.green(`signature verified${i.payloadVerified ? ', payload and images verified' : ''}`));
+  if (i.verified) lines.push('', ctx.c.green(`signature verified${i.payloadVerified ? `, payload and ${i.unchecked.length ? 'casync indexes' : 'images'} verified` : ''}`));
+  if (i.payloadVerified) lines.push(...i.unchecked.map((u) => ctx.c.yellow(`not checked: ${u}`)));
   return lines.join('\n');
 }
 
@@ -292,7 +294,12 @@ export async function bundleInspect(ctx: Context, bundle: string, o: InspectCliO
 /** `lamadist bundle verify`: signature, signer chain, dm-verity tree and image hashes; exit 2 on any failure. */
 export async function bundleVerify(ctx: Context, bundle: string, o: InspectCliOptions): Promise<BundleInfo> {
   const info = await inspectBundle(bundle, { ...inspectOptions(o, true), verifyPayload: true });
-  ctx.result(info, () => `${ctx.c.green('OK')} ${bundle}: ${info.format} bundle for ${info.manifest.compatible} ${info.manifest.version ?? ''}, signed by ${info.signer?.subject ?? '?'}`);
+  ctx.result(info, () =>
+    [
+      `${ctx.c.green('OK')} ${bundle}: ${info.format} bundle for ${info.manifest.compatible} ${info.manifest.version ?? ''}, signed by ${info.signer?.subject ?? '?'}`,
+      ...info.unchecked.map((u) => ctx.c.yellow(`  not checked: ${u}`)),
+    ].join('\n'),
+  );
   return info;
 }
 
@@ -311,7 +318,7 @@ function collect(v: string, prev: string[] = []): string[] {
 function inspectFlags(cmd: Command): Command {
   return cmd
     .option('--keyring <ca.pem>', 'CA certificate(s) the signer must chain to')
-    .option('--key <device.key>', 'device private key to open an encrypted crypt bundle')
+    .option('--key <device.key>', 'device private key (RSA or EC) to open an encrypted crypt bundle')
     .option('--cert <device.crt>', 'device certificate (selects the recipient entry)')
     .option('--compatible <string>', 'refuse a bundle for another compatible')
     .option('--bsp <name>', 'refuse a bundle not for this BSP')
@@ -350,7 +357,7 @@ export function configure(cmd: Command): void {
     .command('encrypt <bundle>')
     .description('encrypt a crypt bundle for device certificates (rewrites only the signature)')
     .requiredOption('-o, --output <file>', 'encrypted bundle to write (may equal the input with --force)')
-    .option('--to <cert>', 'recipient device certificate (repeatable)', collect)
+    .option('--to <cert>', 'recipient device certificate, RSA or EC (repeatable)', collect)
     .option('--to-hosts <inventory>', 'every host of the inventory (needs --keys)')
     .option('--keys <dir>', 'key directory holding device certificates')
     .option('--key <device.key>', 're-encrypt an already encrypted bundle: key of one current recipient')

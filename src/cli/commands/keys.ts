@@ -25,8 +25,8 @@ export async function keysInit(ctx: Context, dir: string, opts: { force?: boolea
   return m;
 }
 
-/** `lamadist keys device NAME`: issue a device bundle-encryption certificate. */
-export async function keysDevice(ctx: Context, dir: string, name: string, opts: { force?: boolean; days?: number } = {}): Promise<KeyManifest> {
+/** `lamadist keys device NAME [--ec]`: issue a device bundle-encryption certificate (RSA, or P-256 with `ec`). */
+export async function keysDevice(ctx: Context, dir: string, name: string, opts: { force?: boolean; days?: number; ec?: boolean } = {}): Promise<KeyManifest> {
   const m = await addDeviceKey(dir, name, opts);
   const files = m.files.filter((f) => f.device === name);
   ctx.result({ dir, device: name, files }, () => files.map((f) => `${ctx.c.bold(f.file)}  ${f.description}`).join('\n'));
@@ -82,8 +82,9 @@ export function configure(cmd: Command): void {
     .argument('<name>', 'device name')
     .option('--dir <dir>', 'key directory', 'keys')
     .option('--days <n>', 'certificate validity in days', intOption('--days'), 3650)
+    .option('--ec', 'P-256 key instead of RSA (for a key kept in a TPM or secure element)')
     .option('--force', 'replace an existing device certificate')
-    .action(act<{ dir: string; days: number; force?: boolean }>(async (ctx, [name], o) => void (await keysDevice(ctx, o.dir, name ?? '', o))));
+    .action(act<{ dir: string; days: number; ec?: boolean; force?: boolean }>(async (ctx, [name], o) => void (await keysDevice(ctx, o.dir, name ?? '', o))));
   cmd
     .command('show')
     .description('list the key directory with each file\'s purpose')

@@ -155,6 +155,40 @@ function jsonDepth(text: string): number {
   return max;
 }
 
+const UPLOAD_PATH = '/api/v1/releases';
+
+/**
+ * Time limits on receiving a request body, in place of Node's requestTimeout (which cut a bundle
+ * upload at 60 KB/s off after 300 s). A bundle upload runs as long as bytes keep arriving: it fails
+ * only after `uploadIdleMs` without one. Every other body must have arrived within `requestMs` of
+ * the request's start. A request without a body is complete with its headers, which Node's
+ * headersTimeout bounds, so the many small GETs of a streaming install set no timer at all.
+ */
+function limitBody(req: IncomingMessage, res: ServerResponse, limits: { requestMs: number; uploadIdleMs: number }): void {
+  if (req.headers['transfer-encoding'] === undefined && !(Number(req.headers['content-length']) > 0)) return;
+  const expire = (): void => {
+    if (req.complete) return;
+    // Node does not abort a request whose response is finished, so the handler still reading the
+    // body would wait forever: destroying it ends that read (an upload's temporary file is removed).
+    const abort = (): void => void req.destroy();
+    if (res.headersSent) return abort();
+    res
+      .writeHead(408, { Connection: 'close', 'Content-Type': 'application/json; charset=utf-8' })
+      .end(JSON.stringify({ error: 'LAMA_E_HTTP_408', message: 'request body not received in time' }), abort);
+  };
+  const url = req.url ?? '';
+  const q = url.indexOf('?');
+  if (req.method === 'POST' && (q < 0 ? url : url.slice(0, q)) === UPLOAD_PATH) {
+    req.setTimeout(limits.uploadIdleMs, expire);
+    // Verifying a large bundle after its last byte can take longer than the idle limit.
+    req.once('end', () => req.socket.setTimeout(0));
+    return;
+  }
+  const timer = setTimeout(expire, limits.requestMs);
+  timer.unref();
+  req.once('close', () => clearTimeout(timer));
+}
+
 function statusFor(err: UserError): number {
   if (err.code.endsWith('_NOT_FOUND')) return 404;
   if (err.code.endsWith('_EXISTS')) return 409;
@@ -197,6 +231,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     throw new UserError('LAMA_E_SERVER_TLS', '--client-ca needs --tls-cert and --tls-key');
   }
 
+  const limits = { requestMs: options.requestTimeoutMs ?? 300_000, uploadIdleMs: options.uploadIdleTimeoutMs ?? 60_000 };
   const fastPath = artifactFastPath(service, store, (err) => app.log.error(err));
   const app = Fastify({
     logger: options.log ? { level: 'info', stream: process.stderr } : false,
@@ -209,8 +244,12 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     ...(https ? { https } : {}),
     // Our own server, so artifact reads can be answered before fastify routes them (ddi.ts).
     serverFactory: (handler: (req: IncomingMessage, res: ServerResponse) => void) => {
-      const listener = (req: IncomingMessage, res: ServerResponse): void => fastPath(req, res, () => handler(req, res));
-      const server = https ? createHttpsServer(https, listener) : createHttpServer(listener);
+      const listener = (req: IncomingMessage, res: ServerResponse): void => {
+        limitBody(req, res, limits);
+        fastPath(req, res, () => handler(req, res));
+      };
+      // Node's requestTimeout is one limit for every request; limitBody takes its place.
+      const server = https ? createHttpsServer({ ...https, requestTimeout: 0 }, listener) : createHttpServer({ requestTimeout: 0 }, listener);
       server.keepAliveTimeout = 65_000;
       return server;
     },

@@ -1,5 +1,6 @@
-import { createHash } from 'node:crypto';
+import { createHash, getHashes } from 'node:crypto';
 import { UserError } from '../errors.js';
+import { parseLuks2JsonText, validateLuks2Json } from './validate.js';
 
 /**
  * LUKS2 on-disk metadata: two copies of a 4096-byte binary header each followed by its JSON area,
@@ -138,7 +139,8 @@ export async function decodeLuks2Copy(
   const full = await read(hdrSize, at);
   if (full.length < hdrSize) return bad('JSON area cut off by the end of the file');
   const checksumAlg = cstr(bin, 72, 32);
-  if (!['sha256', 'sha1', 'sha512'].includes(checksumAlg))
+  // cryptsetup takes any hash its crypto library knows whose digest fits the 64-byte field.
+  if (!getHashes().includes(checksumAlg) || createHash(checksumAlg).digest().length > 64)
     return bad(`unsupported checksum algorithm '${checksumAlg}'`);
   const stored = Buffer.from(full.subarray(448, 448 + 64));
   const zeroed = Buffer.from(full);
@@ -146,15 +148,15 @@ export async function decodeLuks2Copy(
   const actual = createHash(checksumAlg).update(zeroed).digest();
   if (!actual.equals(stored.subarray(0, actual.length))) return bad('checksum mismatch (header damaged)');
   const jsonText = cstr(full, BINARY_SIZE, hdrSize - BINARY_SIZE);
-  let json: Luks2Json;
+  let parsed: unknown;
   try {
-    json = JSON.parse(jsonText) as Luks2Json;
+    parsed = parseLuks2JsonText(jsonText);
   } catch (e) {
     return bad(`JSON metadata does not parse: ${(e as Error).message}`);
   }
-  for (const k of ['keyslots', 'tokens', 'segments', 'digests', 'config'] as const) {
-    if (typeof json[k] !== 'object' || json[k] === null) return bad(`JSON metadata has no '${k}' object`);
-  }
+  const invalid = validateLuks2Json(parsed, hdrSize);
+  if (invalid) return bad(`JSON ${invalid.path}: ${invalid.message}`);
+  const json = parsed as Luks2Json;
   return {
     ok: true,
     offset: at,

@@ -1,4 +1,4 @@
-import { createCipheriv, createDecipheriv, createHash, pbkdf2Sync, timingSafeEqual } from 'node:crypto';
+import { createCipheriv, createDecipheriv, createHash, getHashes, pbkdf2Sync, timingSafeEqual } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { UserError, isErrno } from '../errors.js';
@@ -8,6 +8,7 @@ import { afMerge, afSplit } from './af.js';
 import {
   decodeLuks2,
   encodeLuks2Copy,
+  type Luks2Digest,
   type Luks2Header,
   type Luks2Json,
   type Luks2Keyslot,
@@ -311,6 +312,25 @@ export async function readLuks2(
 }
 
 /**
+ * Why a keyslot cannot be tried here, or undefined. The header passed cryptsetup's validation, which
+ * leaves the digest's fields, hash names and sizes to the code that opens a keyslot.
+ */
+function cannotTry(slot: Luks2Keyslot, d: Luks2Digest): string | undefined {
+  // argon2 needs a native implementation Node 20 lacks; TPM2 and FIDO2 slots use it.
+  if (slot.type !== 'luks2' || slot.kdf.type !== 'pbkdf2') return slot.type === 'luks2' ? slot.kdf.type : slot.type;
+  const hashes = getHashes();
+  const b64 = (v: unknown): boolean => typeof v === 'string' && /^[A-Za-z0-9+/]*={0,2}$/.test(v);
+  if (![slot.kdf.hash, slot.af.hash, d.hash].every((h) => typeof h === 'string' && hashes.includes(h))) return 'unknown hash';
+  if (d.type !== 'pbkdf2' || !Number.isInteger(d.iterations) || d.iterations < 1 || !b64(d.salt) || !b64(d.digest))
+    return `${String(d.type)} digest`;
+  if (!Number.isInteger(slot.kdf.iterations) || (slot.kdf.iterations ?? 0) < 1 || !b64(slot.kdf.salt)) return 'bad kdf';
+  if (slot.area.encryption !== CIPHER || ![32, 64].includes(slot.area.key_size)) return slot.area.encryption;
+  if (slot.key_size < 1 || slot.af.stripes < 1 || slot.key_size * slot.af.stripes > Number(slot.area.size))
+    return 'key material larger than its area';
+  return undefined;
+}
+
+/**
  * Recover the volume key with `key` by trying every pbkdf2 keyslot and checking the result against
  * the volume key digest. Throws LAMA_E_LUKS_WRONG_KEY when no keyslot opens.
  */
@@ -324,13 +344,13 @@ export async function unlockLuks2From(
   const read = reader(h, offset);
   const skipped: string[] = [];
   for (const [id, slot] of Object.entries(header.json.keyslots)) {
-    if (slot.kdf.type !== 'pbkdf2') {
-      // argon2 needs a native implementation Node 20 lacks; TPM2 and FIDO2 slots use it.
-      skipped.push(`${id} (${slot.kdf.type})`);
-      continue;
-    }
     const digest = Object.values(header.json.digests).find((d) => d.keyslots.includes(id));
     if (!digest) continue;
+    const why = cannotTry(slot, digest);
+    if (why) {
+      skipped.push(`${id} (${why})`);
+      continue;
+    }
     const slotKey = pbkdf2Sync(
       key,
       Buffer.from(slot.kdf.salt, 'base64'),
@@ -419,18 +439,19 @@ export function luksSummary(h: Luks2Header): Record<string, unknown> {
       sectorSize: s.sector_size,
       ivTweak: s.iv_tweak,
     })),
-    keyslots: Object.entries(h.json.keyslots).map(([id, k]) => ({
+    // Only luks2 keyslots are bound to have kdf, af and area; other types are shown as far as they go.
+    keyslots: Object.entries(h.json.keyslots as Record<string, Partial<Luks2Keyslot>>).map(([id, k]) => ({
       id,
       type: k.type,
-      keyBits: k.key_size * 8,
-      cipher: k.area.encryption,
-      pbkdf: k.kdf.type,
-      hash: k.kdf.hash,
-      iterations: k.kdf.iterations,
-      memory: k.kdf.memory,
-      afStripes: k.af.stripes,
-      areaOffset: Number(k.area.offset),
-      areaLength: Number(k.area.size),
+      keyBits: (k.key_size ?? 0) * 8,
+      cipher: k.area?.encryption,
+      pbkdf: k.kdf?.type,
+      hash: k.kdf?.hash,
+      iterations: k.kdf?.iterations,
+      memory: k.kdf?.memory,
+      afStripes: k.af?.stripes,
+      areaOffset: k.area ? Number(k.area.offset) : undefined,
+      areaLength: k.area ? Number(k.area.size) : undefined,
     })),
     tokens: Object.entries(h.json.tokens).map(([id, t]) => ({ id, type: t.type, keyslots: t.keyslots })),
     digests: Object.entries(h.json.digests).map(([id, d]) => ({

@@ -8,9 +8,10 @@
 # Outputs in DEPLOY_DIR_IMAGE, next to the usual image files:
 #   <image>.erofs-lz4hc     EROFS root              <image>.verity     dm-verity hash tree
 #   <image>.roothash        root hash (hex)         <image>.verity-params  veritysetup parameters
-#   lamadist-a.efi / lamadist-b.efi                 UKIs of both slots (signed when configured)
-#   <image>.ukis.tar        both UKIs, the RAUC efi slot image
-# RAUC bundles (lamadist-bundle) take the EROFS image, the hash tree and the UKIs from here.
+#   lamadist-a.efi / lamadist-b.efi                 UKIs of both slots, no host identity (signed when configured)
+#   <image>.ukis.tar        the unsigned template UKIs of both slots, the RAUC efi slot image
+# RAUC bundles (lamadist-bundle) take the EROFS image, the hash tree and the template UKIs from
+# here, and add per host a patch that turns a template into the host's signed UKI.
 
 inherit lamadist-uki
 
@@ -65,23 +66,26 @@ do_image_lamaverity[postfuncs] += "lamadist_image_ukis"
 
 python lamadist_image_ukis () {
     import os
+    import tarfile
     deploy = d.getVar('IMGDEPLOYDIR')
     with open(os.path.join(deploy, d.getVar('IMAGE_NAME') + '.roothash')) as f:
         roothash = f.read().strip()
     name = d.getVar('LAMADIST_UKI_NAME')
-    ukis = []
+    templates = []
     for slot in ('a', 'b'):
+        template = os.path.join(d.getVar('T'), 'template-%s.efi' % slot)
+        lamadist_build_uki(d, slot, roothash, template)
+        templates.append((template, 'lamadist-%s.efi' % slot))
         out = os.path.join(deploy, '%s-%s.efi' % (name, slot))
-        lamadist_build_uki(d, slot, roothash, out)
-        ukis.append(out)
+        lamadist_sign_uki(d, template, out)
         bb.note("UKI for slot %s: %s" % (slot, out))
-    # The RAUC efi slot image: both UKIs, the bundle's install hook picks the target slot's one.
-    import tarfile
+    # The RAUC efi slot image: the unsigned template UKIs under the names the bundle hook extracts;
+    # lamadist-bundle adds each host's patch to its own signed UKI.
     epoch = int(d.getVar('REPRODUCIBLE_TIMESTAMP_ROOTFS'))
     tarpath = os.path.join(deploy, d.getVar('IMAGE_NAME') + '.ukis.tar')
     with tarfile.open(tarpath, 'w', format=tarfile.GNU_FORMAT) as tar:
-        for path in ukis:
-            info = tar.gettarinfo(path, os.path.basename(path))
+        for path, arcname in templates:
+            info = tar.gettarinfo(path, arcname)
             info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = epoch, 0, 0, '', '', 0o644
             with open(path, 'rb') as f:
                 tar.addfile(info, f)

@@ -1,12 +1,14 @@
 # lamadist-uki: Unified Kernel Images from systemd-boot's EFI stub (scarthgap has no UKI class).
 #
-# lamadist_build_uki(d, slot, roothash, out) writes one UKI: the stub linux<arch>.efi.stub
+# lamadist_build_uki(d, slot, roothash, out) writes one unsigned UKI: the stub linux<arch>.efi.stub
 # (deployed by systemd-boot), the kernel, the initramfs (INITRAMFS_IMAGE), os-release of the
 # image, the kernel release, the device tree on machines that boot through U-Boot, and the command
 # line "roothash=<hex> lamadist.slot=<a|b> rauc.slot=<A|B> ${LAMADIST_UKI_CMDLINE} ${LAMADIST_UKI_EXTRA_CMDLINE}".
-# With LAMADIST_UKI_SIGN = "1" the UKI is signed for Secure Boot with the db key of the key
-# directory (LAMADIST_SIGNING_DIR/db.key, db.crt) using sbsign. Section placement is computed by
-# lib/lamadist/uki.py from the stub's PE header.
+# That is a release's template UKI: no host identity; a release bundle carries it with one patch
+# per host (lib/lamadist/release.py). lamadist_sign_uki(d, src, out) copies it, signed for Secure
+# Boot with the db key of the key directory (LAMADIST_SIGNING_DIR/db.key, db.crt) by sbsign when
+# LAMADIST_UKI_SIGN = "1". lib/lamadist/uki.py places the sections as the toolkit does, with the
+# same fixed 4 KiB .cmdline area.
 
 require conf/image-uefi.conf
 
@@ -32,7 +34,6 @@ def lamadist_uki_cmdline(d, slot, roothash):
 
 def lamadist_build_uki(d, slot, roothash, out):
     import os
-    import subprocess
     import lamadist.uki
     deploy = d.getVar('DEPLOY_DIR_IMAGE')
     rootfs = d.getVar('IMAGE_ROOTFS')
@@ -50,15 +51,21 @@ def lamadist_build_uki(d, slot, roothash, out):
             initrd=os.path.join(deploy, d.getVar('LAMADIST_UKI_INITRD')),
             osrel=osrel if os.path.exists(osrel) else None,
             uname=uname,
-            dtb=os.path.join(deploy, dtb) if dtb else None,
-            objcopy=d.getVar('OBJCOPY'),
-            workdir=d.getVar('T'))
+            dtb=os.path.join(deploy, dtb) if dtb else None)
     except lamadist.uki.UkiError as err:
         bb.fatal("UKI for slot %s: %s" % (slot, err))
-    if d.getVar('LAMADIST_UKI_SIGN') == '1':
-        keydir = d.getVar('LAMADIST_SIGNING_DIR')
-        subprocess.run(['sbsign', '--key', os.path.join(keydir, 'db.key'), '--cert', os.path.join(keydir, 'db.crt'),
-                        '--output', out, out], check=True)
     return out
 
-lamadist_build_uki[vardepsexclude] += "LAMADIST_SIGNING_DIR"
+def lamadist_sign_uki(d, src, out):
+    import os
+    import shutil
+    import subprocess
+    if d.getVar('LAMADIST_UKI_SIGN') != '1':
+        shutil.copyfile(src, out)
+        return out
+    keydir = d.getVar('LAMADIST_SIGNING_DIR')
+    subprocess.run(['sbsign', '--key', os.path.join(keydir, 'db.key'), '--cert', os.path.join(keydir, 'db.crt'),
+                    '--output', out, src], check=True)
+    return out
+
+lamadist_sign_uki[vardepsexclude] += "LAMADIST_SIGNING_DIR"

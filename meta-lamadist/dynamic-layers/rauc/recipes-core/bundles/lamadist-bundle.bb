@@ -1,7 +1,9 @@
 SUMMARY = "LamaDist RAUC update bundle (verity format, adaptive block-hash-index)"
 DESCRIPTION = "Updates the inactive slot: the EROFS root (to /dev/mapper/rootfs_<x>), its dm-verity \
-hash tree (verity_<x>) and its UKI on the ESP. Signed with the RAUC code-signing key of the key \
-directory; `lamadist bundle encrypt` turns it into a crypt bundle per device."
+hash tree (verity_<x>) and its UKI on the ESP. One bundle serves every host of the inventory \
+(LAMADIST_HOSTS): the efi image holds the template UKIs, hosts/<machine-id>/ the patch to each \
+host's own signed UKI. Signed with the RAUC code-signing key of the key directory; \
+`lamadist bundle encrypt` turns it into a crypt bundle per device."
 LICENSE = "MIT"
 
 inherit bundle
@@ -14,6 +16,8 @@ RAUC_BUNDLE_DESCRIPTION = "${DISTRO_NAME} ${DISTRO_VERSION} for ${MACHINE}"
 RAUC_BUNDLE_FORMAT = "verity"
 
 RAUC_BUNDLE_HOOKS[file] = "lamadist-bundle-hook"
+# Refuses the bundle on a host it does not carry, or whose identity it would drop.
+RAUC_BUNDLE_HOOKS[hooks] = "install-check"
 
 RAUC_BUNDLE_SLOTS = "rootfs verity efi"
 
@@ -25,6 +29,7 @@ RAUC_SLOT_verity = "lama-image-base"
 RAUC_SLOT_verity[fstype] = "verity"
 RAUC_SLOT_verity[adaptive] = "${LAMADIST_RAUC_ADAPTIVE}"
 
+# The template UKIs; the hook rebuilds the host's signed UKI of the target slot from its patch.
 RAUC_SLOT_efi = "lama-image-base"
 RAUC_SLOT_efi[fstype] = "ukis.tar"
 RAUC_SLOT_efi[hooks] = "install"
@@ -40,3 +45,43 @@ LAMADIST_SIGNING_DIR ??= ""
 
 inherit lamadist-signing
 do_bundle[prefuncs] += "lamadist_require_signing_dir"
+
+# The fleet's host inventory (hosts.yaml of `lamadist host add`), forwarded from the environment.
+LAMADIST_HOSTS ??= ""
+LAMADIST_BUNDLE_EFI_IMAGE = "${DEPLOY_DIR_IMAGE}/${RAUC_SLOT_efi}${IMAGE_MACHINE_SUFFIX}${IMAGE_NAME_SUFFIX}.ukis.tar"
+
+# hosts/ is written to S, where meta-rauc looks for extra files after DEPLOY_DIR_IMAGE.
+RAUC_BUNDLE_EXTRA_FILES += "hosts"
+DEPENDS += "sbsigntool-native"
+
+python do_lamadist_hosts () {
+    import os
+    import lamadist.release
+    hosts = d.getVar('LAMADIST_HOSTS')
+    if not hosts:
+        bb.fatal("LAMADIST_HOSTS is not set: export the fleet's host inventory (hosts.yaml, `lamadist host add`); "
+                 "a release bundle without hosts would be refused by every device")
+    shadow = os.path.join(d.getVar('DEPLOY_DIR_IMAGE'), 'hosts')
+    if os.path.exists(shadow):
+        bb.fatal("%s exists and meta-rauc would put it into the bundle instead of this release's hosts/; remove it" % shadow)
+    keydir = d.getVar('LAMADIST_SIGNING_DIR')
+    try:
+        report = lamadist.release.write_release(
+            lamadist.release.read_templates(d.getVar('LAMADIST_BUNDLE_EFI_IMAGE')), hosts,
+            os.path.join(keydir, 'db.key'), os.path.join(keydir, 'db.crt'), d.getVar('S'),
+            sbsign=os.path.join(d.getVar('STAGING_BINDIR_NATIVE'), 'sbsign'))
+    except lamadist.release.ReleaseError as err:
+        bb.fatal(str(err))
+    for name, machine_id, size in report:
+        bb.note("host %s (%s): patch of %d bytes for both slots" % (name, machine_id, size))
+}
+addtask lamadist_hosts after do_unpack do_prepare_recipe_sysroot before do_configure
+do_lamadist_hosts[prefuncs] += "lamadist_require_signing_dir"
+# The inventory's and the db key's contents, not their paths, make the task's signature.
+def lamadist_hosts_inputs(d):
+    import os
+    keydir = d.getVar('LAMADIST_SIGNING_DIR')
+    files = [d.getVar('LAMADIST_HOSTS')] + ([os.path.join(keydir, f) for f in ('db.key', 'db.crt')] if keydir else [])
+    return ' '.join('%s:%s' % (f, os.path.exists(f)) for f in files if f)
+do_lamadist_hosts[vardepsexclude] += "LAMADIST_HOSTS LAMADIST_SIGNING_DIR"
+do_lamadist_hosts[file-checksums] += "${@lamadist_hosts_inputs(d)}"

@@ -1,0 +1,234 @@
+import { spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { existsSync, promises as fs } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { getBsp } from '../../src/bsp/index.js';
+import { addHost, loadInventory } from '../../src/host/index.js';
+import { initKeys } from '../../src/keys/index.js';
+import { authenticodeDigest } from '../../src/pe/index.js';
+import { BUNDLE_HOOK, applyUkiPatch, parsePatch, planHostCmdlines, releaseBootFiles, releaseHosts, type ReleaseBoot } from '../../src/release/index.js';
+import { inspectUki } from '../../src/uki/index.js';
+import { REPO_ROOT } from '../helpers/cli.js';
+import { skipBecause } from '../helpers/skip.js';
+import { STUB } from '../uki/helpers.js';
+
+// meta-lamadist's Yocto path (lib/lamadist/uki.py and release.py, run here outside BitBake) must
+// make the same release as the toolkit (src/release) from the same inputs: the same template
+// UKIs, and per host a patch in the toolkit's format that rebuilds a signed UKI with the same
+// command line, which the real bundle hook installs.
+
+const LIB = path.join(REPO_ROOT, 'meta-lamadist/lib');
+const bsp = getBsp('x86_64');
+const ROOT_HASH = 'cd'.repeat(32);
+const SLOTS = ['a', 'b'] as const;
+
+function sh(cmd: string, args: string[], env: NodeJS.ProcessEnv = {}): { code: number; out: string } {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', env: { ...process.env, ...env }, timeout: 120_000 });
+  return { code: r.status ?? 128, out: `${r.stdout ?? ''}${r.stderr ?? ''}` };
+}
+const py = (mod: string, args: string[], python = ['python3']): { code: number; out: string } =>
+  sh(python[0] as string, [...python.slice(1), '-m', `lamadist.${mod}`, ...args], { PYTHONPATH: LIB });
+
+let tmp: string;
+let keys: string;
+let inventory: string;
+let kernel: string;
+let initrd: string;
+let osrel: string;
+let boot: ReleaseBoot;
+const pyTemplates = {} as Record<'a' | 'b', Buffer>;
+let efiTar: string;
+let pyOut: string;
+
+const haveTools = existsSync(STUB) && sh('sh', ['-c', 'command -v sbsign && command -v sbverify']).code === 0;
+
+beforeAll(async () => {
+  if (!haveTools) return;
+  tmp = await fs.mkdtemp(path.join(os.tmpdir(), 'lamadist-release-py-'));
+  keys = path.join(tmp, 'keys');
+  await initKeys(keys);
+  inventory = path.join(tmp, 'hosts.yaml');
+  await addHost(inventory, { name: 'dyn1', ip: 'dhcp' });
+  await addHost(inventory, { name: 'static1', ip: { address: '192.0.2.10/24', gateway: '192.0.2.1', interface: 'eth0', dns: ['192.0.2.1'] }, kernelArgs: ['quiet'] });
+  // A raw ip= value the inventory normalises (the empty trailing field is dropped).
+  await addHost(inventory, { name: 'raw1', ip: '192.0.2.30::192.0.2.1:255.255.255.0::eth0:off:' });
+  kernel = path.join(tmp, 'vmlinuz');
+  initrd = path.join(tmp, 'initrd');
+  osrel = path.join(tmp, 'os-release');
+  await fs.writeFile(kernel, randomBytes(3 << 20));
+  await fs.writeFile(initrd, randomBytes(1 << 20));
+  await fs.writeFile(osrel, 'ID=lamadist\nVERSION_ID=1\n');
+  const db = { certPem: await fs.readFile(path.join(keys, 'db.crt')), keyPem: await fs.readFile(path.join(keys, 'db.key')) };
+  const hosts = releaseHosts((await loadInventory(inventory)).hosts);
+  boot = await releaseBootFiles({ bsp, rootHash: ROOT_HASH, stub: STUB, kernel, initrd: [initrd], osrel, hosts, db });
+
+  // The Yocto path: template UKIs with the release's command line, their tar, the hosts' files.
+  const plan = planHostCmdlines(bsp, ROOT_HASH, hosts);
+  const dir = path.join(tmp, 'templates');
+  await fs.mkdir(dir);
+  for (const slot of SLOTS) {
+    const out = path.join(dir, `lamadist-${slot}.efi`);
+    const r = py('uki', ['--stub', STUB, '--linux', kernel, '--initrd', initrd, '--osrel', osrel, '--cmdline', plan.template[slot], '--out', out]);
+    if (r.code !== 0) throw new Error(r.out);
+    pyTemplates[slot] = await fs.readFile(out);
+  }
+  efiTar = path.join(tmp, 'efi.tar');
+  if (sh('tar', ['-cf', efiTar, '-C', dir, 'lamadist-a.efi', 'lamadist-b.efi']).code !== 0) throw new Error('tar failed');
+  pyOut = path.join(tmp, 'py');
+  const r = py('release', ['--templates', efiTar, '--hosts', inventory, '--db-key', path.join(keys, 'db.key'), '--db-cert', path.join(keys, 'db.crt'), '--out', pyOut, '--ukis', path.join(tmp, 'py-ukis')]);
+  if (r.code !== 0) throw new Error(r.out);
+}, 180_000);
+afterAll(async () => {
+  if (tmp) await fs.rm(tmp, { recursive: true, force: true });
+});
+
+const files = async (machineId: string, slot: 'a' | 'b'): Promise<{ cmdline: string; map: string; bin: Buffer }> => {
+  const dir = path.join(pyOut, 'hosts', machineId);
+  return {
+    cmdline: await fs.readFile(path.join(dir, `cmdline-${slot}`), 'utf8'),
+    map: await fs.readFile(path.join(dir, `uki-${slot}.map`), 'utf8'),
+    bin: await fs.readFile(path.join(dir, `uki-${slot}.bin`)),
+  };
+};
+
+describe.skipIf(skipBecause(!haveTools, 'Yocto release path test', `needs ${STUB} (systemd-boot-efi) and sbsign/sbverify (sbsigntool)`))('the Yocto path (lib/lamadist) makes the toolkit release', () => {
+  it('template UKIs: the same sections at the same offsets and addresses, byte for byte', () => {
+    for (const slot of SLOTS) {
+      expect(inspectUki(pyTemplates[slot]).sections).toEqual(inspectUki(boot.templates[slot]).sections);
+      expect(pyTemplates[slot].equals(boot.templates[slot])).toBe(true);
+    }
+    const cmdline = inspectUki(pyTemplates.a).sections.find((s) => s.name === '.cmdline');
+    expect(cmdline?.rawSize).toBe(4096);
+  });
+
+  it('sections after .cmdline stay where they are whatever the command line', async () => {
+    const out = path.join(tmp, 'long.efi');
+    const r = py('uki', ['--stub', STUB, '--linux', kernel, '--initrd', initrd, '--osrel', osrel, '--cmdline', 'x'.repeat(4000), '--out', out]);
+    expect(r).toEqual({ code: 0, out: '' });
+    const long = inspectUki(await fs.readFile(out));
+    const short = inspectUki(pyTemplates.a);
+    expect(long.sections.map((s) => [s.name, s.fileOffset, s.virtualAddress])).toEqual(short.sections.map((s) => [s.name, s.fileOffset, s.virtualAddress]));
+    expect(long.cmdline).toBe('x'.repeat(4000));
+    const over = py('uki', ['--stub', STUB, '--linux', kernel, '--cmdline', 'x'.repeat(4097), '--out', path.join(tmp, 'over.efi')]);
+    expect(over).toEqual({ code: 2, out: 'lamadist.uki: error: kernel command line is 4097 bytes, more than the 4096 a UKI sets aside\n' });
+    expect(existsSync(path.join(tmp, 'over.efi'))).toBe(false);
+  });
+
+  it("every host's patch parses with the toolkit, rebuilds a UKI sbverify accepts, with the toolkit's command line and signed image", async () => {
+    expect((await fs.readdir(path.join(pyOut, 'hosts'))).sort()).toEqual(boot.hosts.map((h) => h.host.machineId).sort());
+    for (const h of boot.hosts) {
+      for (const slot of SLOTS) {
+        const f = await files(h.host.machineId, slot);
+        const where = `${h.host.name} slot ${slot}`;
+        expect(f.cmdline, where).toBe(h.files[`hosts/${h.host.machineId}/cmdline-${slot}`]?.toString());
+        const rebuilt = applyUkiPatch(boot.templates[slot], parsePatch(f.map, f.bin, where), where);
+        expect(inspectUki(rebuilt).cmdline, where).toBe(inspectUki(h.ukis[slot]).cmdline);
+        // Both paths signed the same image: only the signatures' bytes may differ.
+        expect(authenticodeDigest(rebuilt).equals(authenticodeDigest(h.ukis[slot])), where).toBe(true);
+        expect(rebuilt.equals(await fs.readFile(path.join(tmp, 'py-ukis', h.host.name, `lamadist-${slot}.efi`))), where).toBe(true);
+        const file = path.join(tmp, `${h.host.name}-${slot}.efi`);
+        await fs.writeFile(file, rebuilt);
+        expect(sh('sbverify', ['--cert', path.join(keys, 'db.crt'), file]).out, where).toMatch(/Signature verification OK/);
+        expect(f.bin.length, where).toBeLessThan(16 * 1024);
+      }
+    }
+    const dyn = boot.hosts.find((h) => h.host.name === 'dyn1');
+    const raw = boot.hosts.find((h) => h.host.name === 'raw1');
+    expect((await files(dyn?.host.machineId ?? '', 'b')).cmdline).toMatch(/ ip=dhcp\n$/);
+    expect((await files(raw?.host.machineId ?? '', 'a')).cmdline).toMatch(/ ip=192\.0\.2\.30::192\.0\.2\.1:255\.255\.255\.0::eth0:off\n$/);
+  });
+
+  describe("meta-lamadist's bundle hook on the Yocto path's files", () => {
+    let mount: string;
+    let hook: string;
+    const compat = { RAUC_MF_COMPATIBLE: bsp.compatible, RAUC_SYSTEM_COMPATIBLE: bsp.compatible };
+    const running = (h: ReleaseBoot['hosts'][number]): string => inspectUki(h.ukis.a).cmdline as string;
+    beforeAll(async () => {
+      // Laid out like the mounted bundle: RAUC runs the hook as hook.sh from the bundle's root.
+      mount = path.join(tmp, 'bundle');
+      await fs.mkdir(mount);
+      await fs.cp(path.join(pyOut, 'hosts'), path.join(mount, 'hosts'), { recursive: true });
+      await fs.copyFile(efiTar, path.join(mount, 'efi.tar'));
+      hook = path.join(mount, 'hook.sh');
+      await fs.copyFile(BUNDLE_HOOK, hook);
+    });
+
+    const check = async (cmdline: string): Promise<{ code: number; out: string }> => {
+      const f = path.join(tmp, 'cmdline');
+      await fs.writeFile(f, `${cmdline}\n`);
+      return sh(hook, ['install-check'], { ...compat, LAMADIST_CMDLINE: f });
+    };
+
+    it('install-check accepts every host and refuses one the release lacks', async () => {
+      for (const h of boot.hosts) expect(await check(running(h)), h.host.name).toEqual({ code: 0, out: '' });
+      const h = boot.hosts[0] as ReleaseBoot['hosts'][number];
+      const stranger = running(h).replaceAll(h.host.machineId, 'f'.repeat(32));
+      expect(await check(stranger)).toEqual({ code: 10, out: `lamadist-bundle-hook: host ${'f'.repeat(32)} (${h.host.name}) is not in this release\n` });
+    });
+
+    const canUnshare = sh('unshare', ['--mount', 'true']).code === 0;
+    it.skipIf(skipBecause(!canUnshare, 'bundle hook slot-install on the Yocto files', 'unshare --mount is not permitted here (it needs a private tmpfs ESP)'))(
+      "slot-install writes each host's signed UKI, the one the toolkit's patch would give",
+      async () => {
+        const esp = path.join(tmp, 'esp');
+        await fs.mkdir(esp, { recursive: true });
+        for (const h of boot.hosts) {
+          for (const slot of SLOTS) {
+            const cmdline = path.join(tmp, 'running');
+            await fs.writeFile(cmdline, running(h));
+            const out = path.join(tmp, `esp-${h.host.name}-${slot}.efi`);
+            const env = { RAUC_SLOT_CLASS: 'efi', RAUC_SLOT_NAME: slot === 'a' ? 'efi.0' : 'efi.1', RAUC_IMAGE_NAME: path.join(mount, 'efi.tar'), LAMADIST_ESP: esp, LAMADIST_CMDLINE: cmdline };
+            const r = sh('unshare', ['--mount', 'sh', '-c', `mount -t tmpfs tmpfs '${esp}' && '${hook}' slot-install && cp '${esp}/EFI/Linux/lamadist-${slot}.efi' '${out}'`], env);
+            expect(r, `${h.host.name} slot ${slot}`).toEqual({ code: 0, out: '' });
+            const installed = await fs.readFile(out);
+            expect(installed.equals(await fs.readFile(path.join(tmp, 'py-ukis', h.host.name, `lamadist-${slot}.efi`)))).toBe(true);
+            expect(inspectUki(installed).cmdline).toBe(inspectUki(h.ukis[slot]).cmdline);
+            expect(sh('sbverify', ['--cert', path.join(keys, 'db.crt'), out]).out).toMatch(/Signature verification OK/);
+          }
+        }
+      },
+      120_000,
+    );
+  });
+
+  describe('bad input: one line, exit 2, the place, no output', () => {
+    const release = (hosts: string, out: string, python?: string[]): { code: number; out: string } =>
+      py('release', ['--templates', efiTar, '--hosts', hosts, '--db-key', path.join(keys, 'db.key'), '--db-cert', path.join(keys, 'db.crt'), '--out', out], python);
+
+    it('a bad ip, a duplicate machine-id, an inventory without hosts', async () => {
+      const cases: [string, string][] = [
+        ['hosts:\n  n1:\n    machine-id: 4f6c0a9e1d2b4c3e8a7f6b5c4d3e2f1a\n    ip: { address: 192.0.2.10/33 }\n', ":4:9: address '192.0.2.10/33' must be IPv4/prefix, e.g. 192.168.1.10/24"],
+        ['hosts:\n  n1:\n    machine-id: 4f6c0a9e1d2b4c3e8a7f6b5c4d3e2f1a\n  n2:\n    machine-id: 4f6c0a9e1d2b4c3e8a7f6b5c4d3e2f1a\n', ':5:17: host n2 has the same machine-id as host n1'],
+        ['hosts:\n  n1:\n    machine-id: 4f6c0a9e1d2b4c3e8a7f6b5c4d3e2f1a\n    kernel-args: [quiet, systemd.hostname=x]\n', ':4:26: host n1: kernel-args must not set systemd.hostname= (it comes from the inventory and the slot)'],
+        ['hosts: {}\n', ' lists no hosts: a release without hosts would be refused by every device'],
+      ];
+      for (const [i, [text, message]] of cases.entries()) {
+        const file = path.join(tmp, `bad-${i}.yaml`);
+        await fs.writeFile(file, text);
+        const out = path.join(tmp, `bad-out-${i}`);
+        expect(release(file, out)).toEqual({ code: 2, out: `lamadist.release: error: ${file}${message}\n` });
+        expect(existsSync(path.join(out, 'hosts'))).toBe(false);
+        expect(existsSync(out) ? await fs.readdir(out) : []).toEqual([]);
+      }
+    });
+
+    it('reads hosts.yaml as YAML 1.2, as the toolkit does: `ip: off` is the word off, not false', async () => {
+      const file = path.join(tmp, 'off.yaml');
+      await fs.writeFile(file, 'hosts:\n  n1:\n    machine-id: 4f6c0a9e1d2b4c3e8a7f6b5c4d3e2f1a\n    ip: off\n');
+      const [host] = releaseHosts((await loadInventory(file)).hosts);
+      const out = path.join(tmp, 'off-out');
+      expect(release(file, out).code).toBe(0);
+      const line = await fs.readFile(path.join(out, 'hosts/4f6c0a9e1d2b4c3e8a7f6b5c4d3e2f1a/cmdline-a'), 'utf8');
+      expect(line).toBe(`${planHostCmdlines(bsp, ROOT_HASH, host ? [host] : []).hosts[0]?.cmdline.a}\n`);
+      expect(line).toMatch(/ ip=off\n$/);
+    });
+
+    it('says so when PyYAML is missing (python3 -S leaves site-packages out)', () => {
+      const r = release(inventory, path.join(tmp, 'no-yaml'), ['python3', '-S']);
+      expect(r.code).toBe(2);
+      expect(r.out).toMatch(/^lamadist\.release: error: reading .*hosts\.yaml needs PyYAML \(python3-yaml; kas depends on it\), which this Python .* lacks\n$/);
+    });
+  });
+});

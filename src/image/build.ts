@@ -12,7 +12,7 @@ import { LUKS2_DATA_OFFSET, encryptPayload, planLuks2 } from '../luks/index.js';
 import { signPe } from '../secureboot/index.js';
 import { EFI_STUBS, buildUki, inspectUki } from '../uki/index.js';
 import { AtomicFile, makeTempDir, readUserFile } from '../util/fsx.js';
-import { formatVerity } from '../verity/index.js';
+import { formatVerity, readVeritySuperblock, verifyVerity } from '../verity/index.js';
 import { buildVarExt4 } from './ext4.js';
 import { loadLayout, withSizes } from './layout.js';
 import {
@@ -32,6 +32,11 @@ export interface BuildImageOptions {
   rootfs: string;
   kernel?: string;
   initrd?: string[];
+  /**
+   * The root image's dm-verity tree (with superblock) and root hash, as a release ships them: used
+   * after checking the image against them, instead of a tree made here.
+   */
+  verity?: { file: string; rootHash: string };
   /** Prebuilt (signed) UKI for slot A; its command line must carry slot A's root hash. */
   uki?: string;
   /** Prebuilt UKI for slot B (with --uki, slot B stays empty without it). */
@@ -217,14 +222,23 @@ export async function buildImage(o: BuildImageOptions): Promise<ImagePlan> {
       );
 
     step('dm-verity hash tree');
-    const verityFile = path.join(tmp.dir, 'root.verity');
-    const v = await formatVerity({
-      dataPath: erofsFile,
-      dataBlocks: erofs.bytes / 4096,
-      hashPath: verityFile,
-      salt: random('verity:salt', 32),
-      uuid: randomUuid(random, 'verity:uuid'),
-    });
+    let verityFile = path.join(tmp.dir, 'root.verity');
+    let v: Awaited<ReturnType<typeof formatVerity>> & { uuid?: string };
+    if (o.verity) {
+      // A release's own tree: the disk must carry the root hash its UKIs name, so it is checked, not remade.
+      const sb = await readVeritySuperblock(o.verity.file);
+      if (!sb) throw new UserError('LAMA_E_VERITY_NO_SUPERBLOCK', 'the given dm-verity tree has no superblock', { where: o.verity.file });
+      verityFile = o.verity.file;
+      v = { ...(await verifyVerity({ dataPath: erofsFile, dataBlocks: erofs.bytes / 4096, hashPath: verityFile, rootHash: Buffer.from(o.verity.rootHash, 'hex') })), uuid: sb.uuid };
+    } else {
+      v = await formatVerity({
+        dataPath: erofsFile,
+        dataBlocks: erofs.bytes / 4096,
+        hashPath: verityFile,
+        salt: random('verity:salt', 32),
+        uuid: randomUuid(random, 'verity:uuid'),
+      });
+    }
     const rootHash = v.rootHash.toString('hex');
     const verity = {
       rootHash,

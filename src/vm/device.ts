@@ -3,6 +3,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { buildImage, type ImagePlan } from '../image/index.js';
 import { addDeviceKey, initKeys, keyPath, readManifest } from '../keys/index.js';
+import { provisioningFiles, type DdiProvisioning } from '../provision/index.js';
 import { makeOvmfVars } from '../secureboot/index.js';
 import { fixtureInitramfs, fixtureRootfs } from './fixture.js';
 import type { DebianKernel } from './kernel.js';
@@ -30,47 +31,6 @@ export interface Device {
   cmdline: string;
   /** Name of its bundle encryption key pair in the key directory (`lamadist keys device NAME`). */
   deviceKeyName: string;
-}
-
-/** Where the update client (rauc-hawkbit-updater, or the fixture's stand-in) reaches the server. */
-export interface DdiProvisioning {
-  /** `host:port` as the device sees it (QEMU user networking: 10.0.2.2 is the host). */
-  server: string;
-  tenant: string;
-  controllerId: string;
-  /** The device's TargetToken (from registering it with the server). */
-  token: string;
-}
-
-/** ESP directory whose tree lamadist-init moves into /var at first boot (then wipes it from the ESP). */
-export const PROVISION_VAR_DIR = '/lamadist/var';
-
-/** rauc-hawkbit-updater's configuration file for a device (the fixture's DDI client reads the same keys). Pure. */
-export function hawkbitConf(d: DdiProvisioning): string {
-  return [
-    '[client]',
-    `hawkbit_server = ${d.server}`,
-    'ssl = false',
-    `tenant_id = ${d.tenant}`,
-    `target_name = ${d.controllerId}`,
-    `auth_token = ${d.token}`,
-    'stream_bundle = true',
-    'bundle_download_location = /var/tmp/lamadist-ddi/bundle.raucb',
-    '',
-  ].join('\n');
-}
-
-/**
- * The per-host files a device gets on its ESP under PROVISION_VAR_DIR: its bundle decryption key
- * pair where system.conf's [encryption] expects it, and the update client's configuration. Pure.
- */
-export function provisioningFiles(keyPem: Buffer, certPem: Buffer, ddi?: DdiProvisioning): Record<string, Buffer> {
-  const files: Record<string, Buffer> = {
-    [`${PROVISION_VAR_DIR}/lib/rauc/encryption/device.key.pem`]: keyPem,
-    [`${PROVISION_VAR_DIR}/lib/rauc/encryption/device.cert.pem`]: certPem,
-  };
-  if (ddi) files[`${PROVISION_VAR_DIR}/lib/lamadist/hawkbit.conf`] = Buffer.from(hawkbitConf(ddi));
-  return files;
 }
 
 /**

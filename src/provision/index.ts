@@ -1,0 +1,275 @@
+/**
+ * Provisioning: from the inventory, the fleet keys and a release bundle to what one host needs to
+ * join the fleet. Per host it issues the device's bundle key pair (if missing), registers the
+ * device on the update server (or leaves that to a gateway token), writes the update client's
+ * configuration, signs the host's UKIs for both slots from the release's templates, and can build
+ * the sealed A/B disk to write to the host's drive.
+ *
+ * The release is a release bundle (`bundle create --hosts`, or meta-lamadist's lamadist-bundle),
+ * not a build's deploy directory: the bundle is what the update server serves, it is signed and
+ * verified before anything in it is used, it exists for both build paths, and a disk made from it
+ * holds exactly the root image the fleet runs, so the host's first update is adaptive from it.
+ *
+ * Public API:
+ * - `hawkbitConf(ddi)`, `provisioningFiles(key, cert, ddi?)` (pure): the update client's
+ *   configuration and the ESP files the initramfs moves into /var at first boot
+ * - `openRelease(bundle, { keys, bundleKey? })` → the verified, unpacked release
+ * - `provisionHost(release, host, opts)` → what was issued and written for one host
+ */
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { BSPS, type Bsp } from '../bsp/index.js';
+import { UserError } from '../errors.js';
+import type { FleetClient } from '../fleet/index.js';
+import { hostArgs, type Host } from '../host/index.js';
+import { buildImage, slotCmdline, type ImagePlan } from '../image/index.js';
+import { addDeviceKey, keyPath, readManifest } from '../keys/index.js';
+import { extractBundle, type BundleInfo } from '../rauc/index.js';
+import { HOSTS_DIR } from '../release/index.js';
+import { signPe, verifyPe } from '../secureboot/index.js';
+import { inspectUki, setUkiCmdline } from '../uki/index.js';
+import { makeTempDir, writeFileAtomic } from '../util/fsx.js';
+import { run } from '../util/proc.js';
+
+/** ESP directory whose tree lamadist-init moves into /var at first boot (then wipes it from the ESP). */
+export const PROVISION_VAR_DIR = '/lamadist/var';
+
+/** Where the update client (rauc-hawkbit-updater, or the fixture's stand-in) reaches the server. */
+export interface DdiProvisioning {
+  /** `host:port` as the device sees it. */
+  server: string;
+  /** Whether the device talks HTTPS to the server. */
+  ssl?: boolean;
+  tenant: string;
+  controllerId: string;
+  /** The device's TargetToken, or the tenant's GatewayToken when the device registers itself. */
+  token: string;
+  tokenKind?: 'target' | 'gateway';
+}
+
+/** rauc-hawkbit-updater's configuration file for a device (the fixture's DDI client reads the same keys). Pure. */
+export function hawkbitConf(d: DdiProvisioning): string {
+  return [
+    '[client]',
+    `hawkbit_server = ${d.server}`,
+    `ssl = ${d.ssl ? 'true' : 'false'}`,
+    `tenant_id = ${d.tenant}`,
+    `target_name = ${d.controllerId}`,
+    d.tokenKind === 'gateway' ? `gateway_token = ${d.token}` : `auth_token = ${d.token}`,
+    'stream_bundle = true',
+    'bundle_download_location = /var/tmp/lamadist-ddi/bundle.raucb',
+    '',
+  ].join('\n');
+}
+
+/**
+ * The per-host files a device gets on its ESP under PROVISION_VAR_DIR: its bundle decryption key
+ * pair where system.conf's [encryption] expects it, and the update client's configuration. Pure.
+ */
+export function provisioningFiles(keyPem: Buffer, certPem: Buffer, ddi?: DdiProvisioning): Record<string, Buffer> {
+  const files: Record<string, Buffer> = {
+    [`${PROVISION_VAR_DIR}/lib/rauc/encryption/device.key.pem`]: keyPem,
+    [`${PROVISION_VAR_DIR}/lib/rauc/encryption/device.cert.pem`]: certPem,
+  };
+  if (ddi) files[`${PROVISION_VAR_DIR}/lib/lamadist/hawkbit.conf`] = Buffer.from(hawkbitConf(ddi));
+  return files;
+}
+
+/** A release bundle verified against the fleet's RAUC keyring and unpacked into a temporary directory. */
+export interface OpenRelease {
+  bundle: string;
+  info: BundleInfo;
+  bsp: Bsp;
+  version: string;
+  rootHash: string;
+  templates: Record<'a' | 'b', Buffer>;
+  rootfs: string;
+  verity: string;
+  /** Machine-ids the release carries boot files for. */
+  hosts: Set<string>;
+  close: () => Promise<void>;
+}
+
+/** Device key files of the key directory, the update server's first: candidates to open a crypt bundle. */
+async function deviceKeys(keys: string): Promise<string[]> {
+  const names = (await readManifest(keys)).files.filter((f) => f.purpose === 'device-key' && f.device).map((f) => f.device as string);
+  names.sort((a, b) => Number(b === 'update-server') - Number(a === 'update-server'));
+  return Promise.all(names.map((n) => keyPath(keys, 'device-key', n)));
+}
+
+/**
+ * Verify and unpack a release bundle. A crypt bundle is opened with `bundleKey`, or with the first
+ * device key of the key directory that is one of its recipients.
+ */
+export async function openRelease(bundle: string, o: { keys: string; bundleKey?: string }): Promise<OpenRelease> {
+  const keyring = await keyPath(o.keys, 'rauc-ca-cert');
+  const tmp = await makeTempDir('lamadist-provision-');
+  try {
+    const dir = path.join(tmp.dir, 'bundle');
+    let info: BundleInfo | undefined;
+    const candidates = o.bundleKey ? [o.bundleKey] : [undefined, ...(await deviceKeys(o.keys))];
+    for (const key of candidates) {
+      try {
+        info = await extractBundle(bundle, dir, { keyring, ...(key && { deviceKey: key }) });
+        break;
+      } catch (err) {
+        const next = err instanceof UserError && (err.code === 'LAMA_E_BUNDLE_NEEDS_KEY' || err.code === 'LAMA_E_BUNDLE_WRONG_DEVICE_KEY');
+        if (!next || key === candidates.at(-1)) {
+          if (next) throw new UserError('LAMA_E_PROVISION_RELEASE', 'no key of the key directory opens this crypt bundle; pass --bundle-key', { where: bundle });
+          throw err;
+        }
+        await fs.rm(dir, { recursive: true, force: true });
+      }
+    }
+    if (!info) throw new Error('unreachable: no bundle opened');
+    const bsp = BSPS.find((b) => b.compatible === info.manifest.compatible);
+    if (!bsp) throw new UserError('LAMA_E_PROVISION_RELEASE', `release is for '${info.manifest.compatible}', which no BSP of this toolkit is`, { where: bundle });
+    const image = (cls: string): string => {
+      const i = info.manifest.images.find((x) => x.slotClass === cls);
+      if (!i) throw new UserError('LAMA_E_PROVISION_RELEASE', `release has no ${cls} image; it is not a LamaDist release bundle`, { where: bundle });
+      return path.join(dir, i.filename);
+    };
+    const efiDir = path.join(tmp.dir, 'efi');
+    await fs.mkdir(efiDir);
+    if ((await run('tar', ['-xf', image('efi'), '-C', efiDir, 'lamadist-a.efi', 'lamadist-b.efi'], { allowFailure: true })).code !== 0) {
+      throw new UserError('LAMA_E_PROVISION_RELEASE', 'release efi image holds no lamadist-a.efi and lamadist-b.efi templates', { where: bundle });
+    }
+    const templates = { a: await fs.readFile(path.join(efiDir, 'lamadist-a.efi')), b: await fs.readFile(path.join(efiDir, 'lamadist-b.efi')) };
+    const rootHash = /(?:^|\s)roothash=([0-9a-f]{64})(?:\s|$)/.exec(inspectUki(templates.a, 'lamadist-a.efi').cmdline ?? '')?.[1];
+    if (!rootHash) throw new UserError('LAMA_E_PROVISION_RELEASE', "release's slot A template UKI names no root hash", { where: bundle });
+    const hostsDir = path.join(dir, HOSTS_DIR);
+    const hosts = new Set(await fs.readdir(hostsDir).catch(() => []));
+    return { bundle, info, bsp, version: info.manifest.version ?? '', rootHash, templates, rootfs: image('rootfs'), verity: image('verity'), hosts, close: tmp.remove };
+  } catch (err) {
+    await tmp.remove();
+    throw err;
+  }
+}
+
+/** How one host is provisioned. */
+export interface ProvisionHostOptions {
+  keys: string;
+  /** Per-host output directory: configuration, token, UKIs. */
+  outDir: string;
+  /** Register on this server (admin API) and give the device a TargetToken... */
+  fleet?: FleetClient;
+  /** ...or write a GatewayToken into its configuration: the device registers itself at first contact. */
+  gatewayToken?: string;
+  /** The server as the device reaches it: `host:port`, and whether over HTTPS. */
+  deviceServer: string;
+  ssl?: boolean;
+  tenant?: string;
+  /** Build the sealed A/B disk here. */
+  disk?: string;
+  /** Partition sizes (MiB) by label, replacing the layout's. */
+  sizes?: Record<string, number>;
+  force?: boolean;
+  log?: (m: string) => void;
+}
+
+/** What was issued and written for one host. */
+export interface ProvisionedHost {
+  host: string;
+  machineId: string;
+  bsp: string;
+  /** The release carries this host's boot files (a release without it is refused on the host). */
+  inRelease: boolean;
+  registered: 'target-token' | 'gateway-token';
+  deviceKeyIssued: boolean;
+  outputs: { config: string; token?: string; ukis: Record<'a' | 'b', string>; disk?: string; recoveryKey?: string };
+  luks?: { label: string; uuid: string }[];
+  cmdline: Record<'a' | 'b', string>;
+}
+
+/** Provision one inventory host from an opened release. */
+export async function provisionHost(release: OpenRelease, host: Host, o: ProvisionHostOptions): Promise<ProvisionedHost> {
+  const log = o.log ?? ((): void => undefined);
+  if (host.bsp && host.bsp !== release.bsp.name) {
+    throw new UserError('LAMA_E_PROVISION_BSP', `host ${host.name} is a ${host.bsp} host; the release is for ${release.bsp.name}`);
+  }
+  if (!o.fleet && !o.gatewayToken) throw new UserError('LAMA_E_USAGE', 'provisioning needs an update server to register on, or a gateway token (--offline --gateway-token-file)');
+  const db = { certPem: await fs.readFile(await keyPath(o.keys, 'secureboot-db-cert')), keyPem: await fs.readFile(await keyPath(o.keys, 'secureboot-db-key')) };
+  let deviceKeyIssued = false;
+  if (!(await readManifest(o.keys)).files.some((f) => f.purpose === 'device-key' && f.device === host.name)) {
+    log(`${host.name}: device key`);
+    await addDeviceKey(o.keys, host.name);
+    deviceKeyIssued = true;
+  }
+  const keyPem = await fs.readFile(await keyPath(o.keys, 'device-key', host.name));
+  const certPem = await fs.readFile(await keyPath(o.keys, 'device-cert', host.name));
+
+  let token: string;
+  let registered: ProvisionedHost['registered'];
+  if (o.fleet) {
+    log(`${host.name}: registering on the update server`);
+    const known = (await o.fleet.listDevices()).some((d) => d.controllerId === host.name);
+    token = known ? await o.fleet.rotateDeviceToken(host.name) : (await o.fleet.registerDevice({ controllerId: host.name, bsp: release.bsp.name })).token;
+    registered = 'target-token';
+  } else {
+    token = o.gatewayToken as string;
+    registered = 'gateway-token';
+  }
+  const ddi: DdiProvisioning = {
+    server: o.deviceServer,
+    ssl: o.ssl ?? false,
+    tenant: o.tenant ?? 'DEFAULT',
+    controllerId: host.name,
+    token,
+    tokenKind: registered === 'target-token' ? 'target' : 'gateway',
+  };
+  await fs.mkdir(o.outDir, { recursive: true });
+  const force = o.force ?? false;
+  const config = path.join(o.outDir, 'hawkbit.conf');
+  await writeFileAtomic(config, hawkbitConf(ddi), { mode: 0o600, force });
+  let tokenFile: string | undefined;
+  if (registered === 'target-token') {
+    tokenFile = path.join(o.outDir, 'target.token');
+    await writeFileAtomic(tokenFile, `${token}\n`, { mode: 0o600, force });
+  }
+
+  // The host's UKIs: the release's templates with its current inventory line, signed with db.
+  log(`${host.name}: signed UKIs`);
+  const cmdline = {} as Record<'a' | 'b', string>;
+  const ukis = {} as Record<'a' | 'b', string>;
+  for (const slot of ['a', 'b'] as const) {
+    cmdline[slot] = slotCmdline(release.rootHash, slot, release.bsp, hostArgs(host).join(' '));
+    const pe = signPe(setUkiCmdline(release.templates[slot], cmdline[slot], `lamadist-${slot}.efi`), db);
+    verifyPe(pe, db.certPem, `${host.name} slot ${slot}`);
+    ukis[slot] = path.join(o.outDir, `lamadist-${slot}.efi`);
+    await writeFileAtomic(ukis[slot], pe, { force });
+  }
+  const inRelease = release.hosts.has(host.machineId);
+
+  let plan: ImagePlan | undefined;
+  if (o.disk) {
+    log(`${host.name}: sealed A/B disk ${o.disk}`);
+    plan = await buildImage({
+      out: o.disk,
+      bsp: release.bsp.name,
+      rootfs: release.rootfs,
+      verity: { file: release.verity, rootHash: release.rootHash },
+      uki: ukis.a,
+      ukiB: ukis.b,
+      encrypt: true,
+      espFiles: provisioningFiles(keyPem, certPem, ddi),
+      ...(o.sizes && { sizes: o.sizes }),
+      force,
+    });
+  }
+  return {
+    host: host.name,
+    machineId: host.machineId,
+    bsp: release.bsp.name,
+    inRelease,
+    registered,
+    deviceKeyIssued,
+    outputs: {
+      config,
+      ...(tokenFile && { token: tokenFile }),
+      ukis,
+      ...(o.disk && { disk: o.disk, recoveryKey: plan?.keys?.recoveryKeyFile ?? `${o.disk}.recovery-key` }),
+    },
+    ...(plan && { luks: plan.partitions.filter((p) => p.luksUuid).map((p) => ({ label: p.label, uuid: p.luksUuid as string })) }),
+    cmdline,
+  };
+}

@@ -1,0 +1,174 @@
+import { spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { existsSync, promises as fs } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { getBsp } from '../../src/bsp/index.js';
+import { buildErofs } from '../../src/erofs/index.js';
+import { FleetClient } from '../../src/fleet/index.js';
+import { addHost, loadInventory } from '../../src/host/index.js';
+import { addDeviceKey, initKeys, keyPath } from '../../src/keys/index.js';
+import { createRelease, releaseHosts } from '../../src/release/index.js';
+import { startServer, type RunningServer } from '../../src/server/index.js';
+import { inspectUki } from '../../src/uki/index.js';
+import { formatVerity } from '../../src/verity/index.js';
+import { runCli } from '../helpers/cli.js';
+import { STUB } from '../uki/helpers.js';
+
+const bsp = getBsp('x86_64');
+// Small partitions: the root image here is a few KiB; /var stays above 512 MiB (4 KiB ext4 blocks).
+const SIZES = ['--size', 'esp=40', '--size', 'rootfs_a=20', '--size', 'rootfs_b=20', '--size', 'verity_a=1', '--size', 'verity_b=1', '--size', 'var=520'];
+
+function sh(cmd: string, args: string[]): { code: number; out: string } {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', maxBuffer: 64 << 20 });
+  return { code: r.status ?? 128, out: `${r.stdout}${r.stderr}` };
+}
+
+let tmp: string;
+let keys: string;
+let inventory: string;
+let release: string;
+let server: RunningServer;
+let adminToken: string;
+
+beforeAll(async () => {
+  tmp = await fs.mkdtemp(path.join(os.tmpdir(), 'lamadist-provision-'));
+  keys = path.join(tmp, 'keys');
+  await initKeys(keys);
+  await addDeviceKey(keys, 'update-server');
+  inventory = path.join(tmp, 'hosts.yaml');
+  await addHost(inventory, { name: 'node1', ip: { address: '192.0.2.10/24', gateway: '192.0.2.1', interface: 'eth0' } });
+  await addHost(inventory, { name: 'node2', ip: 'dhcp' });
+  await addHost(inventory, { name: 'late' });
+  await addHost(inventory, { name: 'board', bsp: 'rk1' });
+  const tree = path.join(tmp, 'tree');
+  await fs.mkdir(path.join(tree, 'usr/lib'), { recursive: true });
+  await fs.writeFile(path.join(tree, 'usr/lib/os-release'), 'ID=lamadist\nIMAGE_VERSION=1\n');
+  const rootfs = path.join(tmp, 'rootfs.img');
+  const sb = await buildErofs({ source: tree, out: rootfs, uuid: '6a1d2e8c-5a4f-4b1e-9c3d-1f2e3d4c5b6a', timestamp: 0 });
+  const verity = path.join(tmp, 'verity.img');
+  const v = await formatVerity({ dataPath: rootfs, dataBlocks: sb.bytes / 4096, hashPath: verity, salt: Buffer.alloc(32, 5) });
+  // The release carries node1 and node2; "late" joins the inventory after it was made.
+  const inv = await loadInventory(inventory);
+  release = path.join(tmp, 'release-1.raucb');
+  await createRelease({
+    out: release,
+    bsp,
+    rootHash: v.rootHash.toString('hex'),
+    stub: STUB,
+    kernel: randomBytes(2 << 20),
+    initrd: [randomBytes(1 << 20)],
+    hosts: releaseHosts(inv.hosts.filter((h) => h.name === 'node1' || h.name === 'node2')),
+    db: { certPem: await fs.readFile(path.join(keys, 'db.crt')), keyPem: await fs.readFile(path.join(keys, 'db.key')) },
+    version: '1',
+    rootfs,
+    verity,
+    format: 'crypt',
+    signer: { certPem: await fs.readFile(path.join(keys, 'rauc-signing.crt'), 'utf8'), keyPem: await fs.readFile(path.join(keys, 'rauc-signing.key'), 'utf8') },
+    recipients: [await fs.readFile(await keyPath(keys, 'device-cert', 'update-server'), 'utf8')],
+  });
+  server = await startServer({ store: path.join(tmp, 'server'), listen: '127.0.0.1:0', keyring: path.join(keys, 'rauc-ca.crt') });
+  adminToken = (await fs.readFile(server.adminTokenFile as string, 'utf8')).trim();
+}, 180_000);
+afterAll(async () => {
+  await server?.close();
+  await fs.rm(tmp, { recursive: true, force: true });
+});
+
+const common = (): string[] => ['--release', release, '--keys', keys, '--inventory', inventory, '--server', server.url, '--device-server', '10.0.2.2:8080'];
+const env = (): NodeJS.ProcessEnv => ({ LAMADIST_ADMIN_TOKEN: adminToken });
+
+/** Files of the FAT ESP inside a disk image (mtools reads it at the partition's byte offset). */
+function espFile(disk: string, offset: number, file: string): Buffer {
+  const r = spawnSync('mtype', ['-i', `${disk}@@${offset}`, `::${file}`], { maxBuffer: 64 << 20 });
+  if (r.status !== 0) throw new Error(`mtype ${file}: ${r.stderr.toString()}`);
+  return r.stdout;
+}
+
+describe('lamadist provision', () => {
+  it('provisions two hosts from one release: keys, registration, client configuration, signed UKIs and sealed disks', async () => {
+    const out = path.join(tmp, 'out');
+    const r = await runCli(['provision', 'node1', 'node2', ...common(), '--out', out, '--disk', path.join(out, '{host}.img'), ...SIZES, '--json'], { env: env(), timeoutMs: 300_000 });
+    expect(r.stderr).not.toMatch(/error/);
+    expect(r.code).toBe(0);
+    const done = JSON.parse(r.stdout) as { host: string; machineId: string; inRelease: boolean; registered: string; deviceKeyIssued: boolean; outputs: Record<string, string> & { ukis: Record<string, string> }; luks: { label: string; uuid: string }[]; cmdline: Record<string, string> }[];
+    expect(done.map((d) => [d.host, d.inRelease, d.registered, d.deviceKeyIssued])).toEqual([
+      ['node1', true, 'target-token', true],
+      ['node2', true, 'target-token', true],
+    ]);
+    const fleet = new FleetClient({ url: server.url, token: adminToken });
+    const devices = await fleet.listDevices();
+    expect(devices.map((d) => d.controllerId).sort()).toEqual(['node1', 'node2']);
+    for (const d of done) {
+      expect((await fs.stat(d.outputs.token as string)).mode & 0o777).toBe(0o600);
+      expect((await fs.stat(d.outputs.config as string)).mode & 0o777).toBe(0o600);
+      const conf = await fs.readFile(d.outputs.config as string, 'utf8');
+      expect(conf).toContain(`target_name = ${d.host}`);
+      expect(conf).toContain('hawkbit_server = 10.0.2.2:8080');
+      expect(conf).toContain(`auth_token = ${(await fs.readFile(d.outputs.token as string, 'utf8')).trim()}`);
+      for (const slot of ['a', 'b']) {
+        expect(sh('sbverify', ['--cert', path.join(keys, 'db.crt'), d.outputs.ukis[slot] as string]).out).toMatch(/Signature verification OK/);
+        expect(inspectUki(await fs.readFile(d.outputs.ukis[slot] as string)).cmdline).toBe(d.cmdline[slot]);
+      }
+      expect(d.cmdline.b).toContain(`systemd.hostname=${d.host} systemd.machine_id=${d.machineId}`);
+      expect(d.luks.map((l) => l.label).sort()).toEqual(['rootfs_a', 'rootfs_b', 'var']);
+    }
+    expect(done[0]?.cmdline.a).toMatch(/ ip=192\.0\.2\.10::192\.0\.2\.1:255\.255\.255\.0:node1:eth0:none/);
+    expect(done[1]?.cmdline.a).toMatch(/ ip=dhcp/);
+
+    // The disk: a GPT sgdisk accepts, the host's UKI and provisioning on the ESP, LUKS2 that
+    // cryptsetup opens with the recovery key.
+    const d1 = done[0] as (typeof done)[number];
+    const disk = d1.outputs.disk as string;
+    expect(sh('sgdisk', ['-v', disk]).out).toMatch(/No problems found/);
+    const parts = JSON.parse(sh('sfdisk', ['--json', disk]).out) as { partitiontable: { partitions: { start: number; name: string; size: number }[] } };
+    const part = (name: string): { start: number; size: number } => parts.partitiontable.partitions.find((p) => p.name === name) as { start: number; size: number };
+    const esp = part('esp').start * 512;
+    expect(espFile(disk, esp, '/EFI/Linux/lamadist-b.efi').equals(await fs.readFile(d1.outputs.ukis.b as string))).toBe(true);
+    expect(espFile(disk, esp, '/lamadist/var/lib/lamadist/hawkbit.conf').toString()).toBe(await fs.readFile(d1.outputs.config as string, 'utf8'));
+    expect(espFile(disk, esp, '/lamadist/var/lib/rauc/encryption/device.cert.pem').equals(await fs.readFile(await keyPath(keys, 'device-cert', 'node1')))).toBe(true);
+    const header = path.join(tmp, 'rootfs_a.luks');
+    const rootA = part('rootfs_a');
+    expect(sh('dd', [`if=${disk}`, `of=${header}`, 'bs=512', `skip=${rootA.start}`, 'count=32768', 'status=none']).code).toBe(0);
+    const test = sh('cryptsetup', ['open', '--test-passphrase', '--key-file', d1.outputs.recoveryKey as string, header]);
+    expect(test.code, test.out).toBe(0);
+    expect(sh('cryptsetup', ['luksDump', header]).out).toContain(done[0]?.luks.find((l) => l.label === 'rootfs_a')?.uuid);
+  }, 300_000);
+
+  it('a host the release lacks is provisioned with a warning; --offline writes the gateway token instead of registering', async () => {
+    const gw = path.join(tmp, 'gateway.token');
+    await fs.writeFile(gw, 'gw-secret-token\n');
+    const r = await runCli(['provision', 'late', ...common(), '--out', path.join(tmp, 'late'), '--offline', '--gateway-token-file', gw, '--json'], { env: env() });
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stderr).toMatch(/warning: late is not in release 1/);
+    const [late] = JSON.parse(r.stdout) as { registered: string; inRelease: boolean; outputs: { config: string; token?: string } }[];
+    expect(late?.registered).toBe('gateway-token');
+    expect(late?.inRelease).toBe(false);
+    expect(late?.outputs.token).toBeUndefined();
+    expect(await fs.readFile(late?.outputs.config as string, 'utf8')).toContain('gateway_token = gw-secret-token');
+    expect((await new FleetClient({ url: server.url, token: adminToken }).listDevices()).map((d) => d.controllerId)).not.toContain('late');
+  }, 120_000);
+
+  it('refuses bad input with one line and exit 2, leaving no disk behind', async () => {
+    const disk = path.join(tmp, 'bad.img');
+    const cases: [string[], RegExp][] = [
+      [['nosuch', ...common()], /nosuch/],
+      [['node1', ...common().map((a) => (a === keys ? path.join(tmp, 'no-keys') : a))], /no-keys|manifest/],
+      [['node1', ...common().map((a) => (a === server.url ? 'http://127.0.0.1:1' : a))], /cannot reach/],
+      [['board', ...common()], /rk1 host; the release is for x86_64/],
+      [['node1', 'node2', ...common(), '--disk', disk], /\{host\}/],
+      [['node1', ...common(), '--offline'], /--gateway-token-file/],
+    ];
+    for (const [args, re] of cases) {
+      const r = await runCli(['provision', ...args, '--out', path.join(tmp, 'bad'), '--disk', disk], { env: env() });
+      expect(r.code, `${args.join(' ')}: ${r.stderr}`).toBe(2);
+      expect(r.stderr.trim().split('\n'), r.stderr).toHaveLength(1);
+      expect(r.stderr).toMatch(re);
+      expect(existsSync(disk)).toBe(false);
+    }
+    const help = await runCli(['provision', '--help']);
+    expect(help.code).toBe(0);
+    expect(help.stdout).toMatch(/--release <bundle>/);
+  }, 120_000);
+});

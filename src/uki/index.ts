@@ -9,10 +9,13 @@
  * - `inspectUki(pe)` → sections, command line, os-release, uname
  * - `setUkiCmdline(pe, cmdline)` → the same unsigned UKI with another command line
  * - `kernelVersion(bzImage)` → the version string embedded in an x86 bzImage, if any
+ * - `defaultOsRelease(initrds)` → the os-release `.osrel` gets without one given: the initrd's, else the host's
  */
 import { promises as fs } from 'node:fs';
 import { UserError, isErrno } from '../errors.js';
 import { appendSections, parsePe, sectionData, updateChecksum, type NewSection, type PeInfo } from '../pe/index.js';
+
+export { defaultOsRelease, type OsReleaseSource } from './initrd.js';
 
 /** A file path or its contents. */
 export type Input = string | Buffer;

@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
-import { existsSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdirSync, readFileSync, readdirSync, symlinkSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { UserError } from '../../src/errors.js';
@@ -156,7 +157,7 @@ describe('uki/sign/verify CLI', () => {
     writeFileSync(path.join(t.dir, 'vmlinuz'), kernel);
     writeFileSync(path.join(t.dir, 'initrd'), initrd);
     const b = await runCli(['--json', 'uki', 'build', '--kernel', path.join(t.dir, 'vmlinuz'), '--initrd', path.join(t.dir, 'initrd'), '--cmdline', cmdline, '--cert', db.cert, '--key', db.key, '-o', out]);
-    expect(b.stderr).toBe('');
+    expect(b.stderr).toMatch(/^\.osrel: \/(etc|usr\/lib)\/os-release of the running system \(no --osrel given; the initrd cannot be read: not a cpio archive \(byte 0\)\)\n$/);
     expect(b.code).toBe(0);
     expect(JSON.parse(b.stdout)).toMatchObject({ out, cmdline, signed: true });
     expect(tool('sbverify', ['--cert', db.cert, out]).code).toBe(0);
@@ -195,3 +196,70 @@ describe('uki/sign/verify CLI', () => {
     expect(readdirSync(t.dir).filter((f) => f.includes('nostub'))).toEqual([]);
   });
 });
+
+describe('uki build without --osrel (the UKI specification requires .osrel)', () => {
+  const release = 'ID=lamadist\nNAME="LamaDist initrd"\nVERSION_ID=9.9\n';
+  let vmlinuz: string;
+  /** A newc initrd made by cpio(1), etc/os-release a symlink to usr/lib/os-release as systemd ships it. */
+  let cpioArchive: Buffer;
+  beforeAll(() => {
+    vmlinuz = path.join(t.dir, 'osrel-vmlinuz');
+    writeFileSync(vmlinuz, kernel);
+    const root = path.join(t.dir, 'initrd-root');
+    mkdirSync(path.join(root, 'usr/lib'), { recursive: true });
+    mkdirSync(path.join(root, 'etc'));
+    writeFileSync(path.join(root, 'usr/lib/os-release'), release);
+    symlinkSync('../usr/lib/os-release', path.join(root, 'etc/os-release'));
+    writeFileSync(path.join(root, 'init'), '#!/bin/sh\n');
+    cpioArchive = execFileSync('cpio', ['-o', '-H', 'newc', '--quiet'], { cwd: root, input: '.\netc\netc/os-release\nusr\nusr/lib\nusr/lib/os-release\ninit\n' });
+  });
+
+  /** Build through the CLI, then read .osrel back with objdump (section present) and our inspector (contents). */
+  async function build(name: string, initrds: Buffer[]): Promise<{ stderr: string; osrel: string }> {
+    const args = ['uki', 'build', '--kernel', vmlinuz, '--cmdline', 'quiet', '-o', path.join(t.dir, `${name}.efi`)];
+    initrds.forEach((b, i) => {
+      const f = path.join(t.dir, `${name}.initrd${i}`);
+      writeFileSync(f, b);
+      args.push('--initrd', f);
+    });
+    const r = await runCli(args);
+    expect(r.code, r.stderr).toBe(0);
+    expect(tool('objdump', ['-h', path.join(t.dir, `${name}.efi`)]).out).toMatch(/^\s*\d+\s+\.osrel\s/m);
+    const i = await runCli(['--json', 'uki', 'inspect', path.join(t.dir, `${name}.efi`)]);
+    const section = (JSON.parse(i.stdout) as { osrel?: Record<string, string> }).osrel ?? {};
+    return { stderr: r.stderr.replace(/^warning: no --keys.*\n/m, ''), osrel: Object.entries(section).map(([k, v]) => `${k}=${v}`).join(' ') };
+  }
+
+  for (const [kind, compress] of [
+    ['uncompressed', (b: Buffer) => b],
+    ['gzip', (b: Buffer) => execFileSync('gzip', ['-c'], { input: b })],
+    ['zstd', (b: Buffer) => execFileSync('zstd', ['-c', '-q'], { input: b })],
+    ['xz', (b: Buffer) => execFileSync('xz', ['-c', '--check=crc32'], { input: b })],
+  ] as const) {
+    it(`takes the os-release of a ${kind} initrd behind an uncompressed early cpio`, async () => {
+      // an early-microcode style first archive, then the main one compressed, as dracut and
+      // mkinitramfs lay them out
+      const early = execFileSync('cpio', ['-o', '-H', 'newc', '--quiet'], { cwd: t.dir, input: '.\n' });
+      const r = await build(`osrel-${kind}`, [early, compress(cpioArchive)]);
+      expect(r.stderr).toBe('.osrel: etc/os-release -> usr/lib/os-release from the initrd (no --osrel given)\n');
+      expect(r.osrel).toBe('ID=lamadist NAME=LamaDist initrd VERSION_ID=9.9');
+    });
+  }
+
+  it("takes the running system's os-release when the initrd has none or cannot be read, and says why", async () => {
+    const host = readFileSync(existsSync('/etc/os-release') ? '/etc/os-release' : '/usr/lib/os-release', 'utf8');
+    const hostId = /^ID=(.*)$/m.exec(host)?.[1]?.replace(/"/g, '');
+    const empty = execFileSync('cpio', ['-o', '-H', 'newc', '--quiet'], { cwd: t.dir, input: '.\n' });
+    const lz4 = execFileSync('lz4', ['-c', '-l', '-q'], { input: cpioArchive });
+    for (const [name, initrds, why] of [
+      ['osrel-none', [empty], 'the initrd has no etc/os-release or usr/lib/os-release'],
+      ['osrel-lz4', [lz4], 'the initrd cannot be read: lz4-compressed part at byte 0 cannot be read here'],
+      ['osrel-noinitrd', [], 'no --initrd given'],
+    ] as const) {
+      const r = await build(name, [...initrds]);
+      expect(r.stderr).toMatch(new RegExp(`^\\.osrel: /(etc|usr/lib)/os-release of the running system \\(no --osrel given; ${why.replace(/[()]/g, '\\$&')}\\)\n$`));
+      expect(r.osrel).toContain(`ID=${hostId}`);
+    }
+  });
+});
+

@@ -5,7 +5,7 @@ import { findHost, kernelCmdline, loadInventory } from '../../host/index.js';
 import { keyPath } from '../../keys/index.js';
 import { predictPcr11, type Bank } from '../../measure/index.js';
 import { listSignatures, signPe, verifyPe, type PeSignature } from '../../secureboot/index.js';
-import { EFI_STUBS, buildUki, inspectUki, type UkiInfo } from '../../uki/index.js';
+import { EFI_STUBS, buildUki, defaultOsRelease, inspectUki, type UkiInfo } from '../../uki/index.js';
 import { readUserFile, writeFileAtomic } from '../../util/fsx.js';
 import { act } from '../action.js';
 import type { Context } from '../context.js';
@@ -55,13 +55,30 @@ async function resolveCmdline(o: UkiBuildOptions): Promise<string> {
 }
 
 /**
+ * `.osrel` when --osrel is not given: the UKI specification requires the section and systemd-boot
+ * lists no UKI without it, so take the initrd's os-release, else the running system's (as ukify).
+ */
+async function osrelFor(initrd: Buffer[]): Promise<{ data: Buffer; note: string }> {
+  const found = await defaultOsRelease(initrd);
+  if (!found)
+    throw new UserError('LAMA_E_USAGE', 'no --osrel given, and neither the initrd nor this system has an os-release');
+  const note =
+    found.from === 'initrd'
+      ? `.osrel: ${found.path} from the initrd (no --osrel given)`
+      : `.osrel: ${found.path} of the running system (no --osrel given; ${found.why})`;
+  return { data: found.data, note };
+}
+
+/**
  * `lamadist uki build`: assemble a UKI and, with keys, sign it (and check the signature) before it
  * is written atomically. Returns what was written and the PCR 11 value the stub will measure.
  */
 export async function ukiBuild(ctx: Context, o: UkiBuildOptions): Promise<{ out: string; cmdline: string; signed: boolean; pcr11: string; sections: string[] }> {
   const cmdline = await resolveCmdline(o);
   const keys = await signer(o);
-  let pe = await buildUki({ stub: o.stub ?? DEFAULT_STUB, kernel: o.kernel, initrd: o.initrd, cmdline, osrel: o.osrel, uname: o.uname, splash: o.splash });
+  const initrd = await Promise.all((o.initrd ?? []).map((f) => readUserFile(f, 'initrd')));
+  const chosen = o.osrel === undefined ? await osrelFor(initrd) : undefined;
+  let pe = await buildUki({ stub: o.stub ?? DEFAULT_STUB, kernel: o.kernel, initrd, cmdline, osrel: o.osrel ?? chosen?.data, uname: o.uname, splash: o.splash });
   if (keys) {
     pe = signPe(pe, keys);
     verifyPe(pe, keys.certPem, o.out);
@@ -69,6 +86,8 @@ export async function ukiBuild(ctx: Context, o: UkiBuildOptions): Promise<{ out:
     ctx.warn('no --keys or --cert/--key given: the UKI is unsigned and will not boot with Secure Boot enforcing');
   }
   await writeFileAtomic(o.out, pe, { force: o.force });
+  // said once the UKI exists, so a refused build stays a single error line
+  if (chosen) ctx.info(chosen.note);
   const info = inspectUki(pe);
   const pcr11 = predictPcr11(pe).value;
   const result = { out: o.out, cmdline, signed: Boolean(keys), pcr11, sections: info.sections.map((s) => s.name) };
@@ -129,7 +148,7 @@ export function configure(cmd: Command): void {
     .option('--root-hash <hex>', 'dm-verity root hash of the slot (with --host)')
     .option('--slot <a|b>', 'slot this UKI boots (with --host)')
     .option('--stub <file>', 'systemd EFI stub', DEFAULT_STUB)
-    .option('--osrel <file>', 'os-release file for .osrel')
+    .option('--osrel <file>', 'os-release file for .osrel (default: the initrd\'s, else this system\'s)')
     .option('--uname <release>', 'kernel release for .uname (default: read from the kernel)')
     .option('--splash <file>', 'BMP splash image')
     .option('--keys <dir>', 'sign with this key directory\'s db key')

@@ -8,7 +8,15 @@ import { getBsp } from '../../src/bsp/index.js';
 import { addHost, loadInventory } from '../../src/host/index.js';
 import { initKeys } from '../../src/keys/index.js';
 import { authenticodeDigest } from '../../src/pe/index.js';
-import { BUNDLE_HOOK, applyUkiPatch, parsePatch, planHostCmdlines, releaseBootFiles, releaseHosts, type ReleaseBoot } from '../../src/release/index.js';
+import {
+  BUNDLE_HOOK,
+  applyUkiPatch,
+  parsePatch,
+  planHostCmdlines,
+  releaseBootFiles,
+  releaseHosts,
+  type ReleaseBoot,
+} from '../../src/release/index.js';
 import { inspectUki } from '../../src/uki/index.js';
 import { REPO_ROOT } from '../helpers/cli.js';
 import { skipBecause } from '../helpers/skip.js';
@@ -28,8 +36,12 @@ function sh(cmd: string, args: string[], env: NodeJS.ProcessEnv = {}): { code: n
   const r = spawnSync(cmd, args, { encoding: 'utf8', env: { ...process.env, ...env }, timeout: 120_000 });
   return { code: r.status ?? 128, out: `${r.stdout ?? ''}${r.stderr ?? ''}` };
 }
-const py = (mod: string, args: string[], python = ['python3']): { code: number; out: string } =>
-  sh(python[0] as string, [...python.slice(1), '-m', `lamadist.${mod}`, ...args], { PYTHONPATH: LIB });
+// The interpreter python3 names, called directly: a version manager's shim costs seconds a call.
+const PYTHON =
+  spawnSync('python3', ['-c', 'import sys; print(sys.executable)'], { encoding: 'utf8' }).stdout.trim() ||
+  'python3';
+const py = (mod: string, args: string[], flags: string[] = []): { code: number; out: string } =>
+  sh(PYTHON, [...flags, '-m', `lamadist.${mod}`, ...args], { PYTHONPATH: LIB });
 
 let tmp: string;
 let keys: string;
@@ -51,7 +63,11 @@ beforeAll(async () => {
   await initKeys(keys);
   inventory = path.join(tmp, 'hosts.yaml');
   await addHost(inventory, { name: 'dyn1', ip: 'dhcp' });
-  await addHost(inventory, { name: 'static1', ip: { address: '192.0.2.10/24', gateway: '192.0.2.1', interface: 'eth0', dns: ['192.0.2.1'] }, kernelArgs: ['quiet'] });
+  await addHost(inventory, {
+    name: 'static1',
+    ip: { address: '192.0.2.10/24', gateway: '192.0.2.1', interface: 'eth0', dns: ['192.0.2.1'] },
+    kernelArgs: ['quiet'],
+  });
   // A raw ip= value the inventory normalises (the empty trailing field is dropped).
   await addHost(inventory, { name: 'raw1', ip: '192.0.2.30::192.0.2.1:255.255.255.0::eth0:off:' });
   kernel = path.join(tmp, 'vmlinuz');
@@ -60,9 +76,21 @@ beforeAll(async () => {
   await fs.writeFile(kernel, randomBytes(3 << 20));
   await fs.writeFile(initrd, randomBytes(1 << 20));
   await fs.writeFile(osrel, 'ID=lamadist\nVERSION_ID=1\n');
-  const db = { certPem: await fs.readFile(path.join(keys, 'db.crt')), keyPem: await fs.readFile(path.join(keys, 'db.key')) };
+  const db = {
+    certPem: await fs.readFile(path.join(keys, 'db.crt')),
+    keyPem: await fs.readFile(path.join(keys, 'db.key')),
+  };
   const hosts = releaseHosts((await loadInventory(inventory)).hosts);
-  boot = await releaseBootFiles({ bsp, rootHash: ROOT_HASH, stub: STUB, kernel, initrd: [initrd], osrel, hosts, db });
+  boot = await releaseBootFiles({
+    bsp,
+    rootHash: ROOT_HASH,
+    stub: STUB,
+    kernel,
+    initrd: [initrd],
+    osrel,
+    hosts,
+    db,
+  });
 
   // The Yocto path: template UKIs with the release's command line, their tar, the hosts' files.
   const plan = planHostCmdlines(bsp, ROOT_HASH, hosts);
@@ -70,21 +98,51 @@ beforeAll(async () => {
   await fs.mkdir(dir);
   for (const slot of SLOTS) {
     const out = path.join(dir, `lamadist-${slot}.efi`);
-    const r = py('uki', ['--stub', STUB, '--linux', kernel, '--initrd', initrd, '--osrel', osrel, '--cmdline', plan.template[slot], '--out', out]);
+    const r = py('uki', [
+      '--stub',
+      STUB,
+      '--linux',
+      kernel,
+      '--initrd',
+      initrd,
+      '--osrel',
+      osrel,
+      '--cmdline',
+      plan.template[slot],
+      '--out',
+      out,
+    ]);
     if (r.code !== 0) throw new Error(r.out);
     pyTemplates[slot] = await fs.readFile(out);
   }
   efiTar = path.join(tmp, 'efi.tar');
-  if (sh('tar', ['-cf', efiTar, '-C', dir, 'lamadist-a.efi', 'lamadist-b.efi']).code !== 0) throw new Error('tar failed');
+  if (sh('tar', ['-cf', efiTar, '-C', dir, 'lamadist-a.efi', 'lamadist-b.efi']).code !== 0)
+    throw new Error('tar failed');
   pyOut = path.join(tmp, 'py');
-  const r = py('release', ['--templates', efiTar, '--hosts', inventory, '--db-key', path.join(keys, 'db.key'), '--db-cert', path.join(keys, 'db.crt'), '--out', pyOut, '--ukis', path.join(tmp, 'py-ukis')]);
+  const r = py('release', [
+    '--templates',
+    efiTar,
+    '--hosts',
+    inventory,
+    '--db-key',
+    path.join(keys, 'db.key'),
+    '--db-cert',
+    path.join(keys, 'db.crt'),
+    '--out',
+    pyOut,
+    '--ukis',
+    path.join(tmp, 'py-ukis'),
+  ]);
   if (r.code !== 0) throw new Error(r.out);
 }, 180_000);
 afterAll(async () => {
   if (tmp) await fs.rm(tmp, { recursive: true, force: true });
 });
 
-const files = async (machineId: string, slot: 'a' | 'b'): Promise<{ cmdline: string; map: string; bin: Buffer }> => {
+const files = async (
+  machineId: string,
+  slot: 'a' | 'b',
+): Promise<{ cmdline: string; map: string; bin: Buffer }> => {
   const dir = path.join(pyOut, 'hosts', machineId);
   return {
     cmdline: await fs.readFile(path.join(dir, `cmdline-${slot}`), 'utf8'),
@@ -93,7 +151,13 @@ const files = async (machineId: string, slot: 'a' | 'b'): Promise<{ cmdline: str
   };
 };
 
-describe.skipIf(skipBecause(!haveTools, 'Yocto release path test', `needs ${STUB} (systemd-boot-efi) and sbsign/sbverify (sbsigntool)`))('the Yocto path (lib/lamadist) makes the toolkit release', () => {
+describe.skipIf(
+  skipBecause(
+    !haveTools,
+    'Yocto release path test',
+    `needs ${STUB} (systemd-boot-efi) and sbsign/sbverify (sbsigntool)`,
+  ),
+)('the Yocto path (lib/lamadist) makes the toolkit release', () => {
   it('template UKIs: the same sections at the same offsets and addresses, byte for byte', () => {
     for (const slot of SLOTS) {
       expect(inspectUki(pyTemplates[slot]).sections).toEqual(inspectUki(boot.templates[slot]).sections);
@@ -105,19 +169,48 @@ describe.skipIf(skipBecause(!haveTools, 'Yocto release path test', `needs ${STUB
 
   it('sections after .cmdline stay where they are whatever the command line', async () => {
     const out = path.join(tmp, 'long.efi');
-    const r = py('uki', ['--stub', STUB, '--linux', kernel, '--initrd', initrd, '--osrel', osrel, '--cmdline', 'x'.repeat(4000), '--out', out]);
+    const r = py('uki', [
+      '--stub',
+      STUB,
+      '--linux',
+      kernel,
+      '--initrd',
+      initrd,
+      '--osrel',
+      osrel,
+      '--cmdline',
+      'x'.repeat(4000),
+      '--out',
+      out,
+    ]);
     expect(r).toEqual({ code: 0, out: '' });
     const long = inspectUki(await fs.readFile(out));
     const short = inspectUki(pyTemplates.a);
-    expect(long.sections.map((s) => [s.name, s.fileOffset, s.virtualAddress])).toEqual(short.sections.map((s) => [s.name, s.fileOffset, s.virtualAddress]));
+    expect(long.sections.map((s) => [s.name, s.fileOffset, s.virtualAddress])).toEqual(
+      short.sections.map((s) => [s.name, s.fileOffset, s.virtualAddress]),
+    );
     expect(long.cmdline).toBe('x'.repeat(4000));
-    const over = py('uki', ['--stub', STUB, '--linux', kernel, '--cmdline', 'x'.repeat(4097), '--out', path.join(tmp, 'over.efi')]);
-    expect(over).toEqual({ code: 2, out: 'lamadist.uki: error: kernel command line is 4097 bytes, more than the 4096 a UKI sets aside\n' });
+    const over = py('uki', [
+      '--stub',
+      STUB,
+      '--linux',
+      kernel,
+      '--cmdline',
+      'x'.repeat(4097),
+      '--out',
+      path.join(tmp, 'over.efi'),
+    ]);
+    expect(over).toEqual({
+      code: 2,
+      out: 'lamadist.uki: error: kernel command line is 4097 bytes, more than the 4096 a UKI sets aside\n',
+    });
     expect(existsSync(path.join(tmp, 'over.efi'))).toBe(false);
   });
 
   it("every host's patch parses with the toolkit, rebuilds a UKI sbverify accepts, with the toolkit's command line and signed image", async () => {
-    expect((await fs.readdir(path.join(pyOut, 'hosts'))).sort()).toEqual(boot.hosts.map((h) => h.host.machineId).sort());
+    expect((await fs.readdir(path.join(pyOut, 'hosts'))).sort()).toEqual(
+      boot.hosts.map((h) => h.host.machineId).sort(),
+    );
     for (const h of boot.hosts) {
       for (const slot of SLOTS) {
         const f = await files(h.host.machineId, slot);
@@ -127,17 +220,24 @@ describe.skipIf(skipBecause(!haveTools, 'Yocto release path test', `needs ${STUB
         expect(inspectUki(rebuilt).cmdline, where).toBe(inspectUki(h.ukis[slot]).cmdline);
         // Both paths signed the same image: only the signatures' bytes may differ.
         expect(authenticodeDigest(rebuilt).equals(authenticodeDigest(h.ukis[slot])), where).toBe(true);
-        expect(rebuilt.equals(await fs.readFile(path.join(tmp, 'py-ukis', h.host.name, `lamadist-${slot}.efi`))), where).toBe(true);
+        expect(
+          rebuilt.equals(await fs.readFile(path.join(tmp, 'py-ukis', h.host.name, `lamadist-${slot}.efi`))),
+          where,
+        ).toBe(true);
         const file = path.join(tmp, `${h.host.name}-${slot}.efi`);
         await fs.writeFile(file, rebuilt);
-        expect(sh('sbverify', ['--cert', path.join(keys, 'db.crt'), file]).out, where).toMatch(/Signature verification OK/);
+        expect(sh('sbverify', ['--cert', path.join(keys, 'db.crt'), file]).out, where).toMatch(
+          /Signature verification OK/,
+        );
         expect(f.bin.length, where).toBeLessThan(16 * 1024);
       }
     }
     const dyn = boot.hosts.find((h) => h.host.name === 'dyn1');
     const raw = boot.hosts.find((h) => h.host.name === 'raw1');
     expect((await files(dyn?.host.machineId ?? '', 'b')).cmdline).toMatch(/ ip=dhcp\n$/);
-    expect((await files(raw?.host.machineId ?? '', 'a')).cmdline).toMatch(/ ip=192\.0\.2\.30::192\.0\.2\.1:255\.255\.255\.0::eth0:off\n$/);
+    expect((await files(raw?.host.machineId ?? '', 'a')).cmdline).toMatch(
+      / ip=192\.0\.2\.30::192\.0\.2\.1:255\.255\.255\.0::eth0:off\n$/,
+    );
   });
 
   describe("meta-lamadist's bundle hook on the Yocto path's files", () => {
@@ -165,28 +265,58 @@ describe.skipIf(skipBecause(!haveTools, 'Yocto release path test', `needs ${STUB
       for (const h of boot.hosts) expect(await check(running(h)), h.host.name).toEqual({ code: 0, out: '' });
       const h = boot.hosts[0] as ReleaseBoot['hosts'][number];
       const stranger = running(h).replaceAll(h.host.machineId, 'f'.repeat(32));
-      expect(await check(stranger)).toEqual({ code: 10, out: `lamadist-bundle-hook: host ${'f'.repeat(32)} (${h.host.name}) is not in this release\n` });
+      expect(await check(stranger)).toEqual({
+        code: 10,
+        out: `lamadist-bundle-hook: host ${'f'.repeat(32)} (${h.host.name}) is not in this release\n`,
+      });
     });
 
     const canUnshare = sh('unshare', ['--mount', 'true']).code === 0;
-    it.skipIf(skipBecause(!canUnshare, 'bundle hook slot-install on the Yocto files', 'unshare --mount is not permitted here (it needs a private tmpfs ESP)'))(
-      "slot-install writes each host's signed UKI, the one the toolkit's patch would give",
+    it.skipIf(
+      skipBecause(
+        !canUnshare,
+        'bundle hook slot-install on the Yocto files',
+        'unshare --mount is not permitted here (it needs a private tmpfs ESP)',
+      ),
+    )(
+      "slot-install writes each host's signed UKI for the target slot, with the toolkit's command line",
       async () => {
         const esp = path.join(tmp, 'esp');
         await fs.mkdir(esp, { recursive: true });
-        for (const h of boot.hosts) {
-          for (const slot of SLOTS) {
-            const cmdline = path.join(tmp, 'running');
-            await fs.writeFile(cmdline, running(h));
-            const out = path.join(tmp, `esp-${h.host.name}-${slot}.efi`);
-            const env = { RAUC_SLOT_CLASS: 'efi', RAUC_SLOT_NAME: slot === 'a' ? 'efi.0' : 'efi.1', RAUC_IMAGE_NAME: path.join(mount, 'efi.tar'), LAMADIST_ESP: esp, LAMADIST_CMDLINE: cmdline };
-            const r = sh('unshare', ['--mount', 'sh', '-c', `mount -t tmpfs tmpfs '${esp}' && '${hook}' slot-install && cp '${esp}/EFI/Linux/lamadist-${slot}.efi' '${out}'`], env);
-            expect(r, `${h.host.name} slot ${slot}`).toEqual({ code: 0, out: '' });
-            const installed = await fs.readFile(out);
-            expect(installed.equals(await fs.readFile(path.join(tmp, 'py-ukis', h.host.name, `lamadist-${slot}.efi`)))).toBe(true);
-            expect(inspectUki(installed).cmdline).toBe(inspectUki(h.ukis[slot]).cmdline);
-            expect(sh('sbverify', ['--cert', path.join(keys, 'db.crt'), out]).out).toMatch(/Signature verification OK/);
-          }
+        // Every host once, the slots taken in turn.
+        for (const [i, h] of boot.hosts.entries()) {
+          const slot = SLOTS[i % 2] as 'a' | 'b';
+          const cmdline = path.join(tmp, 'running');
+          await fs.writeFile(cmdline, running(h));
+          const out = path.join(tmp, `esp-${h.host.name}-${slot}.efi`);
+          const env = {
+            RAUC_SLOT_CLASS: 'efi',
+            RAUC_SLOT_NAME: slot === 'a' ? 'efi.0' : 'efi.1',
+            RAUC_IMAGE_NAME: path.join(mount, 'efi.tar'),
+            LAMADIST_ESP: esp,
+            LAMADIST_CMDLINE: cmdline,
+          };
+          const r = sh(
+            'unshare',
+            [
+              '--mount',
+              'sh',
+              '-c',
+              `mount -t tmpfs tmpfs '${esp}' && '${hook}' slot-install && cp '${esp}/EFI/Linux/lamadist-${slot}.efi' '${out}'`,
+            ],
+            env,
+          );
+          expect(r, `${h.host.name} slot ${slot}`).toEqual({ code: 0, out: '' });
+          const installed = await fs.readFile(out);
+          expect(
+            installed.equals(
+              await fs.readFile(path.join(tmp, 'py-ukis', h.host.name, `lamadist-${slot}.efi`)),
+            ),
+          ).toBe(true);
+          expect(inspectUki(installed).cmdline).toBe(inspectUki(h.ukis[slot]).cmdline);
+          expect(sh('sbverify', ['--cert', path.join(keys, 'db.crt'), out]).out).toMatch(
+            /Signature verification OK/,
+          );
         }
       },
       120_000,
@@ -194,14 +324,38 @@ describe.skipIf(skipBecause(!haveTools, 'Yocto release path test', `needs ${STUB
   });
 
   describe('bad input: one line, exit 2, the place, no output', () => {
-    const release = (hosts: string, out: string, python?: string[]): { code: number; out: string } =>
-      py('release', ['--templates', efiTar, '--hosts', hosts, '--db-key', path.join(keys, 'db.key'), '--db-cert', path.join(keys, 'db.crt'), '--out', out], python);
+    const release = (hosts: string, out: string, flags?: string[]): { code: number; out: string } =>
+      py(
+        'release',
+        [
+          '--templates',
+          efiTar,
+          '--hosts',
+          hosts,
+          '--db-key',
+          path.join(keys, 'db.key'),
+          '--db-cert',
+          path.join(keys, 'db.crt'),
+          '--out',
+          out,
+        ],
+        flags,
+      );
 
     it('a bad ip, a duplicate machine-id, an inventory without hosts', async () => {
       const cases: [string, string][] = [
-        ['hosts:\n  n1:\n    machine-id: 4f6c0a9e1d2b4c3e8a7f6b5c4d3e2f1a\n    ip: { address: 192.0.2.10/33 }\n', ":4:9: address '192.0.2.10/33' must be IPv4/prefix, e.g. 192.168.1.10/24"],
-        ['hosts:\n  n1:\n    machine-id: 4f6c0a9e1d2b4c3e8a7f6b5c4d3e2f1a\n  n2:\n    machine-id: 4f6c0a9e1d2b4c3e8a7f6b5c4d3e2f1a\n', ':5:17: host n2 has the same machine-id as host n1'],
-        ['hosts:\n  n1:\n    machine-id: 4f6c0a9e1d2b4c3e8a7f6b5c4d3e2f1a\n    kernel-args: [quiet, systemd.hostname=x]\n', ':4:26: host n1: kernel-args must not set systemd.hostname= (it comes from the inventory and the slot)'],
+        [
+          'hosts:\n  n1:\n    machine-id: 4f6c0a9e1d2b4c3e8a7f6b5c4d3e2f1a\n    ip: { address: 192.0.2.10/33 }\n',
+          ":4:9: address '192.0.2.10/33' must be IPv4/prefix, e.g. 192.168.1.10/24",
+        ],
+        [
+          'hosts:\n  n1:\n    machine-id: 4f6c0a9e1d2b4c3e8a7f6b5c4d3e2f1a\n  n2:\n    machine-id: 4f6c0a9e1d2b4c3e8a7f6b5c4d3e2f1a\n',
+          ':5:17: host n2 has the same machine-id as host n1',
+        ],
+        [
+          'hosts:\n  n1:\n    machine-id: 4f6c0a9e1d2b4c3e8a7f6b5c4d3e2f1a\n    kernel-args: [quiet, systemd.hostname=x]\n',
+          ':4:26: host n1: kernel-args must not set systemd.hostname= (it comes from the inventory and the slot)',
+        ],
         ['hosts: {}\n', ' lists no hosts: a release without hosts would be refused by every device'],
       ];
       for (const [i, [text, message]] of cases.entries()) {
@@ -214,21 +368,52 @@ describe.skipIf(skipBecause(!haveTools, 'Yocto release path test', `needs ${STUB
       }
     });
 
+    it('an efi image without both templates', async () => {
+      const tar = path.join(tmp, 'one.tar');
+      expect(sh('tar', ['-cf', tar, '-C', path.join(tmp, 'templates'), 'lamadist-a.efi']).code).toBe(0);
+      const out = path.join(tmp, 'one-out');
+      const r = py('release', [
+        '--templates',
+        tar,
+        '--hosts',
+        inventory,
+        '--db-key',
+        path.join(keys, 'db.key'),
+        '--db-cert',
+        path.join(keys, 'db.crt'),
+        '--out',
+        out,
+      ]);
+      expect(r).toEqual({
+        code: 2,
+        out: `lamadist.release: error: ${tar} has no file lamadist-b.efi (the efi image must hold both template UKIs)\n`,
+      });
+      expect(existsSync(out)).toBe(false);
+    });
+
     it('reads hosts.yaml as YAML 1.2, as the toolkit does: `ip: off` is the word off, not false', async () => {
       const file = path.join(tmp, 'off.yaml');
-      await fs.writeFile(file, 'hosts:\n  n1:\n    machine-id: 4f6c0a9e1d2b4c3e8a7f6b5c4d3e2f1a\n    ip: off\n');
+      await fs.writeFile(
+        file,
+        'hosts:\n  n1:\n    machine-id: 4f6c0a9e1d2b4c3e8a7f6b5c4d3e2f1a\n    ip: off\n',
+      );
       const [host] = releaseHosts((await loadInventory(file)).hosts);
       const out = path.join(tmp, 'off-out');
       expect(release(file, out).code).toBe(0);
-      const line = await fs.readFile(path.join(out, 'hosts/4f6c0a9e1d2b4c3e8a7f6b5c4d3e2f1a/cmdline-a'), 'utf8');
+      const line = await fs.readFile(
+        path.join(out, 'hosts/4f6c0a9e1d2b4c3e8a7f6b5c4d3e2f1a/cmdline-a'),
+        'utf8',
+      );
       expect(line).toBe(`${planHostCmdlines(bsp, ROOT_HASH, host ? [host] : []).hosts[0]?.cmdline.a}\n`);
       expect(line).toMatch(/ ip=off\n$/);
     });
 
     it('says so when PyYAML is missing (python3 -S leaves site-packages out)', () => {
-      const r = release(inventory, path.join(tmp, 'no-yaml'), ['python3', '-S']);
+      const r = release(inventory, path.join(tmp, 'no-yaml'), ['-S']);
       expect(r.code).toBe(2);
-      expect(r.out).toMatch(/^lamadist\.release: error: reading .*hosts\.yaml needs PyYAML \(python3-yaml; kas depends on it\), which this Python .* lacks\n$/);
+      expect(r.out).toMatch(
+        /^lamadist\.release: error: reading .*hosts\.yaml needs PyYAML \(python3-yaml; kas depends on it\), which this Python .* lacks\n$/,
+      );
     });
   });
 });

@@ -325,9 +325,12 @@ def read_templates(tar_path):
             for slot in SLOTS:
                 name = "lamadist-%s.efi" % slot
                 try:
-                    out[slot] = tar.extractfile(name).read()
+                    member = tar.extractfile(name)
                 except KeyError:
-                    raise ReleaseError("%s has no %s (the efi image must hold both template UKIs)" % (tar_path, name))
+                    member = None
+                if member is None:
+                    raise ReleaseError("%s has no file %s (the efi image must hold both template UKIs)" % (tar_path, name))
+                out[slot] = member.read()
             return out
     except (OSError, tarfile.TarError) as err:
         raise ReleaseError("cannot read the efi image %s: %s" % (tar_path, err))
@@ -347,14 +350,16 @@ def sign(pe, db_key, db_cert, sbsign, workdir):
         return f.read()
 
 
-def write_release(templates, hosts_yaml, db_key, db_cert, out, sbsign="sbsign", ukis=None):
-    """Write out/hosts/<machine-id>/{cmdline,uki}-<slot>* for every host of hosts_yaml; with ukis,
-    also every host's signed UKIs as ukis/<host>/lamadist-<slot>.efi. Returns [(name, machine-id,
-    patch bytes)]. Nothing is left behind on failure; an existing out/hosts is replaced."""
+def write_release(efi_image, hosts_yaml, db_key, db_cert, out, sbsign="sbsign", ukis=None):
+    """Write out/hosts/<machine-id>/{cmdline,uki}-<slot>* for every host of hosts_yaml, from the
+    templates of efi_image (read_templates); with ukis, also every host's signed UKIs as
+    ukis/<host>/lamadist-<slot>.efi. Returns [(name, machine-id, patch bytes)]. Nothing is left
+    behind on failure; an existing out/hosts is replaced."""
     for f in (db_key, db_cert):
         if not os.path.isfile(f):
             raise ReleaseError("Secure Boot db key file %s does not exist" % f)
     hosts = load_hosts(hosts_yaml)
+    templates = read_templates(efi_image)
     base = {}
     for slot in SLOTS:
         try:
@@ -414,7 +419,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="directory that receives hosts/")
     a = p.parse_args(argv)
     try:
-        for name, mid, size in write_release(read_templates(a.templates), a.hosts, a.db_key, a.db_cert, a.out,
+        for name, mid, size in write_release(a.templates, a.hosts, a.db_key, a.db_cert, a.out,
                                              sbsign=a.sbsign, ukis=a.ukis):
             print("%s %s %d" % (name, mid, size))
     except (ReleaseError, OSError) as err:

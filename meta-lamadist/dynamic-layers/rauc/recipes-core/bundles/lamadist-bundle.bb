@@ -67,7 +67,7 @@ python do_lamadist_hosts () {
     keydir = d.getVar('LAMADIST_SIGNING_DIR')
     try:
         report = lamadist.release.write_release(
-            lamadist.release.read_templates(d.getVar('LAMADIST_BUNDLE_EFI_IMAGE')), hosts,
+            d.getVar('LAMADIST_BUNDLE_EFI_IMAGE'), hosts,
             os.path.join(keydir, 'db.key'), os.path.join(keydir, 'db.crt'), d.getVar('S'),
             sbsign=os.path.join(d.getVar('STAGING_BINDIR_NATIVE'), 'sbsign'))
     except lamadist.release.ReleaseError as err:

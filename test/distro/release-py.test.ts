@@ -41,7 +41,7 @@ const PYTHON =
   spawnSync('python3', ['-c', 'import sys; print(sys.executable)'], { encoding: 'utf8' }).stdout.trim() ||
   'python3';
 const py = (mod: string, args: string[], flags: string[] = []): { code: number; out: string } =>
-  sh(PYTHON, [...flags, '-m', `lamadist.${mod}`, ...args], { PYTHONPATH: LIB });
+  sh(PYTHON, [...flags, '-m', `lamadist.${mod}`, ...args], { PYTHONPATH: LIB, PYTHONDONTWRITEBYTECODE: '1' });
 
 let tmp: string;
 let keys: string;

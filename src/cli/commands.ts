@@ -25,6 +25,7 @@ export const COMMANDS: Record<string, { summary: string; load: () => Promise<Com
   sign: { summary: 'Authenticode-sign EFI images with the Secure Boot db key', load: () => import('./commands/sign.js') },
   verify: { summary: 'verify EFI image signatures against a certificate', load: () => import('./commands/verify.js') },
   host: { summary: 'manage the host inventory (identity and network on the kernel command line)', load: () => import('./commands/host.js') },
+  release: { summary: 'make the release bundle that serves every host of the fleet', load: () => import('./commands/release.js') },
   provision: { summary: 'provision hosts from a release: device key, registration, update client, signed UKIs, sealed disk', load: () => import('./commands/provision.js') },
   build: { summary: 'build LamaDist images with kas in the build container', load: () => import('./commands/build.js') },
   shell: { summary: 'open a kas shell for a BSP in the build container', load: () => import('./commands/shell.js') },

@@ -29,6 +29,7 @@ import { signPe, type SignerKeys } from '../secureboot/index.js';
 import { EFI_STUBS, buildUki, setUkiCmdline, type Input } from '../uki/index.js';
 import { makeTempDir } from '../util/fsx.js';
 import { run } from '../util/proc.js';
+import { verifyVerity } from '../verity/index.js';
 import { diffUki, renderPatch } from './patch.js';
 
 export { applyUkiPatch, diffUki, parsePatch, renderPatch, MAX_PATCH_BYTES, type PatchWrite, type UkiPatch } from './patch.js';
@@ -148,6 +149,10 @@ export interface CreatedRelease extends CreatedBundle {
 export async function createRelease(o: CreateReleaseOptions): Promise<CreatedRelease> {
   if (o.hosts.length === 0) throw new UserError('LAMA_E_RELEASE_INPUT', 'a release needs at least one host (its inventory is empty)');
   const step = o.onStep ?? ((): void => undefined);
+  // Every host's UKI will name this root hash: a wrong one would leave the whole fleet unbootable.
+  step('checking the root image against its dm-verity tree and root hash');
+  if (!/^[0-9a-f]{64}$/.test(o.rootHash)) throw new UserError('LAMA_E_RELEASE_INPUT', `root hash '${o.rootHash}' must be 64 lowercase hex digits`);
+  await verifyVerity({ dataPath: o.rootfs, hashPath: o.verity, rootHash: Buffer.from(o.rootHash, 'hex') });
   step(`boot artefacts for ${o.hosts.length} host(s)`);
   const boot = await releaseBootFiles(o);
   const tmp = await makeTempDir('lamadist-release-');

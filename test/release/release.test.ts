@@ -7,11 +7,13 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { getBsp } from '../../src/bsp/index.js';
 import { buildErofs } from '../../src/erofs/index.js';
 import { UserError } from '../../src/errors.js';
+import { addHost } from '../../src/host/index.js';
 import { initKeys, keyPath } from '../../src/keys/index.js';
 import { inspectBundle } from '../../src/rauc/index.js';
 import { BUNDLE_HOOK, applyUkiPatch, createRelease, diffUki, parsePatch, planHostCmdlines, releaseBootFiles, renderPatch, type ReleaseBoot, type ReleaseHost } from '../../src/release/index.js';
 import { buildUki, inspectUki, setUkiCmdline } from '../../src/uki/index.js';
 import { formatVerity } from '../../src/verity/index.js';
+import { runCli } from '../helpers/cli.js';
 import { skipBecause } from '../helpers/skip.js';
 import { STUB } from '../uki/helpers.js';
 
@@ -268,5 +270,29 @@ describe('release bundles', () => {
     expect(sh('rauc', ['extract', '--conf', conf, '--keyring', path.join(keys, 'rauc-ca.crt'), ten.path, x]).code).toBe(0);
     expect((await fs.readdir(path.join(x, 'hosts'))).sort()).toEqual(Array.from({ length: 10 }, (_, i) => mid(i + 1)));
     expect((await fs.readFile(path.join(x, `hosts/${mid(3)}/cmdline-b`), 'utf8')).trim()).toBe(`roothash=${rootHash} lamadist.slot=b rauc.slot=B ${bsp.console} rw systemd.hostname=node3 systemd.machine_id=${mid(3)}`);
+  }, 120_000);
+
+  it('lamadist release create builds it from the inventory and refuses a root hash the image does not have', async () => {
+    const inventory = path.join(tmp, 'hosts.yaml');
+    await addHost(inventory, { name: 'alpha', ip: 'dhcp' });
+    await addHost(inventory, { name: 'beta' });
+    await addHost(inventory, { name: 'gamma', bsp: 'rk1' });
+    await fs.writeFile(path.join(tmp, 'kernel'), kernel);
+    await fs.writeFile(path.join(tmp, 'initrd'), initrd);
+    const args = (out: string, hash: string): string[] =>
+      ['release', 'create', '-o', out, '--bsp', 'x86_64', '--version', '2.0', '--rootfs', rootfs, '--verity', verity, '--root-hash', hash, '--kernel', path.join(tmp, 'kernel'), '--initrd', path.join(tmp, 'initrd'), '--inventory', inventory, '--keys', keys, '--json'];
+    const out = path.join(tmp, 'cli.raucb');
+    const r = await runCli(args(out, rootHash));
+    expect(r.code, r.stderr).toBe(0);
+    const created = JSON.parse(r.stdout) as { hosts: { name: string }[]; manifest: { version: string } };
+    // Only the BSP's hosts: the rk1 board gets its own release.
+    expect(created.hosts.map((h) => h.name)).toEqual(['alpha', 'beta']);
+    expect(created.manifest.version).toBe('2.0');
+    const bad = path.join(tmp, 'bad.raucb');
+    const wrong = await runCli(args(bad, 'cd'.repeat(32)));
+    expect(wrong.code).toBe(2);
+    expect(wrong.stderr.trim().split('\n')).toHaveLength(1);
+    expect(wrong.stderr).toMatch(/LAMA_E_VERITY_MISMATCH/);
+    expect(existsSync(bad)).toBe(false);
   }, 120_000);
 });

@@ -286,6 +286,11 @@ export interface InspectOptions {
   verifyPayload?: boolean;
   /** Check certificate validity at the bundle's signing time, not now (RAUC's use-bundle-signing-time). */
   useSigningTime?: boolean;
+  /**
+   * casync bundles: the chunk store (`rauc convert` writes `<bundle>.castr`). With it every blob
+   * image is rebuilt by `casync extract`, which checks each chunk's id, and its SHA-256 compared.
+   */
+  casyncStore?: string;
 }
 
 /** What `inspectBundle` reports. */
@@ -311,7 +316,7 @@ export interface BundleInfo {
       adaptive?: string[];
       hooks?: string[];
       /** casync bundles (`rauc convert`): the payload holds this index instead of the image. */
-      casync?: { kind: 'caibx' | 'caidx'; chunks?: number; indexSize?: number; chunkDigest?: string };
+      casync?: { kind: 'caibx' | 'caidx'; chunks?: number; indexSize?: number; chunkDigest?: string; rebuilt?: boolean };
     }[];
   };
   signer: CertSummary | undefined;
@@ -472,16 +477,16 @@ function checked(file: string, b: OpenedBundle, o: InspectOptions): OpenedBundle
 export async function inspectBundle(file: string, o: InspectOptions = {}): Promise<BundleInfo> {
   const b = await openChecked(file, o);
   const verifyPayload = o.verifyPayload ?? b.verified;
-  let indexes = new Map<string, CasyncIndex>();
+  let indexes = new Map<string, CheckedIndex>();
   if (verifyPayload) {
     // A plain bundle's payload was covered by the signature digest already.
     if (b.manifest.format !== 'plain') await checkVerity(file, b.payload, b.manifest);
-    indexes = await checkImages(file, b.payload, b.manifest);
+    indexes = await checkImages(file, b.payload, b.manifest, o.casyncStore);
   }
   return describe(file, b, verifyPayload, indexes);
 }
 
-function describe(file: string, b: OpenedBundle, payloadVerified: boolean, indexes = new Map<string, CasyncIndex>()): BundleInfo {
+function describe(file: string, b: OpenedBundle, payloadVerified: boolean, indexes = new Map<string, CheckedIndex>()): BundleInfo {
   const m = b.manifest;
   const { layout, chain, signingTime } = b;
   const signer = chain[0] ?? signerSummary(b.signedData);
@@ -515,16 +520,19 @@ function describe(file: string, b: OpenedBundle, payloadVerified: boolean, index
     sizes: { file: layout.fileSize, payload: b.payload, hashTree: m.veritySize ?? 0, signature: layout.signatureSize },
     verified: b.verified,
     payloadVerified,
-    unchecked: m.images
-      .filter((i) => casyncKind(i.filename))
-      .map((i) => `[${i.slotClass}] ${i.filename}: the image's sha256${casyncKind(i.filename) === 'caidx' ? ' and size' : ''} and the chunks need the casync chunk store`),
+    unchecked: m.images.flatMap((i) => {
+      const kind = casyncKind(i.filename);
+      if (kind === 'caidx') return [`[${i.slotClass}] ${i.filename}: the image's sha256 and size are those of the tar archive, which casync does not rebuild (it rebuilds the directory tree)`];
+      if (kind === 'caibx' && !indexes.get(i.filename)?.rebuilt) return [`[${i.slotClass}] ${i.filename}: the image's sha256 and the chunks need the casync chunk store (--casync-store)`];
+      return [];
+    }),
   };
 }
 
-function casyncOf(filename: string, idx: CasyncIndex | undefined): Pick<BundleInfo['manifest']['images'][number], 'casync'> {
+function casyncOf(filename: string, idx: CheckedIndex | undefined): Pick<BundleInfo['manifest']['images'][number], 'casync'> {
   const kind = casyncKind(filename);
   if (!kind) return {};
-  return { casync: { kind, ...(idx && { chunks: idx.chunks, indexSize: idx.size, chunkDigest: idx.chunkDigest }) } };
+  return { casync: { kind, ...(idx && { chunks: idx.chunks, indexSize: idx.size, chunkDigest: idx.chunkDigest, ...(idx.rebuilt && { rebuilt: true }) }) } };
 }
 
 async function checkVerity(file: string, payload: number, m: Manifest): Promise<void> {
@@ -583,14 +591,21 @@ async function unpack(file: string, payload: number, m: Manifest, dir: string, o
   }
 }
 
+/** A casync index as checked; `rebuilt` when the image was rebuilt from the chunk store and its hash compared. */
+type CheckedIndex = CasyncIndex & { rebuilt?: boolean };
+
 /**
  * Each image against its manifest hash. The index of a casync image is checked for structure and,
  * for a blob index, for the image size it describes: the manifest's sha256 is that of the image
- * in the chunk store, so a valid index never matches it.
+ * in the chunk store, so a valid index never matches it. With the chunk store, blob images are
+ * rebuilt and hashed as well.
  */
-async function checkImages(file: string, payload: number, m: Manifest): Promise<Map<string, CasyncIndex>> {
+async function checkImages(file: string, payload: number, m: Manifest, store?: string): Promise<Map<string, CheckedIndex>> {
+  if (store !== undefined && !(await fs.stat(store).catch(() => undefined))?.isDirectory()) {
+    throw new UserError('LAMA_E_NOT_FOUND', `casync chunk store ${store} is not a directory`);
+  }
   const tmp = await makeTempDir('lamadist-inspect-');
-  const indexes = new Map<string, CasyncIndex>();
+  const indexes = new Map<string, CheckedIndex>();
   try {
     const out = path.join(tmp.dir, 'x');
     await unpack(file, payload, m, out, m.images.map((i) => i.filename));
@@ -601,7 +616,8 @@ async function checkImages(file: string, payload: number, m: Manifest): Promise<
         if (kind === 'caibx' && idx.size !== img.size) {
           throw new UserError('LAMA_E_BUNDLE_CASYNC_INDEX', `casync index ${img.filename} describes a ${idx.size}-byte image, the manifest says ${img.size}`, { where: file });
         }
-        indexes.set(img.filename, idx);
+        const rebuilt = kind === 'caibx' && store !== undefined && (await checkRebuilt(file, path.join(out, img.filename), img, store, tmp.dir));
+        indexes.set(img.filename, { ...idx, ...(rebuilt && { rebuilt }) });
         continue;
       }
       const d = await digestImage(path.join(out, img.filename)).catch((err: unknown) => {
@@ -618,6 +634,25 @@ async function checkImages(file: string, payload: number, m: Manifest): Promise<
     await tmp.remove();
   }
   return indexes;
+}
+
+/** Rebuild a blob image from the chunk store with `casync extract` (which checks every chunk id) and compare its hash. */
+async function checkRebuilt(file: string, index: string, img: ManifestImage, store: string, tmpDir: string): Promise<true> {
+  const rebuilt = path.join(tmpDir, `rebuilt-${img.slotClass}`);
+  try {
+    const r = await run('casync', ['extract', `--store=${store}`, index, rebuilt], { allowFailure: true });
+    if (r.code !== 0) {
+      const why = r.stderr.trim().split('\n').pop() ?? `exit ${r.code}`;
+      throw new UserError('LAMA_E_BUNDLE_CASYNC_STORE', `casync cannot rebuild ${img.filename} from the chunk store ${store}: ${why}`, { where: file });
+    }
+    const d = await digestImage(rebuilt);
+    if (d.sha256 !== img.sha256 || d.size !== img.size) {
+      throw new UserError('LAMA_E_BUNDLE_IMAGE_TAMPERED', `image rebuilt from ${img.filename} and the chunk store ${store} does not match its manifest hash`, { where: file });
+    }
+    return true;
+  } finally {
+    await fs.rm(rebuilt, { force: true });
+  }
 }
 
 async function readIndex(file: string, p: string, name: string): Promise<Buffer> {

@@ -282,6 +282,31 @@ describe('tampered corpus: rauc refuses, so do we, naming the part', () => {
   });
 });
 
+describe('casync bundles with their chunk store', () => {
+  it('verify --casync-store rebuilds every blob image with casync and checks its sha256; a damaged chunk is refused by name', async () => {
+    const m = corpus.get('casync, verity format, blob and archive indexes') as Made;
+    const store = m.file.replace(/\.raucb$/, '.castr');
+    const ok = await runCli(['--json', 'bundle', 'verify', '--keyring', m.keyring, '--casync-store', store, m.file]);
+    expect(ok.code, ok.stderr).toBe(0);
+    const i = JSON.parse(ok.stdout) as Awaited<ReturnType<typeof inspectBundle>>;
+    expect(i.manifest.images.map((img) => [img.slotClass, img.casync?.kind, img.casync?.rebuilt])).toEqual([
+      ['rootfs', 'caibx', true],
+      ['efi', 'caibx', true],
+      ['appfs', 'caidx', undefined],
+    ]);
+    expect(i.unchecked).toEqual([expect.stringMatching(/^\[appfs\] app\.tar\.caidx: the image's sha256 and size are those of the tar archive/)]);
+    const bad = path.join(dir, 'damaged.castr');
+    expect(spawnSync('cp', ['-r', store, bad]).status).toBe(0);
+    const chunk = readdirSync(bad, { recursive: true, withFileTypes: true }).find((f) => f.name.endsWith('.cacnk'));
+    expect(chunk).toBeDefined();
+    writeFileSync(path.join(chunk?.parentPath ?? '', chunk?.name ?? ''), 'not a chunk');
+    const r = await runCli(['bundle', 'verify', '--keyring', m.keyring, '--casync-store', bad, m.file]);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/casync cannot rebuild \S+\.caibx from the chunk store .*damaged\.castr: .*\[LAMA_E_BUNDLE_CASYNC_STORE\]/);
+    expect(r.stdout).toBe('');
+  });
+});
+
 describe('EC recipients from us', () => {
   it('bundle encrypt --to an EC certificate: rauc info and rauc extract open it with the EC key', async () => {
     const crypt = path.join(dir, 'crypt.raucb');

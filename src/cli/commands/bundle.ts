@@ -238,6 +238,7 @@ export interface InspectCliOptions {
   bsp?: string;
   payload?: boolean;
   useSigningTime?: boolean;
+  casyncStore?: string;
 }
 
 function inspectOptions(o: InspectCliOptions, requireKeyring: boolean): Parameters<typeof inspectBundle>[1] {
@@ -250,6 +251,7 @@ function inspectOptions(o: InspectCliOptions, requireKeyring: boolean): Paramete
     ...(compatible && { compatible }),
     ...(o.payload === false && { verifyPayload: false }),
     ...(o.useSigningTime && { useSigningTime: true }),
+    ...(o.casyncStore && { casyncStore: o.casyncStore }),
   };
 }
 
@@ -271,7 +273,7 @@ export function describeBundle(ctx: Context, i: BundleInfo): string {
     ...i.manifest.images.flatMap((m) => [
       `  [${m.slotClass}] ${m.filename}`,
       `    sha256 ${m.sha256}  size ${m.size}${m.adaptive ? `  adaptive ${m.adaptive.join(',')}` : ''}${m.hooks ? `  hooks ${m.hooks.join(',')}` : ''}`,
-      ...(m.casync ? [`    casync ${m.casync.kind}${m.casync.chunks !== undefined ? `: ${m.casync.chunks} chunks (${m.casync.chunkDigest}), ${m.casync.indexSize} bytes` : ''}`] : []),
+      ...(m.casync ? [`    casync ${m.casync.kind}${m.casync.chunks !== undefined ? `: ${m.casync.chunks} chunks (${m.casync.chunkDigest}), ${m.casync.indexSize} bytes${m.casync.rebuilt ? ', rebuilt from the chunk store' : ''}` : ''}`] : []),
     ]),
     '',
     i.verified ? 'Certificate chain:' : `Signer (${ctx.c.yellow('NOT verified: no --keyring')}):`,
@@ -322,7 +324,8 @@ function inspectFlags(cmd: Command): Command {
     .option('--cert <device.crt>', 'device certificate (selects the recipient entry)')
     .option('--compatible <string>', 'refuse a bundle for another compatible')
     .option('--bsp <name>', 'refuse a bundle not for this BSP')
-    .option('--use-signing-time', 'check certificate validity at the signing time (RAUC use-bundle-signing-time)');
+    .option('--use-signing-time', 'check certificate validity at the signing time (RAUC use-bundle-signing-time)')
+    .option('--casync-store <dir>', 'casync bundle: chunk store to rebuild and hash its blob images from');
 }
 
 export function configure(cmd: Command): void {

@@ -37,7 +37,9 @@ export function parseLuks2JsonText(text: string): unknown {
     }
   }
   return JSON.parse(out, (_k, v: unknown) =>
-    typeof v === 'string' && v.startsWith(DOUBLE_MARK) ? new JsonDouble(Number(v.slice(DOUBLE_MARK.length))) : v,
+    typeof v === 'string' && v.startsWith(DOUBLE_MARK)
+      ? new JsonDouble(Number(v.slice(DOUBLE_MARK.length)))
+      : v,
   );
 }
 
@@ -110,7 +112,8 @@ function strings(o: Obj, key: string, at: string, optional = false): string[] {
   if (optional && !Object.hasOwn(o, key)) return [];
   const a = arr(o, key, at);
   a.forEach((e, i) => {
-    if (typeof e !== 'string') throw new Invalid(`${at}.${key}[${i}]`, `must be a string, not ${describe(e)}`);
+    if (typeof e !== 'string')
+      throw new Invalid(`${at}.${key}[${i}]`, `must be a string, not ${describe(e)}`);
   });
   return a as string[];
 }
@@ -157,10 +160,12 @@ function validateKeyslot(id: string, k: Obj, at: string, digests: [string, Obj][
     for (const f of ['time', 'memory', 'cpus']) int(kdf, f, `${at}.kdf`);
     str(kdf, 'salt', `${at}.kdf`);
   }
-  if (need(af, 'type', `${at}.af`) !== 'luks1') throw new Invalid(`${at}.af.type`, 'only the luks1 anti-forensic splitter exists');
+  if (need(af, 'type', `${at}.af`) !== 'luks1')
+    throw new Invalid(`${at}.af.type`, 'only the luks1 anti-forensic splitter exists');
   str(af, 'hash', `${at}.af`);
   int(af, 'stripes', `${at}.af`);
-  if (need(area, 'type', `${at}.area`) !== 'raw') throw new Invalid(`${at}.area.type`, `keyslot ${id} area type must be raw`);
+  if (need(area, 'type', `${at}.area`) !== 'raw')
+    throw new Invalid(`${at}.area.type`, `keyslot ${id} area type must be raw`);
   str(area, 'encryption', `${at}.area`);
   int(area, 'key_size', `${at}.area`);
 }
@@ -183,7 +188,8 @@ function validateSegment(id: string, s: Obj, at: string, digests: [string, Obj][
     const integrity = obj(s, 'integrity', at);
     for (const f of ['type', 'journal_encryption', 'journal_integrity']) str(integrity, f, `${at}.integrity`);
   }
-  if (size % BigInt(sectorSize) !== 0n) throw new Invalid(`${at}.size`, `${size} is not a multiple of the sector size`);
+  if (size % BigInt(sectorSize) !== 0n)
+    throw new Invalid(`${at}.size`, `${size} is not a multiple of the sector size`);
   if (!digests.some(([, d]) => Array.isArray(d.segments) && d.segments.includes(id)))
     throw new Invalid(at, `crypt segment ${id} has no digest`);
   return offset;
@@ -193,7 +199,10 @@ function validateSegment(id: string, s: Obj, at: string, digests: [string, Obj][
  * Check the JSON metadata of one header copy whose binary header says the copy is `hdrSize` bytes.
  * Returns the JSON path and the problem, or undefined when cryptsetup would accept it.
  */
-export function validateLuks2Json(json: unknown, hdrSize: number): { path: string; message: string } | undefined {
+export function validateLuks2Json(
+  json: unknown,
+  hdrSize: number,
+): { path: string; message: string } | undefined {
   try {
     if (!isObj(json)) throw new Invalid('$', 'the metadata is not a JSON object');
     const keyslots = obj(json, 'keyslots', '');
@@ -228,20 +237,29 @@ export function validateLuks2Json(json: unknown, hdrSize: number): { path: strin
       throw new Invalid('config.json_size', `${jsonSize} + 4096 is not a LUKS2 metadata size`);
     if (keyslotsSize % 4096n !== 0n || keyslotsSize > MAX_KEYSLOTS_SIZE)
       throw new Invalid('config.keyslots_size', `${keyslotsSize} is not a multiple of 4096 up to 128 MiB`);
-    const firstData = cryptOffsets.reduce<bigint | undefined>((m, o) => (m === undefined || o < m ? o : m), undefined);
+    const firstData = cryptOffsets.reduce<bigint | undefined>(
+      (m, o) => (m === undefined || o < m ? o : m),
+      undefined,
+    );
     if (firstData !== undefined && firstData !== 0n && firstData < 2n * metadataSize + keyslotsSize)
-      throw new Invalid('config.keyslots_size', `the keyslots area ends after the data segment at byte ${firstData}`);
+      throw new Invalid(
+        'config.keyslots_size',
+        `the keyslots area ends after the data segment at byte ${firstData}`,
+      );
     strings(config, 'flags', 'config', true);
-    if (Object.hasOwn(config, 'requirements')) strings(obj(config, 'requirements', 'config'), 'mandatory', 'config.requirements', true);
+    if (Object.hasOwn(config, 'requirements'))
+      strings(obj(config, 'requirements', 'config'), 'mandatory', 'config.requirements', true);
 
     const areaEnd = 2n * metadataSize + keyslotsSize;
     const areas = keyslotList.map(([id, k]) => {
       const area = obj(k, 'area', `keyslots.${id}`);
       const at = `keyslots.${id}.area`;
       const a = { at, offset: u64(area, 'offset', at), size: u64(area, 'size', at) };
-      if (a.offset < 2n * metadataSize) throw new Invalid(`${at}.offset`, `${a.offset} is inside the metadata`);
+      if (a.offset < 2n * metadataSize)
+        throw new Invalid(`${at}.offset`, `${a.offset} is inside the metadata`);
       if (a.size === 0n) throw new Invalid(`${at}.size`, 'is zero');
-      if (a.offset + a.size > areaEnd) throw new Invalid(at, `ends after the keyslots area (byte ${areaEnd})`);
+      if (a.offset + a.size > areaEnd)
+        throw new Invalid(at, `ends after the keyslots area (byte ${areaEnd})`);
       return a;
     });
     for (const a of areas) {
@@ -249,7 +267,10 @@ export function validateLuks2Json(json: unknown, hdrSize: number): { path: strin
       if (other) throw new Invalid(a.at, `overlaps ${other.at}`);
     }
     if (jsonSize !== BigInt(hdrSize - 4096))
-      throw new Invalid('config.json_size', `${jsonSize} does not match the binary header's ${hdrSize - 4096}`);
+      throw new Invalid(
+        'config.json_size',
+        `${jsonSize} does not match the binary header's ${hdrSize - 4096}`,
+      );
     return undefined;
   } catch (e) {
     if (e instanceof Invalid) return { path: e.path.replace(/^\./, ''), message: e.message };

@@ -25,11 +25,13 @@ function readNewc(buf: Buffer, at: number, tree: Tree): number | string {
     if (at + 110 > buf.length) return `cpio archive cut off at byte ${at}`;
     const magic = buf.toString('latin1', at, at + 6);
     if (magic !== '070701' && magic !== '070702') return `no cpio header at byte ${at}`;
-    const field = (i: number): number => Number.parseInt(buf.toString('latin1', at + 6 + i * 8, at + 14 + i * 8), 16);
+    const field = (i: number): number =>
+      Number.parseInt(buf.toString('latin1', at + 6 + i * 8, at + 14 + i * 8), 16);
     const mode = field(1);
     const size = field(6);
     const nameSize = field(11);
-    if (![mode, size, nameSize].every(Number.isFinite) || nameSize < 1) return `bad cpio header at byte ${at}`;
+    if (![mode, size, nameSize].every(Number.isFinite) || nameSize < 1)
+      return `bad cpio header at byte ${at}`;
     const nameEnd = at + 110 + nameSize;
     const dataStart = Math.ceil(nameEnd / 4) * 4;
     const next = Math.ceil((dataStart + size) / 4) * 4;
@@ -118,8 +120,7 @@ function lookup(tree: Tree, name: string): { path: string; data: Buffer } | unde
 }
 
 export type OsReleaseSource =
-  | { from: 'initrd'; path: string; data: Buffer }
-  | { from: 'host'; path: string; data: Buffer; why: string };
+  { from: 'initrd'; path: string; data: Buffer } | { from: 'host'; path: string; data: Buffer; why: string };
 
 /**
  * The os-release for a UKI built without one: the initrds' (concatenated in the given order, as the
@@ -134,7 +135,8 @@ export async function defaultOsRelease(initrds: readonly Buffer[]): Promise<OsRe
     else {
       for (const p of OS_RELEASE_PATHS) {
         const found = lookup(tree, p);
-        if (found) return { from: 'initrd', path: p === found.path ? p : `${p} -> ${found.path}`, data: found.data };
+        if (found)
+          return { from: 'initrd', path: p === found.path ? p : `${p} -> ${found.path}`, data: found.data };
       }
       why = 'the initrd has no etc/os-release or usr/lib/os-release';
     }

@@ -87,8 +87,14 @@ const flip = (b: Buffer, at: number): void => void b.writeUInt8(b.readUInt8(at) 
 const MUTATIONS: Mutation[] = [
   { name: 'unchanged' },
   // required objects and keys
-  ...['keyslots', 'tokens', 'segments', 'digests', 'config'].map((k) => ({ name: `no ${k}`, json: (j: Json) => del(j, k) })),
-  ...['area', 'kdf', 'af', 'type', 'key_size'].map((k) => ({ name: `keyslot without ${k}`, json: (j: Json) => del(j.keyslots['0'], k) })),
+  ...['keyslots', 'tokens', 'segments', 'digests', 'config'].map((k) => ({
+    name: `no ${k}`,
+    json: (j: Json) => del(j, k),
+  })),
+  ...['area', 'kdf', 'af', 'type', 'key_size'].map((k) => ({
+    name: `keyslot without ${k}`,
+    json: (j: Json) => del(j.keyslots['0'], k),
+  })),
   { name: 'keyslot area a string', json: (j) => void (j.keyslots['0'].area = 'raw') },
   { name: 'kdf an array', json: (j) => void (j.keyslots['0'].kdf = []) },
   { name: 'metadata an array', text: () => '[]' },
@@ -101,8 +107,15 @@ const MUTATIONS: Mutation[] = [
   { name: 'kdf with an extra key', json: (j) => void (j.keyslots['0'].kdf.time = 4) },
   { name: 'kdf without salt', json: (j) => del(j.keyslots['0'].kdf, 'salt') },
   { name: 'kdf type 5', json: (j) => void (j.keyslots['0'].kdf.type = 5) },
-  { name: 'argon2id kdf missing memory', json: (j) => void (j.keyslots['0'].kdf = { type: 'argon2id', time: 4, cpus: 1, salt: 'AA==', extra: 1 }) },
-  { name: 'argon2id kdf complete', json: (j) => void (j.keyslots['0'].kdf = { type: 'argon2id', time: 4, memory: 1024, cpus: 1, salt: 'AA==' }) },
+  {
+    name: 'argon2id kdf missing memory',
+    json: (j) => void (j.keyslots['0'].kdf = { type: 'argon2id', time: 4, cpus: 1, salt: 'AA==', extra: 1 }),
+  },
+  {
+    name: 'argon2id kdf complete',
+    json: (j) =>
+      void (j.keyslots['0'].kdf = { type: 'argon2id', time: 4, memory: 1024, cpus: 1, salt: 'AA==' }),
+  },
   { name: 'key_size a string', json: (j) => void (j.keyslots['0'].key_size = '64') },
   { name: 'key_size negative', json: (j) => void (j.keyslots['0'].key_size = -1) },
   { name: 'key_size above 32 bits', json: (j) => void (j.keyslots['0'].key_size = 2 ** 33) },
@@ -117,12 +130,50 @@ const MUTATIONS: Mutation[] = [
   { name: 'area offset inside the metadata', json: (j) => void (j.keyslots['0'].area.offset = '4096') },
   { name: 'area beyond the keyslots area', json: (j) => void (j.keyslots['0'].area.offset = '16773120') },
   { name: 'area size 0', json: (j) => void (j.keyslots['0'].area.size = '0') },
-  { name: 'areas overlap', json: (j) => void ((j.keyslots['1'] = { ...j.keyslots['0'], area: { ...j.keyslots['0'].area, offset: '36864' } }), j.digests['0'].keyslots.push('1')) },
-  { name: 'second keyslot, separate area', json: (j) => void ((j.keyslots['1'] = { ...j.keyslots['0'], area: { ...j.keyslots['0'].area, offset: '290816' } }), j.digests['0'].keyslots.push('1')) },
-  { name: 'keyslot in no digest', json: (j) => void (j.keyslots['1'] = { ...j.keyslots['0'], area: { ...j.keyslots['0'].area, offset: '290816' } }) },
-  { name: 'keyslot in two digests', json: (j) => void (j.digests['1'] = { ...j.digests['0'], segments: [] }) },
-  { name: 'keyslot id abc', json: (j) => void ((j.keyslots.abc = j.keyslots['0']), del(j.keyslots, '0'), (j.digests['0'].keyslots = ['abc']), (j.tokens['0'].keyslots = ['abc'])) },
-  { name: 'keyslot of unknown type without kdf', json: (j) => void (j.keyslots['1'] = { type: 'x-future', key_size: 64, area: { type: 'raw', offset: '290816', size: '4096' } }) },
+  {
+    name: 'areas overlap',
+    json: (j) =>
+      void (
+        (j.keyslots['1'] = { ...j.keyslots['0'], area: { ...j.keyslots['0'].area, offset: '36864' } }),
+        j.digests['0'].keyslots.push('1')
+      ),
+  },
+  {
+    name: 'second keyslot, separate area',
+    json: (j) =>
+      void (
+        (j.keyslots['1'] = { ...j.keyslots['0'], area: { ...j.keyslots['0'].area, offset: '290816' } }),
+        j.digests['0'].keyslots.push('1')
+      ),
+  },
+  {
+    name: 'keyslot in no digest',
+    json: (j) =>
+      void (j.keyslots['1'] = { ...j.keyslots['0'], area: { ...j.keyslots['0'].area, offset: '290816' } }),
+  },
+  {
+    name: 'keyslot in two digests',
+    json: (j) => void (j.digests['1'] = { ...j.digests['0'], segments: [] }),
+  },
+  {
+    name: 'keyslot id abc',
+    json: (j) =>
+      void (
+        (j.keyslots.abc = j.keyslots['0']),
+        del(j.keyslots, '0'),
+        (j.digests['0'].keyslots = ['abc']),
+        (j.tokens['0'].keyslots = ['abc'])
+      ),
+  },
+  {
+    name: 'keyslot of unknown type without kdf',
+    json: (j) =>
+      void (j.keyslots['1'] = {
+        type: 'x-future',
+        key_size: 64,
+        area: { type: 'raw', offset: '290816', size: '4096' },
+      }),
+  },
   { name: 'keyslot priority a string', json: (j) => void (j.keyslots['0'].priority = 'high') },
   // references
   { name: 'digest keyslots a string', json: (j) => void (j.digests['0'].keyslots = '0') },
@@ -144,7 +195,10 @@ const MUTATIONS: Mutation[] = [
   { name: 'segment offset a float', json: (j) => void (j.segments['0'].offset = '16777216.0') },
   { name: 'segment offset a number', json: (j) => void (j.segments['0'].offset = 16777216) },
   { name: 'segment offset misaligned', json: (j) => void (j.segments['0'].offset = '16777217') },
-  { name: 'segment offset beyond 64 bits', json: (j) => void (j.segments['0'].offset = '18446744073709551616') },
+  {
+    name: 'segment offset beyond 64 bits',
+    json: (j) => void (j.segments['0'].offset = '18446744073709551616'),
+  },
   { name: 'segment offset ""', json: (j) => void (j.segments['0'].offset = '') },
   { name: 'segment offset 0 (detached header)', json: (j) => void (j.segments['0'].offset = '0') },
   { name: 'segment inside the keyslots area', json: (j) => void (j.segments['0'].offset = '1048576') },
@@ -162,7 +216,11 @@ const MUTATIONS: Mutation[] = [
   { name: 'segment flags a string', json: (j) => void (j.segments['0'].flags = 'x') },
   { name: 'segment flags of numbers', json: (j) => void (j.segments['0'].flags = [1]) },
   { name: 'segment integrity empty', json: (j) => void (j.segments['0'].integrity = {}) },
-  { name: 'segment id a', json: (j) => void ((j.segments.a = j.segments['0']), del(j.segments, '0'), (j.digests['0'].segments = ['a'])) },
+  {
+    name: 'segment id a',
+    json: (j) =>
+      void ((j.segments.a = j.segments['0']), del(j.segments, '0'), (j.digests['0'].segments = ['a'])),
+  },
   // config
   { name: 'json_size negative', json: (j) => void (j.config.json_size = '-12288') },
   { name: 'json_size a number', json: (j) => void (j.config.json_size = 12288) },
@@ -181,14 +239,29 @@ const MUTATIONS: Mutation[] = [
   { name: 'primary magic broken', binary: (p) => void (p[0] = 0) },
   { name: 'both magics broken', binary: (p, s) => void ((p[0] = 0), (s[0] = 0)) },
   { name: 'version 1', binary: (p, s) => (p.writeUInt16BE(1, 6), s.writeUInt16BE(1, 6), true) },
-  { name: 'hdr_size 12345', binary: (p, s) => (p.writeBigUInt64BE(12345n, 8), s.writeBigUInt64BE(12345n, 8), true) },
+  {
+    name: 'hdr_size 12345',
+    binary: (p, s) => (p.writeBigUInt64BE(12345n, 8), s.writeBigUInt64BE(12345n, 8), true),
+  },
   { name: 'primary hdr_offset 4096', binary: (p) => (p.writeBigUInt64BE(4096n, 256), true) },
-  { name: 'both hdr_offsets wrong', binary: (p, s) => (p.writeBigUInt64BE(4096n, 256), s.writeBigUInt64BE(0n, 256), true) },
+  {
+    name: 'both hdr_offsets wrong',
+    binary: (p, s) => (p.writeBigUInt64BE(4096n, 256), s.writeBigUInt64BE(0n, 256), true),
+  },
   { name: 'checksum flipped in both', binary: (p, s) => void (flip(p, 448), flip(s, 448)) },
   { name: 'checksum flipped in the primary', binary: (p) => void flip(p, 448) },
-  { name: 'checksum alg unknown', binary: (p, s) => void (p.write('nohash\0', 72, 'latin1'), s.write('nohash\0', 72, 'latin1')) },
-  { name: 'checksum md5', binary: (p, s) => (p.write('md5\0\0\0', 72, 'latin1'), s.write('md5\0\0\0', 72, 'latin1'), true) },
-  { name: 'checksum sha512', binary: (p, s) => (p.write('sha512', 72, 'latin1'), s.write('sha512', 72, 'latin1'), true) },
+  {
+    name: 'checksum alg unknown',
+    binary: (p, s) => void (p.write('nohash\0', 72, 'latin1'), s.write('nohash\0', 72, 'latin1')),
+  },
+  {
+    name: 'checksum md5',
+    binary: (p, s) => (p.write('md5\0\0\0', 72, 'latin1'), s.write('md5\0\0\0', 72, 'latin1'), true),
+  },
+  {
+    name: 'checksum sha512',
+    binary: (p, s) => (p.write('sha512', 72, 'latin1'), s.write('sha512', 72, 'latin1'), true),
+  },
   { name: 'seqids differ', binary: (p) => (p.writeBigUInt64BE(99n, 16), true) },
   { name: 'label fills its field', binary: (p, s) => (p.fill(0x41, 24, 72), s.fill(0x41, 24, 72), true) },
 ];
@@ -200,7 +273,19 @@ beforeAll(async () => {
   await fs.truncate(img, 20 << 20);
   const key = path.join(dir, 'key');
   await fs.writeFile(key, randomBytes(32));
-  const f = cryptsetup(['luksFormat', '-q', '--type', 'luks2', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, img]);
+  const f = cryptsetup([
+    'luksFormat',
+    '-q',
+    '--type',
+    'luks2',
+    '--pbkdf',
+    'pbkdf2',
+    '--pbkdf-force-iterations',
+    '1000',
+    '--key-file',
+    key,
+    img,
+  ]);
   expect(f.code, f.stderr).toBe(0);
   const token = path.join(dir, 'token.json');
   await fs.writeFile(token, JSON.stringify({ type: 'x-test', keyslots: ['0'] }));
@@ -242,7 +327,10 @@ describe('LUKS2 metadata validation against cryptsetup', () => {
     }
     const differ = verdicts.filter((v) => v.cryptsetup !== v.ours);
     expect(
-      differ.map((v) => `${v.name}: cryptsetup ${v.cryptsetup ? 'accepts' : 'refuses'}, we ${v.ours ? 'accept' : 'refuse'} (${v.why})`),
+      differ.map(
+        (v) =>
+          `${v.name}: cryptsetup ${v.cryptsetup ? 'accepts' : 'refuses'}, we ${v.ours ? 'accept' : 'refuse'} (${v.why})`,
+      ),
     ).toEqual([]);
     // the corpus exercises both verdicts
     expect(verdicts.filter((v) => v.cryptsetup).length).toBeGreaterThan(10);
@@ -252,11 +340,23 @@ describe('LUKS2 metadata validation against cryptsetup', () => {
   it('refuses through the CLI in one line naming the header offset and JSON path, exit 2', async () => {
     const cases: [string, RegExp][] = [
       ['keyslot without area', /LUKS2 header at byte 0: JSON keyslots\.0\.area: missing/],
-      ['iterations an object', /LUKS2 header at byte 0: JSON keyslots\.0\.kdf\.iterations: must be an integer, not an object/],
-      ['segment offset NaN', /LUKS2 header at byte 0: JSON segments\.0\.offset: "NaN" is not a decimal 64-bit unsigned number/],
-      ['segment type true', /LUKS2 header at byte 0: JSON segments\.0\.type: must be a string, not boolean true/],
+      [
+        'iterations an object',
+        /LUKS2 header at byte 0: JSON keyslots\.0\.kdf\.iterations: must be an integer, not an object/,
+      ],
+      [
+        'segment offset NaN',
+        /LUKS2 header at byte 0: JSON segments\.0\.offset: "NaN" is not a decimal 64-bit unsigned number/,
+      ],
+      [
+        'segment type true',
+        /LUKS2 header at byte 0: JSON segments\.0\.type: must be a string, not boolean true/,
+      ],
       ['json_size negative', /LUKS2 header at byte 0: JSON config\.json_size: "-12288" is not a decimal/],
-      ['digest keyslots a string', /LUKS2 header at byte 0: JSON digests\.0\.keyslots: must be an array, not string "0"/],
+      [
+        'digest keyslots a string',
+        /LUKS2 header at byte 0: JSON digests\.0\.keyslots: must be an array, not string "0"/,
+      ],
     ];
     for (const [name, re] of cases) {
       const i = MUTATIONS.findIndex((m) => m.name === name);
@@ -272,7 +372,11 @@ describe('LUKS2 metadata validation against cryptsetup', () => {
   });
 
   it('unlocking a header cryptsetup accepts but that has no usable keyslot is a wrong-key error, not a crash', async () => {
-    for (const name of ['digest iterations a string', 'keyslot of unknown type without kdf', 'checksum md5']) {
+    for (const name of [
+      'digest iterations a string',
+      'keyslot of unknown type without kdf',
+      'checksum md5',
+    ]) {
       const i = MUTATIONS.findIndex((m) => m.name === name);
       const file = await materialise(MUTATIONS[i] as Mutation, 3000 + i);
       const err = await unlockLuks2(file, randomBytes(32)).catch((e: unknown) => e);

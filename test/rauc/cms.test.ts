@@ -3,11 +3,13 @@ import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { decryptEnvelope, envelope, signEmbedded, verifyEmbedded } from '../../src/rauc/cms.js';
-import { makePki, type Pki } from './pki.js';
+import { addPkiExtras, makePki, type Pki, type PkiExtras } from './pki.js';
 
 let pki: Pki;
+let x: PkiExtras;
 beforeAll(() => {
   pki = makePki();
+  x = addPkiExtras(pki);
 });
 afterAll(() => rmSync(pki.dir, { recursive: true, force: true }));
 
@@ -87,5 +89,26 @@ describe('CMS EnvelopedData', () => {
     const theirs = execFileSync('openssl', ['cms', '-encrypt', '-binary', '-aes-256-cbc', '-outform', 'DER', '-in', plain, pki.device]);
     expect(decryptEnvelope(theirs, readFileSync(pki.deviceKey, 'utf8'), readFileSync(pki.device, 'utf8')).toString()).toBe('from openssl');
     expect(() => decryptEnvelope(theirs, readFileSync(pki.device2Key, 'utf8'))).toThrow(expect.objectContaining({ code: 'LAMA_E_BUNDLE_WRONG_DEVICE_KEY' }));
+  });
+
+  it('EC recipients (ECDH key agreement): openssl opens ours with the EC key; we open openssl\'s, RSA and EC mixed', () => {
+    const env = envelope(Buffer.from('signed data for EC'), [readFileSync(x.ecDevice, 'utf8'), readFileSync(pki.device, 'utf8')]);
+    const f = path.join(pki.dir, 'env-ec.der');
+    writeFileSync(f, env);
+    const out = execFileSync('openssl', ['cms', '-decrypt', '-binary', '-inform', 'DER', '-in', f, '-recip', x.ecDevice, '-inkey', x.ecDeviceKey]);
+    expect(out.toString()).toBe('signed data for EC');
+    const printed = execFileSync('openssl', ['cms', '-cmsout', '-print', '-inform', 'DER', '-in', f]).toString();
+    expect(printed).toMatch(/d\.kari:[\s\S]*dhSinglePass-stdDH-sha1kdf-scheme[\s\S]*id-aes256-wrap/);
+    const plain = path.join(pki.dir, 'plain-ec.bin');
+    writeFileSync(plain, 'from openssl to EC');
+    const theirs = execFileSync('openssl', ['cms', '-encrypt', '-binary', '-aes-256-cbc', '-outform', 'DER', '-in', plain, pki.device, x.ecDevice, x.ecDevice2]);
+    for (const [key, cert] of [[x.ecDeviceKey, x.ecDevice], [x.ecDevice2Key, undefined], [pki.deviceKey, undefined]] as const) {
+      expect(decryptEnvelope(theirs, readFileSync(key, 'utf8'), cert && readFileSync(cert, 'utf8')).toString()).toBe('from openssl to EC');
+    }
+    const alone = execFileSync('openssl', ['cms', '-encrypt', '-binary', '-aes-256-cbc', '-outform', 'DER', '-in', plain, x.ecDevice2]);
+    expect(() => decryptEnvelope(alone, readFileSync(x.ecDeviceKey, 'utf8'))).toThrow(expect.objectContaining({ code: 'LAMA_E_BUNDLE_WRONG_DEVICE_KEY' }));
+    const damaged = Buffer.from(alone);
+    damaged.writeUInt8(damaged.readUInt8(damaged.length - 3) ^ 1, damaged.length - 3);
+    expect(() => decryptEnvelope(damaged, readFileSync(x.ecDevice2Key, 'utf8'))).toThrow(expect.objectContaining({ code: 'LAMA_E_BUNDLE_BAD_SIGNATURE', message: expect.stringMatching(/damaged/) }));
   });
 });

@@ -1,16 +1,18 @@
 /**
  * RAUC update bundles, byte-compatible with RAUC 1.8: create signed `verity` bundles and `crypt`
- * bundles, encrypt crypt bundles for device certificates, and inspect/verify any verity, crypt or
- * plain bundle (ours or made by `rauc bundle`/`rauc encrypt`).
+ * bundles, encrypt crypt bundles for RSA or EC device certificates, and inspect/verify any verity,
+ * crypt or plain bundle (ours or made by `rauc bundle`/`rauc encrypt`/`rauc convert`, casync
+ * bundles included).
  *
  * Public API:
  * - `createBundle(options)` → `CreatedBundle`: squashfs payload (mksquashfs, fixed timestamps),
  *   dm-verity tree appended (src/verity), manifest signed as CMS SignedData, u64 size trailer.
  * - `encryptBundle(input, out, recipientCertFiles, { deviceKey?, deviceCert?, keyring?, force? })`
  *   → `EncryptedBundle`: rewrites only the CMS and trailer of a crypt bundle.
- * - `inspectBundle(path, { keyring?, deviceKey?, deviceCert?, compatible?, verifyPayload? })` →
- *   `BundleInfo` `{ format, encrypted, manifest: { compatible, version, build?, images: [{ slotClass,
- *   filename, sha256, size, adaptive? }] }, signer, chain, verified, payloadVerified, sizes }`.
+ * - `inspectBundle(path, { keyring?, deviceKey?, deviceCert?, compatible?, verifyPayload?, casyncStore? })`
+ *   → `BundleInfo` `{ format, encrypted, manifest: { compatible, version, build?, images: [{ slotClass,
+ *   filename, sha256, size, adaptive?, casync? }] }, signer, chain, verified, payloadVerified, sizes,
+ *   unchecked }` (`unchecked`: what a casync bundle leaves to its chunk store).
  *   With `keyring` the signature, signer chain, dm-verity tree and image hashes are verified;
  *   every failure is a UserError with a distinct LAMA_E_BUNDLE_* code located at the bundle.
  *   The update server calls this on every upload: `inspectBundle(path, { keyring, compatible })`.

@@ -153,6 +153,8 @@ export interface ProvisionHostOptions {
   outDir: string;
   /** Register on this server (admin API) and give the device a TargetToken... */
   fleet?: FleetClient;
+  /** Tags the device is registered with (rollouts target them). */
+  tags?: string[];
   /** ...or write a GatewayToken into its configuration: the device registers itself at first contact. */
   gatewayToken?: string;
   /** The server as the device reaches it: `host:port`, and whether over HTTPS. */
@@ -203,7 +205,12 @@ export async function provisionHost(release: OpenRelease, host: Host, o: Provisi
   if (o.fleet) {
     log(`${host.name}: registering on the update server`);
     const known = (await o.fleet.listDevices()).some((d) => d.controllerId === host.name);
-    token = known ? await o.fleet.rotateDeviceToken(host.name) : (await o.fleet.registerDevice({ controllerId: host.name, bsp: release.bsp.name })).token;
+    if (known) {
+      token = await o.fleet.rotateDeviceToken(host.name);
+      if (o.tags?.length) await o.fleet.updateDevice(host.name, { addTags: o.tags });
+    } else {
+      token = (await o.fleet.registerDevice({ controllerId: host.name, bsp: release.bsp.name, ...(o.tags?.length && { tags: o.tags }) })).token;
+    }
     registered = 'target-token';
   } else {
     token = o.gatewayToken as string;

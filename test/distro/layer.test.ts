@@ -133,7 +133,7 @@ describe('UKI assembly (lib/lamadist/uki.py) on the systemd EFI stub', () => {
       vma: parseInt(m[3] ?? '0', 16),
     }));
     const names = sections.map((s) => s.name);
-    expect(names.slice(-5)).toEqual(['.osrel', '.cmdline', '.uname', '.linux', '.initrd']);
+    expect(names.slice(-5)).toEqual(['.osrel', '.cmdline', '.uname', '.initrd', '.linux']);
     for (let i = 1; i < sections.length; i++) {
       const prev = sections[i - 1];
       const cur = sections[i];

@@ -89,7 +89,7 @@ function espFile(disk: string, offset: number, file: string): Buffer {
 describe('lamadist provision', () => {
   it('provisions two hosts from one release: keys, registration, client configuration, signed UKIs and sealed disks', async () => {
     const out = path.join(tmp, 'out');
-    const r = await runCli(['provision', 'node1', 'node2', ...common(), '--out', out, '--disk', path.join(out, '{host}.img'), ...SIZES, '--json'], { env: env(), timeoutMs: 300_000 });
+    const r = await runCli(['provision', 'node1', 'node2', ...common(), '--out', out, '--disk', path.join(out, '{host}.img'), '--tag', 'rack1', ...SIZES, '--json'], { env: env(), timeoutMs: 300_000 });
     expect(r.stderr).not.toMatch(/error/);
     expect(r.code).toBe(0);
     const done = JSON.parse(r.stdout) as { host: string; machineId: string; inRelease: boolean; registered: string; deviceKeyIssued: boolean; outputs: Record<string, string> & { ukis: Record<string, string> }; luks: { label: string; uuid: string }[]; cmdline: Record<string, string> }[];
@@ -99,7 +99,10 @@ describe('lamadist provision', () => {
     ]);
     const fleet = new FleetClient({ url: server.url, token: adminToken });
     const devices = await fleet.listDevices();
-    expect(devices.map((d) => d.controllerId).sort()).toEqual(['node1', 'node2']);
+    expect(devices.map((d) => [d.controllerId, d.tags]).sort()).toEqual([
+      ['node1', ['rack1']],
+      ['node2', ['rack1']],
+    ]);
     for (const d of done) {
       expect((await fs.stat(d.outputs.token as string)).mode & 0o777).toBe(0o600);
       expect((await fs.stat(d.outputs.config as string)).mode & 0o777).toBe(0o600);

@@ -20,16 +20,23 @@ export interface ProvisionCliOptions extends FleetCliOptions {
   offline?: boolean;
   gatewayTokenFile?: string;
   deviceServer?: string;
+  tag: string[];
   force?: boolean;
 }
 
 /** Where the device reaches the server: --device-server, else the admin URL's host:port. Pure. */
-export function deviceServerOf(o: { deviceServer?: string; server?: string }): { server: string; ssl: boolean } {
+export function deviceServerOf(o: { deviceServer?: string; server?: string }): {
+  server: string;
+  ssl: boolean;
+} {
   if (o.deviceServer) {
     const m = /^(https?):\/\/([^/]+)\/?$/.exec(o.deviceServer);
     if (m) return { server: m[2] as string, ssl: m[1] === 'https' };
     if (/^[A-Za-z0-9.[\]:-]+:\d{1,5}$/.test(o.deviceServer)) return { server: o.deviceServer, ssl: false };
-    throw new UserError('LAMA_E_USAGE', `--device-server '${o.deviceServer}' must be HOST:PORT or an http(s) URL`);
+    throw new UserError(
+      'LAMA_E_USAGE',
+      `--device-server '${o.deviceServer}' must be HOST:PORT or an http(s) URL`,
+    );
   }
   const url = new URL(o.server ?? process.env.LAMADIST_SERVER ?? 'http://127.0.0.1:8080');
   return { server: url.host, ssl: url.protocol === 'https:' };
@@ -50,29 +57,42 @@ function sizesOf(list: string[]): Record<string, number> | undefined {
  * `lamadist provision HOST...`: per host, the device key, the registration (or a gateway token),
  * the update client's configuration, the signed UKIs and, with --disk, the sealed A/B disk.
  */
-export async function provision(ctx: Context, names: string[], o: ProvisionCliOptions): Promise<ProvisionedHost[]> {
+export async function provision(
+  ctx: Context,
+  names: string[],
+  o: ProvisionCliOptions,
+): Promise<ProvisionedHost[]> {
   if (names.length === 0) throw new UserError('LAMA_E_USAGE', 'name at least one host of the inventory');
-  if (o.disk && names.length > 1 && !o.disk.includes('{host}')) throw new UserError('LAMA_E_USAGE', '--disk names one file: with several hosts, put {host} in it');
+  if (o.disk && names.length > 1 && !o.disk.includes('{host}'))
+    throw new UserError('LAMA_E_USAGE', '--disk names one file: with several hosts, put {host} in it');
   const inv = await loadInventory(o.inventory);
   const hosts = names.map((n) => findHost(inv, n));
   const sizes = sizesOf(o.size);
   let gatewayToken: string | undefined;
   if (o.offline) {
-    if (!o.gatewayTokenFile) throw new UserError('LAMA_E_USAGE', '--offline needs --gateway-token-file (from `lamadist fleet gateway-token`) for the device to register itself');
+    if (!o.gatewayTokenFile)
+      throw new UserError(
+        'LAMA_E_USAGE',
+        '--offline needs --gateway-token-file (from `lamadist fleet gateway-token`) for the device to register itself',
+      );
     gatewayToken = (await readUserFile(o.gatewayTokenFile, 'gateway token file')).toString('utf8').trim();
-    if (!gatewayToken) throw new UserError('LAMA_E_USAGE', `gateway token file ${o.gatewayTokenFile} is empty`);
+    if (!gatewayToken)
+      throw new UserError('LAMA_E_USAGE', `gateway token file ${o.gatewayTokenFile} is empty`);
   }
   const fleet = o.offline ? undefined : await fleetClient(o);
   const device = deviceServerOf(o);
   ctx.detail(`release ${o.release}: verifying and unpacking`);
-  const release = await openRelease(o.release, { keys: o.keys, ...(o.bundleKey && { bundleKey: o.bundleKey }) });
+  const release = await openRelease(o.release, {
+    keys: o.keys,
+    ...(o.bundleKey && { bundleKey: o.bundleKey }),
+  });
   const done: ProvisionedHost[] = [];
   try {
     for (const host of hosts) {
       const r = await provisionHost(release, host, {
         keys: o.keys,
         outDir: path.join(o.out, host.name),
-        ...(fleet ? { fleet } : { gatewayToken: gatewayToken as string }),
+        ...(fleet ? { fleet, tags: o.tag } : { gatewayToken: gatewayToken as string }),
         deviceServer: device.server,
         ssl: device.ssl,
         ...(o.tenant && { tenant: o.tenant }),
@@ -81,7 +101,10 @@ export async function provision(ctx: Context, names: string[], o: ProvisionCliOp
         force: o.force ?? false,
         log: (m) => ctx.detail(m),
       });
-      if (!r.inRelease) ctx.warn(`${host.name} is not in release ${release.version}: its disk boots it, but devices refuse a release without them, so include it in the next one`);
+      if (!r.inRelease)
+        ctx.warn(
+          `${host.name} is not in release ${release.version}: its disk boots it, but devices refuse a release without them, so include it in the next one`,
+        );
       done.push(r);
     }
   } finally {
@@ -106,22 +129,34 @@ const collect = (v: string, prev: string[] = []): string[] => [...prev, v];
 
 export function configure(cmd: Command): void {
   cmd
-    .description('provision hosts of the inventory from a release bundle: device key, registration, update client, signed UKIs, sealed disk')
+    .description(
+      'provision hosts of the inventory from a release bundle: device key, registration, update client, signed UKIs, sealed disk',
+    )
     .argument('<host...>', 'host names from the inventory')
     .requiredOption('--release <bundle>', 'release bundle (.raucb) the hosts start from')
     .requiredOption('--keys <dir>', 'fleet key directory (`lamadist keys init`)')
     .option('--inventory <file>', 'host inventory', DEFAULT_INVENTORY)
     .option('--out <dir>', 'per-host outputs go to DIR/<host>/', 'provision')
-    .option('--disk <file>', 'build the sealed A/B disk to write to the host\'s drive ({host} is replaced by the host name)')
+    .option(
+      '--disk <file>',
+      "build the sealed A/B disk to write to the host's drive ({host} is replaced by the host name)",
+    )
     .option('--size <label=MiB>', 'partition size override (repeatable)', collect, [])
-    .option('--bundle-key <pem>', 'device key that opens a crypt release (default: the key directory\'s device keys)')
+    .option(
+      '--bundle-key <pem>',
+      "device key that opens a crypt release (default: the key directory's device keys)",
+    )
     .option('--server <url>', 'update server URL (env LAMADIST_SERVER, default http://127.0.0.1:8080)')
     .option('--token-file <file>', 'admin token file (env LAMADIST_ADMIN_TOKEN)')
     .option('--tenant <name>', 'tenant (default DEFAULT)')
     .option('--ca <pem>', 'CA certificate of an https server')
-    .option('--device-server <host:port|url>', 'the server as devices reach it (default: the --server host and port)')
+    .option(
+      '--device-server <host:port|url>',
+      'the server as devices reach it (default: the --server host and port)',
+    )
+    .option('--tag <tag>', 'tag the registered devices (repeatable; rollouts target tags)', collect, [])
     .option('--offline', 'do not contact the server; devices register themselves with a gateway token')
-    .option('--gateway-token-file <file>', 'the tenant\'s gateway token (with --offline)')
+    .option('--gateway-token-file <file>', "the tenant's gateway token (with --offline)")
     .option('--force', 'overwrite existing outputs')
     .action(act<ProvisionCliOptions>(async (ctx, names, o) => void (await provision(ctx, names, o))));
 }

@@ -25,10 +25,10 @@ import { hostArgs, type Host } from '../host/index.js';
 import { buildImage, slotCmdline, type ImagePlan } from '../image/index.js';
 import { addDeviceKey, keyPath, readManifest } from '../keys/index.js';
 import { extractBundle, type BundleInfo } from '../rauc/index.js';
-import { HOSTS_DIR } from '../release/index.js';
+import { HOSTS_DIR, applyUkiPatch, parsePatch } from '../release/index.js';
 import { signPe, verifyPe } from '../secureboot/index.js';
 import { inspectUki, setUkiCmdline } from '../uki/index.js';
-import { makeTempDir, writeFileAtomic } from '../util/fsx.js';
+import { makeTempDir, readUserFile, writeFileAtomic } from '../util/fsx.js';
 import { run } from '../util/proc.js';
 
 /** ESP directory whose tree lamadist-init moves into /var at first boot (then wipes it from the ESP). */
@@ -87,6 +87,8 @@ export interface OpenRelease {
   verity: string;
   /** Machine-ids the release carries boot files for. */
   hosts: Set<string>;
+  /** The unpacked bundle. */
+  dir: string;
   close: () => Promise<void>;
 }
 
@@ -139,11 +141,18 @@ export async function openRelease(bundle: string, o: { keys: string; bundleKey?:
     if (!rootHash) throw new UserError('LAMA_E_PROVISION_RELEASE', "release's slot A template UKI names no root hash", { where: bundle });
     const hostsDir = path.join(dir, HOSTS_DIR);
     const hosts = new Set(await fs.readdir(hostsDir).catch(() => []));
-    return { bundle, info, bsp, version: info.manifest.version ?? '', rootHash, templates, rootfs: image('rootfs'), verity: image('verity'), hosts, close: tmp.remove };
+    return { bundle, info, bsp, version: info.manifest.version ?? '', rootHash, templates, rootfs: image('rootfs'), verity: image('verity'), hosts, dir, close: tmp.remove };
   } catch (err) {
     await tmp.remove();
     throw err;
   }
+}
+
+/** A host's signed UKI as the release ships it: its patch applied to the slot's template (hashes checked). */
+async function releaseUki(release: OpenRelease, machineId: string, slot: 'a' | 'b'): Promise<Buffer> {
+  const base = path.join(release.dir, HOSTS_DIR, machineId, `uki-${slot}`);
+  const map = await readUserFile(`${base}.map`, 'UKI patch map');
+  return applyUkiPatch(release.templates[slot], parsePatch(map.toString('utf8'), await readUserFile(`${base}.bin`, 'UKI patch data'), `${base}.map`), `${base}.map`);
 }
 
 /** How one host is provisioned. */
@@ -176,6 +185,8 @@ export interface ProvisionedHost {
   bsp: string;
   /** The release carries this host's boot files (a release without it is refused on the host). */
   inRelease: boolean;
+  /** The release carries the host with another command line than the inventory's now (its next release must be made). */
+  staleInRelease: boolean;
   registered: 'target-token' | 'gateway-token';
   deviceKeyIssued: boolean;
   outputs: { config: string; token?: string; ukis: Record<'a' | 'b', string>; disk?: string; recoveryKey?: string };
@@ -234,18 +245,22 @@ export async function provisionHost(release: OpenRelease, host: Host, o: Provisi
     await writeFileAtomic(tokenFile, `${token}\n`, { mode: 0o600, force });
   }
 
-  // The host's UKIs: the release's templates with its current inventory line, signed with db.
+  // The host's UKIs: the release's own when it carries the host with its current inventory line
+  // (byte-identical to what its updates install), else the template with that line, signed now.
   log(`${host.name}: signed UKIs`);
   const cmdline = {} as Record<'a' | 'b', string>;
   const ukis = {} as Record<'a' | 'b', string>;
+  const inRelease = release.hosts.has(host.machineId);
+  let stale = false;
   for (const slot of ['a', 'b'] as const) {
     cmdline[slot] = slotCmdline(release.rootHash, slot, release.bsp, hostArgs(host).join(' '));
-    const pe = signPe(setUkiCmdline(release.templates[slot], cmdline[slot], `lamadist-${slot}.efi`), db);
+    const shipped = inRelease ? await releaseUki(release, host.machineId, slot) : undefined;
+    if (shipped && inspectUki(shipped).cmdline !== cmdline[slot]) stale = true;
+    const pe = shipped && !stale ? shipped : signPe(setUkiCmdline(release.templates[slot], cmdline[slot], `lamadist-${slot}.efi`), db);
     verifyPe(pe, db.certPem, `${host.name} slot ${slot}`);
     ukis[slot] = path.join(o.outDir, `lamadist-${slot}.efi`);
     await writeFileAtomic(ukis[slot], pe, { force });
   }
-  const inRelease = release.hosts.has(host.machineId);
 
   let plan: ImagePlan | undefined;
   if (o.disk) {
@@ -268,6 +283,7 @@ export async function provisionHost(release: OpenRelease, host: Host, o: Provisi
     machineId: host.machineId,
     bsp: release.bsp.name,
     inRelease,
+    staleInRelease: stale,
     registered,
     deviceKeyIssued,
     outputs: {

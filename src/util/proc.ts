@@ -22,6 +22,7 @@ export const TOOL_PACKAGES: Record<string, string> = {
   tar: 'tar',
   'systemd-dissect': 'systemd-container',
   rauc: 'rauc',
+  casync: 'casync',
   sbverify: 'sbsigntool',
   sbsign: 'sbsigntool',
   objcopy: 'binutils',

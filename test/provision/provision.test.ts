@@ -92,10 +92,10 @@ describe('lamadist provision', () => {
     const r = await runCli(['provision', 'node1', 'node2', ...common(), '--out', out, '--disk', path.join(out, '{host}.img'), '--tag', 'rack1', ...SIZES, '--json'], { env: env(), timeoutMs: 300_000 });
     expect(r.stderr).not.toMatch(/error/);
     expect(r.code).toBe(0);
-    const done = JSON.parse(r.stdout) as { host: string; machineId: string; inRelease: boolean; registered: string; deviceKeyIssued: boolean; outputs: Record<string, string> & { ukis: Record<string, string> }; luks: { label: string; uuid: string }[]; cmdline: Record<string, string> }[];
-    expect(done.map((d) => [d.host, d.inRelease, d.registered, d.deviceKeyIssued])).toEqual([
-      ['node1', true, 'target-token', true],
-      ['node2', true, 'target-token', true],
+    const done = JSON.parse(r.stdout) as { host: string; machineId: string; inRelease: boolean; staleInRelease: boolean; registered: string; deviceKeyIssued: boolean; outputs: Record<string, string> & { ukis: Record<string, string> }; luks: { label: string; uuid: string }[]; cmdline: Record<string, string> }[];
+    expect(done.map((d) => [d.host, d.inRelease, d.staleInRelease, d.registered, d.deviceKeyIssued])).toEqual([
+      ['node1', true, false, 'target-token', true],
+      ['node2', true, false, 'target-token', true],
     ]);
     const fleet = new FleetClient({ url: server.url, token: adminToken });
     const devices = await fleet.listDevices();
@@ -151,6 +151,20 @@ describe('lamadist provision', () => {
     expect(late?.outputs.token).toBeUndefined();
     expect(await fs.readFile(late?.outputs.config as string, 'utf8')).toContain('gateway_token = gw-secret-token');
     expect((await new FleetClient({ url: server.url, token: adminToken }).listDevices()).map((d) => d.controllerId)).not.toContain('late');
+
+    // node1's entry changes after the release: its UKIs follow the inventory, with a warning.
+    const text = await fs.readFile(inventory, 'utf8');
+    await fs.writeFile(inventory, text.replace(/(\n {2}node1:\n)/, '$1    kernel-args: [quiet]\n'));
+    try {
+      const s = await runCli(['provision', 'node1', ...common(), '--out', path.join(tmp, 'stale'), '--offline', '--gateway-token-file', gw, '--json'], { env: env() });
+      expect(s.code, s.stderr).toBe(0);
+      expect(s.stderr).toMatch(/node1's inventory entry changed since release 1/);
+      const [n1] = JSON.parse(s.stdout) as { staleInRelease: boolean; cmdline: { a: string } }[];
+      expect(n1?.staleInRelease).toBe(true);
+      expect(n1?.cmdline.a).toMatch(/ quiet$/);
+    } finally {
+      await fs.writeFile(inventory, text);
+    }
   }, 120_000);
 
   it('refuses bad input with one line and exit 2, leaving no disk behind', async () => {

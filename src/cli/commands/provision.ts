@@ -101,6 +101,7 @@ export async function provision(
         force: o.force ?? false,
         log: (m) => ctx.detail(m),
       });
+      if (r.staleInRelease) ctx.warn(`${host.name}'s inventory entry changed since release ${release.version}: its UKIs are signed with the new line, and the next release must carry it`);
       if (!r.inRelease)
         ctx.warn(
           `${host.name} is not in release ${release.version}: its disk boots it, but devices refuse a release without them, so include it in the next one`,

@@ -43,6 +43,10 @@ const PYTHON =
 const py = (mod: string, args: string[], flags: string[] = []): { code: number; out: string } =>
   sh(PYTHON, [...flags, '-m', `lamadist.${mod}`, ...args], { PYTHONPATH: LIB, PYTHONDONTWRITEBYTECODE: '1' });
 
+/** meta-lamadist's uki.py: a UKI from this test's stub, kernel, initrd and os-release. */
+const pyUki = (cmdline: string, out: string): { code: number; out: string } =>
+  py('uki', ['--stub', STUB, '--linux', kernel, '--initrd', initrd, '--osrel', osrel, '--cmdline', cmdline, '--out', out]);
+
 let tmp: string;
 let keys: string;
 let inventory: string;
@@ -98,20 +102,7 @@ beforeAll(async () => {
   await fs.mkdir(dir);
   for (const slot of SLOTS) {
     const out = path.join(dir, `lamadist-${slot}.efi`);
-    const r = py('uki', [
-      '--stub',
-      STUB,
-      '--linux',
-      kernel,
-      '--initrd',
-      initrd,
-      '--osrel',
-      osrel,
-      '--cmdline',
-      plan.template[slot],
-      '--out',
-      out,
-    ]);
+    const r = pyUki(plan.template[slot], out);
     if (r.code !== 0) throw new Error(r.out);
     pyTemplates[slot] = await fs.readFile(out);
   }
@@ -169,20 +160,7 @@ describe.skipIf(
 
   it('sections after .cmdline stay where they are whatever the command line', async () => {
     const out = path.join(tmp, 'long.efi');
-    const r = py('uki', [
-      '--stub',
-      STUB,
-      '--linux',
-      kernel,
-      '--initrd',
-      initrd,
-      '--osrel',
-      osrel,
-      '--cmdline',
-      'x'.repeat(4000),
-      '--out',
-      out,
-    ]);
+    const r = pyUki('x'.repeat(4000), out);
     expect(r).toEqual({ code: 0, out: '' });
     const long = inspectUki(await fs.readFile(out));
     const short = inspectUki(pyTemplates.a);

@@ -146,6 +146,15 @@ function prefixToNetmask(prefix: number): string {
 /** Build the `ip=` value for a static block or autoconf word; validates the result. */
 export function ipFromSpec(name: string, spec: string | StaticIp, where?: string): string {
   if (typeof spec === 'string') return formatIpArg(parseIpArg(spec, where));
+  // hosts.yaml is hand-written: a list or mapping where a string belongs must be refused here, before
+  // it reaches string operations as an object.
+  const fields = spec as unknown as Record<string, unknown>;
+  for (const k of ['address', 'gateway', 'interface', 'ntp']) {
+    if (fields[k] !== undefined && typeof fields[k] !== 'string') throw new UserError('LAMA_E_BAD_IP', `${k} must be a string`, where ? { where } : undefined);
+  }
+  if (fields.dns !== undefined && (!Array.isArray(fields.dns) || fields.dns.some((d) => typeof d !== 'string'))) {
+    throw new UserError('LAMA_E_BAD_IP', 'dns must be a list of IPv4 addresses', where ? { where } : undefined);
+  }
   const m = /^([\d.]+)\/(\d{1,2})$/.exec(spec.address ?? '');
   if (!m || Number(m[2]) > 32) throw new UserError('LAMA_E_BAD_IP', `address '${String(spec.address)}' must be IPv4/prefix, e.g. 192.168.1.10/24`, where ? { where } : undefined);
   const dns = spec.dns ?? [];

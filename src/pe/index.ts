@@ -11,6 +11,8 @@ export const SCN_READONLY_DATA = 0x40000040;
 
 const SECTION_HEADER_SIZE = 40;
 const SECURITY_DIRECTORY = 4;
+/** Largest SizeOfImage accepted: UKIs are tens of MiB; firmware has to allocate all of it at once. */
+const MAX_IMAGE_SIZE = 1024 * 1024 * 1024;
 
 /** One row of the section table. */
 export interface PeSection {
@@ -76,6 +78,8 @@ export function parsePe(buf: Buffer, where?: string): PeInfo {
   if (ndirs <= SECURITY_DIRECTORY || dirs + ndirs * 8 > opt + sizeOfOptional) fail(where, 'PE image has no certificate table directory');
   const certDirectory = dirs + SECURITY_DIRECTORY * 8;
   const sectionTable = opt + sizeOfOptional;
+  const sizeOfImage = buf.readUInt32LE(opt + 56);
+  if (sizeOfImage > MAX_IMAGE_SIZE) fail(where, `SizeOfImage 0x${sizeOfImage.toString(16)} is above 1 GiB; no EFI image is loaded that large`);
   if (sectionTable + nsections * SECTION_HEADER_SIZE > buf.length) fail(where, 'truncated PE section table');
   const sections: PeSection[] = [];
   for (let i = 0; i < nsections; i++) {
@@ -92,6 +96,11 @@ export function parsePe(buf: Buffer, where?: string): PeInfo {
     if (s.sizeOfRawData > 0 && s.pointerToRawData + s.sizeOfRawData > buf.length) {
       fail(where, `section ${s.name} extends past the end of the file (truncated image?)`);
     }
+    // The loader maps every section inside SizeOfImage; measuring a section zero-fills it to its
+    // VirtualSize, so a VirtualSize beyond the image would make us hash gigabytes of nothing.
+    if (s.virtualAddress + s.virtualSize > sizeOfImage) {
+      fail(where, `section ${s.name} (${s.virtualSize} bytes at RVA 0x${s.virtualAddress.toString(16)}) lies outside SizeOfImage 0x${sizeOfImage.toString(16)}`);
+    }
     sections.push(s);
   }
   const certTable = { offset: buf.readUInt32LE(certDirectory), size: buf.readUInt32LE(certDirectory + 4) };
@@ -102,7 +111,7 @@ export function parsePe(buf: Buffer, where?: string): PeInfo {
     subsystem: buf.readUInt16LE(opt + 68),
     sectionAlignment: buf.readUInt32LE(opt + 32),
     fileAlignment: buf.readUInt32LE(opt + 36),
-    sizeOfImage: buf.readUInt32LE(opt + 56),
+    sizeOfImage,
     sizeOfHeaders: buf.readUInt32LE(opt + 60),
     checksum: buf.readUInt32LE(opt + 64),
     sections,

@@ -245,6 +245,24 @@ export function signerSummary(der: Buffer): CertSummary | undefined {
   }
 }
 
+/**
+ * The certificates a signature carries. They are untrusted bytes that pkijs parsed leniently: one
+ * that node:crypto cannot load, or whose public key it cannot decode, refuses the signature.
+ */
+function includedCertificates(sd: pkijs.SignedData): X509Certificate[] {
+  return (sd.certificates ?? []).map((item) => {
+    try {
+      const der = certDerOf(item);
+      if (der === undefined) return undefined;
+      const x = new X509Certificate(der);
+      if (x.publicKey.type !== 'public') return undefined;
+      return x;
+    } catch {
+      throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', 'the signature carries a malformed certificate');
+    }
+  }).filter((x): x is X509Certificate => x !== undefined);
+}
+
 function certDerOf(c: pkijs.CertificateSetItem): Buffer | undefined {
   return c instanceof pkijs.Certificate ? Buffer.from(c.toSchema().toBER(false)) : undefined;
 }
@@ -323,7 +341,7 @@ function verifySigner(
     throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', `signature has ${sd.signerInfos.length} signers, expected exactly one`);
   }
   const si = sd.signerInfos[0] as pkijs.SignerInfo;
-  const included = (sd.certificates ?? []).map(certDerOf).filter((d): d is Buffer => d !== undefined).map((d) => new X509Certificate(d));
+  const included = includedCertificates(sd);
   const sid = si.sid as pkijs.IssuerAndSerialNumber | asn1js.Primitive;
   const signerCert = sid instanceof pkijs.IssuerAndSerialNumber ? included.find((x) => sameIssuerSerial(x, sid)) : undefined;
   if (!signerCert) throw new UserError('LAMA_E_BUNDLE_BAD_SIGNATURE', 'the signer certificate is not included in the signature');

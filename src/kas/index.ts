@@ -143,7 +143,9 @@ export async function composeKas(files: readonly string[], options: { repoRoot: 
     const header = kf.yaml.value.header;
     const includes = isDict(header) && Array.isArray(header.includes) ? header.includes : [];
     for (const [i, entry] of includes.entries()) {
-      const target = resolveInclude(entry, kf, i, repoRoot, mergeKas(config, kf.yaml.value));
+      // Only the repos decide which includes are local; merging the whole file (its includes list
+      // too) for each include made a long list quadratic.
+      const target = resolveInclude(entry, kf, i, repoRoot, mergeKas({ repos: config.repos ?? {} }, { repos: kf.yaml.value.repos ?? {} }));
       await visit(target, [...stack, abs], kf.yaml.where(['header', 'includes', i], 'value'));
     }
     seen.add(abs);

@@ -20,10 +20,13 @@ export class UserError extends Error {
     this.where = options?.where;
   }
 
-  /** The one line printed to stderr. */
+  /**
+   * The one line printed to stderr. Messages quote what the user wrote (file names, kas includes,
+   * host names), so line breaks in it are escaped: the error stays one line whatever the input.
+   */
   line(): string {
     const where = this.where ? `${this.where}: ` : '';
-    return `${where}${this.message} [${this.code}]`;
+    return `${where}${this.message} [${this.code}]`.replace(/[\r\n]/g, (c) => JSON.stringify(c).slice(1, -1));
   }
 }
 

@@ -27,7 +27,9 @@ export interface LocatedYaml<T = unknown> {
  */
 export function parseYamlLocated<T = unknown>(text: string, file: string): LocatedYaml<T> {
   const lineCounter = new LineCounter();
-  const doc = parseDocument(text, { lineCounter, prettyErrors: false, uniqueKeys: true });
+  // logLevel 'error': the library's warnings (a collection used as a key) go to process.emitWarning,
+  // a second stderr line; such keys are stringified and then refused by the caller's own checks.
+  const doc = parseDocument(text, { lineCounter, prettyErrors: false, uniqueKeys: true, logLevel: 'error' });
   const first = doc.errors[0];
   if (first) {
     const pos = lineCounter.linePos(first.pos[0]);

@@ -110,6 +110,15 @@ export function encodeLuks2Copy(h: Luks2Header, copy: Luks2CopyParams): Buffer {
   return out;
 }
 
+/** Digest length of a hash, or undefined when OpenSSL lists it but will not compute it (legacy provider). */
+function digestSize(alg: string): number | undefined {
+  try {
+    return createHash(alg).digest().length;
+  } catch {
+    return undefined;
+  }
+}
+
 /** Result of decoding one copy: the header, or why it is unusable. */
 export type Luks2CopyResult =
   { ok: true; header: Luks2Header; offset: number } | { ok: false; problem: string; offset: number };
@@ -140,7 +149,7 @@ export async function decodeLuks2Copy(
   if (full.length < hdrSize) return bad('JSON area cut off by the end of the file');
   const checksumAlg = cstr(bin, 72, 32);
   // cryptsetup takes any hash its crypto library knows whose digest fits the 64-byte field.
-  if (!getHashes().includes(checksumAlg) || createHash(checksumAlg).digest().length > 64)
+  if (!getHashes().includes(checksumAlg) || (digestSize(checksumAlg) ?? 65) > 64)
     return bad(`unsupported checksum algorithm '${checksumAlg}'`);
   const stored = Buffer.from(full.subarray(448, 448 + 64));
   const zeroed = Buffer.from(full);

@@ -14,7 +14,9 @@ const DOUBLE_MARK = '\u0000luks2-double:';
 
 /**
  * Parse JSON text keeping integers (JS numbers) apart from doubles (`JsonDouble`), since LUKS2 fields
- * such as `iterations` must be JSON integers and `1000.0` is not one for cryptsetup.
+ * such as `iterations` must be JSON integers and `1000.0` is not one for cryptsetup. Other liberties
+ * of json-c's non-strict parser (single quotes, NaN literals, trailing commas) are refused here, and
+ * cryptsetup never writes them.
  */
 export function parseLuks2JsonText(text: string): unknown {
   let out = '';
@@ -29,7 +31,11 @@ export function parseLuks2JsonText(text: string): unknown {
     } else if (ch === '-' || (ch >= '0' && ch <= '9')) {
       const m = /^-?\d+(\.\d+)?([eE][+-]?\d+)?/.exec(text.slice(i, i + 400));
       const tok = m?.[0] ?? ch;
-      out += m?.[1] !== undefined || m?.[2] !== undefined ? JSON.stringify(DOUBLE_MARK + tok) : tok;
+      // json-c reads integers with leading zeros ("000" is 0), which JSON.parse refuses
+      out +=
+        m?.[1] !== undefined || m?.[2] !== undefined
+          ? JSON.stringify(DOUBLE_MARK + tok)
+          : tok.replace(/^(-?)0+(?=\d)/, '$1');
       i += tok.length;
     } else {
       out += ch;
@@ -125,10 +131,13 @@ function describe(v: unknown): string {
   return typeof v === 'object' ? 'an object' : `${typeof v} ${JSON.stringify(v)}`;
 }
 
-/** Object ids (keyslots "0".."31", segments, digests, tokens) are decimal numbers. */
+/**
+ * Object ids (keyslots "0".."31", segments, digests, tokens) are decimal numbers; like cryptsetup,
+ * which checks only that no character is something else, the empty id is let through.
+ */
 function ids(section: Obj, at: string): [string, Obj][] {
   return Object.entries(section).map(([id, v]) => {
-    if (!/^[0-9]+$/.test(id)) throw new Invalid(`${at}.${id}`, 'id is not a decimal number');
+    if (!/^[0-9]*$/.test(id)) throw new Invalid(`${at}.${id}`, 'id is not a decimal number');
     if (!isObj(v)) throw new Invalid(`${at}.${id}`, `must be an object, not ${describe(v)}`);
     return [id, v];
   });
@@ -254,6 +263,8 @@ export function validateLuks2Json(
     const areas = keyslotList.map(([id, k]) => {
       const area = obj(k, 'area', `keyslots.${id}`);
       const at = `keyslots.${id}.area`;
+      // the area's type is checked for every keyslot, the rest of it only for luks2 ones
+      str(area, 'type', at);
       const a = { at, offset: u64(area, 'offset', at), size: u64(area, 'size', at) };
       if (a.offset < 2n * metadataSize)
         throw new Invalid(`${at}.offset`, `${a.offset} is inside the metadata`);

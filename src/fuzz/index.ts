@@ -59,6 +59,8 @@ export interface PeerTally {
   bothRefuse: number;
   weAcceptTheyRefuse: number;
   weRefuseTheyAccept: number;
+  /** First case numbers of each disagreement, to look at with --case. */
+  disagreements: { weAccept: number[]; weRefuse: number[] };
 }
 
 export interface TargetReport {
@@ -161,7 +163,7 @@ async function fuzzTarget(o: FuzzOptions, t: FuzzTarget, work: string, shared: S
     cli: { cases: 0, exit0: 0, exit2: 0 },
     seconds: 0,
   };
-  if (p.peer) report.peer = { tool: p.peer.name, sampled: 0, bothAccept: 0, bothRefuse: 0, weAcceptTheyRefuse: 0, weRefuseTheyAccept: 0 };
+  if (p.peer) report.peer = { tool: p.peer.name, sampled: 0, bothAccept: 0, bothRefuse: 0, weAcceptTheyRefuse: 0, weRefuseTheyAccept: 0, disagreements: { weAccept: [], weRefuse: [] } };
   const caseDir = path.join(dir, 'case');
   const numbers = o.only !== undefined ? [o.only] : Array.from({ length: o.cases }, (_, i) => i);
   try {
@@ -199,12 +201,16 @@ async function fuzzTarget(o: FuzzOptions, t: FuzzTarget, work: string, shared: S
       if (accepted) report.accepted++;
       else report.refused++;
       if (p.peer && report.peer && o.peerEvery > 0 && n % o.peerEvery === 0) {
-        const they = await p.peer.accepts(file);
+        const they = await p.peer.accepts(file, c);
         report.peer.sampled++;
         if (accepted && they) report.peer.bothAccept++;
         else if (!accepted && !they) report.peer.bothRefuse++;
-        else if (accepted) report.peer.weAcceptTheyRefuse++;
-        else report.peer.weRefuseTheyAccept++;
+        else {
+          if (accepted) report.peer.weAcceptTheyRefuse++;
+          else report.peer.weRefuseTheyAccept++;
+          const list = accepted ? report.peer.disagreements.weAccept : report.peer.disagreements.weRefuse;
+          if (list.length < 3) list.push(n);
+        }
       }
     }
     if (p.cli && o.only === undefined) await cliCases(o, t, p, dir, report);
@@ -272,9 +278,13 @@ export async function fuzz(o: FuzzOptions): Promise<FuzzReport> {
   return { seed: o.seed, targets, failures: targets.reduce((n, t) => n + t.failures.length, 0), seconds: (performance.now() - started) / 1000 };
 }
 
+function cases(ns: number[]): string {
+  return ns.length > 0 ? ` (case ${ns.join(', ')})` : '';
+}
+
 function formatRow(r: TargetReport): string {
   const peer = r.peer
-    ? `${r.peer.tool}: ${r.peer.sampled} sampled, both accept ${r.peer.bothAccept}, both refuse ${r.peer.bothRefuse}, we accept/they refuse ${r.peer.weAcceptTheyRefuse}, we refuse/they accept ${r.peer.weRefuseTheyAccept}`
+    ? `${r.peer.tool}: ${r.peer.sampled} sampled, both accept ${r.peer.bothAccept}, both refuse ${r.peer.bothRefuse}, we accept/they refuse ${r.peer.weAcceptTheyRefuse}${cases(r.peer.disagreements.weAccept)}, we refuse/they accept ${r.peer.weRefuseTheyAccept}${cases(r.peer.disagreements.weRefuse)}`
     : 'no peer';
   const cli = r.cli.cases > 0 ? `; CLI ${r.cli.cases} (exit 0: ${r.cli.exit0}, exit 2: ${r.cli.exit2})` : '';
   return `${r.name.padEnd(14)} ${String(r.cases).padStart(5)} cases (${r.accepted} accepted, ${r.refused} refused), ${r.failures.length} failures, ${r.seconds.toFixed(1)} s${cli}; ${peer}`;

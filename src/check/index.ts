@@ -380,8 +380,8 @@ const COMMIT_ID = /^([0-9a-f]{40}|[0-9a-f]{64})$/;
 
 /**
  * The distribution policy an overlay must not replace: BSP files, scanners and their includes may not
- * choose the distro, every pinned commit is an object id (a path or ref there would let an overlay
- * build unreviewed sources), and kas builds with OpenEmbedded (isar builds Debian, not LamaDist).
+ * choose the distro, every fetched repository pins a commit and every commit is an object id (a
+ * path or ref there would let an overlay build unreviewed sources), and kas builds with OpenEmbedded (isar builds Debian, not LamaDist).
  * Returns whether an overlay chose the distro, so the composed value is not reported twice.
  */
 function checkPolicy(comp: KasComposition, add: Add): boolean {
@@ -402,6 +402,13 @@ function checkPolicy(comp: KasComposition, add: Add): boolean {
       const commit = getPath(repos, [key, 'commit']);
       if (commit === undefined || (typeof commit === 'string' && COMMIT_ID.test(commit))) continue;
       add('kas-compose', kf.yaml.where(['repos', key, 'commit'], 'value'), 'LAMA_E_KAS_POLICY', `repo '${key}' commit '${String(commit)}' is not a full lower-case commit id (40 or 64 hex digits)`);
+    }
+  }
+  const composed = getPath(comp.config, ['repos']);
+  for (const key of typeof composed === 'object' && composed !== null ? Object.keys(composed) : []) {
+    // a fetched repository without a pinned commit builds whatever its branch holds today
+    if (getPath(composed, [key, 'url']) !== undefined && getPath(composed, [key, 'commit']) === undefined) {
+      add('kas-compose', comp.origin(['repos', key, 'url']), 'LAMA_E_KAS_POLICY', `repo '${key}' is fetched from a url but pins no commit`);
     }
   }
   return overlayDistro;

@@ -5,8 +5,8 @@ import { formatTotal, fuzz } from './index.js';
 
 /**
  * `npm run fuzz [-- --seed S --cases N --target a,b --case N --peer-every K --cli N --results DIR]`.
- * The default size (seed 1, 600 cases per target, every fifth also asked of the peer tool) takes about
- * five minutes on two cores. Exit 1
+ * The default size (seed 1, 1000 cases per target, every fifth also asked of the peer tool) takes about
+ * four minutes on two cores. Exit 1
  * when any case failed; its input is saved under --results and printed with the command that
  * reproduces it.
  */
@@ -16,7 +16,7 @@ const USAGE = 'usage: npm run fuzz -- [--seed N] [--cases N] [--target NAME,...]
 function parseArgs(argv: string[]): Parameters<typeof fuzz>[0] {
   const o: Parameters<typeof fuzz>[0] = {
     seed: 1,
-    cases: 600,
+    cases: 1000,
     peerEvery: 5,
     cliCases: 3,
     results: path.join(os.tmpdir(), 'lamadist-fuzz-results'),

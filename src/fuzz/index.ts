@@ -5,7 +5,16 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { UserError } from '../errors.js';
 import { Rng, mutateBytes } from './mutate.js';
-import { TARGETS, makePki, quietContext, type Case, type FuzzTarget, type Pki, type Prepared, type Shared } from './targets.js';
+import {
+  TARGETS,
+  makePki,
+  quietContext,
+  type Case,
+  type FuzzTarget,
+  type Pki,
+  type Prepared,
+  type Shared,
+} from './targets.js';
 
 /**
  * Seeded, bounded mutation fuzzing of every parser of untrusted input.
@@ -107,7 +116,12 @@ async function leftovers(dir: string, refused: boolean, expected: ReadonlySet<st
   return names.filter((n) => /^\..*\.tmp$/.test(n) || (refused && !expected.has(n)));
 }
 
-function mutant(p: Prepared, seed: number, target: string, n: number): { seedIndex: number; data: Buffer; steps: string[] } {
+function mutant(
+  p: Prepared,
+  seed: number,
+  target: string,
+  n: number,
+): { seedIndex: number; data: Buffer; steps: string[] } {
   const rng = Rng.forCase(seed, target, n);
   const seedIndex = rng.int(p.seeds.length);
   const s = p.seeds[seedIndex] as Prepared['seeds'][number];
@@ -135,7 +149,10 @@ async function save(o: FuzzOptions, f: Failure, data: Buffer): Promise<Failure> 
 
 function runBinary(args: string[], timeoutMs: number): Promise<{ code: number; stderr: string }> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [BIN, ...args], { env: { ...process.env, NO_COLOR: '1' }, stdio: ['ignore', 'ignore', 'pipe'] });
+    const child = spawn(process.execPath, [BIN, ...args], {
+      env: { ...process.env, NO_COLOR: '1' },
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
     let stderr = '';
     child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
     const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
@@ -147,7 +164,12 @@ function runBinary(args: string[], timeoutMs: number): Promise<{ code: number; s
   });
 }
 
-async function fuzzTarget(o: FuzzOptions, t: FuzzTarget, work: string, shared: Shared): Promise<TargetReport> {
+async function fuzzTarget(
+  o: FuzzOptions,
+  t: FuzzTarget,
+  work: string,
+  shared: Shared,
+): Promise<TargetReport> {
   const started = performance.now();
   const dir = path.join(work, t.name);
   await fs.mkdir(dir, { recursive: true });
@@ -163,7 +185,16 @@ async function fuzzTarget(o: FuzzOptions, t: FuzzTarget, work: string, shared: S
     cli: { cases: 0, exit0: 0, exit2: 0 },
     seconds: 0,
   };
-  if (p.peer) report.peer = { tool: p.peer.name, sampled: 0, bothAccept: 0, bothRefuse: 0, weAcceptTheyRefuse: 0, weRefuseTheyAccept: 0, disagreements: { weAccept: [], weRefuse: [] } };
+  if (p.peer)
+    report.peer = {
+      tool: p.peer.name,
+      sampled: 0,
+      bothAccept: 0,
+      bothRefuse: 0,
+      weAcceptTheyRefuse: 0,
+      weRefuseTheyAccept: 0,
+      disagreements: { weAccept: [], weRefuse: [] },
+    };
   const caseDir = path.join(dir, 'case');
   const numbers = o.only !== undefined ? [o.only] : Array.from({ length: o.cases }, (_, i) => i);
   try {
@@ -188,14 +219,21 @@ async function fuzzTarget(o: FuzzOptions, t: FuzzTarget, work: string, shared: S
       if (!problem && ms > t.timeoutMs) problem = `hang: took ${Math.round(ms)} ms (bound ${t.timeoutMs} ms)`;
       if (!problem) {
         const left = await leftovers(caseDir, !accepted, new Set(['input']));
-        if (left.length > 0) problem = `left behind after ${accepted ? 'success' : 'refusal'}: ${left.join(', ')}`;
+        if (left.length > 0)
+          problem = `left behind after ${accepted ? 'success' : 'refusal'}: ${left.join(', ')}`;
         else if (!accepted && (await stamp(file)) !== before) problem = 'refused, but changed its input file';
       }
       report.cases++;
       if (problem) {
-        const f = await save(o, { target: t.name, n, seed: p.seeds[m.seedIndex]?.name ?? '?', steps: m.steps, problem }, m.data);
+        const f = await save(
+          o,
+          { target: t.name, n, seed: p.seeds[m.seedIndex]?.name ?? '?', steps: m.steps, problem },
+          m.data,
+        );
         report.failures.push(f);
-        o.log?.(`FAIL ${t.name} case ${n} (${f.seed}; ${f.steps.join('; ')}): ${problem.split('\n').slice(0, 4).join(' | ')}\n  saved ${f.reproducer ?? ''}`);
+        o.log?.(
+          `FAIL ${t.name} case ${n} (${f.seed}; ${f.steps.join('; ')}): ${problem.split('\n').slice(0, 4).join(' | ')}\n  saved ${f.reproducer ?? ''}`,
+        );
         continue;
       }
       if (accepted) report.accepted++;
@@ -222,7 +260,13 @@ async function fuzzTarget(o: FuzzOptions, t: FuzzTarget, work: string, shared: S
 }
 
 /** A few mutants through the real binary: exit 0 or 2, one stderr line, nothing left after a refusal. */
-async function cliCases(o: FuzzOptions, t: FuzzTarget, p: Prepared, dir: string, report: TargetReport): Promise<void> {
+async function cliCases(
+  o: FuzzOptions,
+  t: FuzzTarget,
+  p: Prepared,
+  dir: string,
+  report: TargetReport,
+): Promise<void> {
   const cliDir = path.join(dir, 'cli');
   for (let i = 0; i < o.cliCases; i++) {
     const n = o.cases + i;
@@ -237,9 +281,11 @@ async function cliCases(o: FuzzOptions, t: FuzzTarget, p: Prepared, dir: string,
     const lines = r.stderr.split('\n').filter((l) => l !== '');
     let problem: string | undefined;
     if (r.code !== 0 && r.code !== 2) problem = `lamadist ${args.join(' ')} exited ${r.code}: ${r.stderr}`;
-    else if (r.code === 2 && (lines.length !== 1 || !lines[0]?.startsWith('lamadist: error: '))) problem = `exit 2 without exactly one error line: ${JSON.stringify(r.stderr)}`;
+    else if (r.code === 2 && (lines.length !== 1 || !lines[0]?.startsWith('lamadist: error: ')))
+      problem = `exit 2 without exactly one error line: ${JSON.stringify(r.stderr)}`;
     else if (/\n\s+at /.test(r.stderr)) problem = `stack trace on stderr: ${r.stderr}`;
-    else if (r.code === 2 && output && (await stamp(output)) !== 'absent') problem = `refused, but left ${output}`;
+    else if (r.code === 2 && output && (await stamp(output)) !== 'absent')
+      problem = `refused, but left ${output}`;
     else if (r.code === 2 && (await stamp(file)) !== before) problem = 'refused, but changed its input file';
     else {
       const left = await leftovers(cliDir, r.code === 2, new Set(['input']));
@@ -249,9 +295,21 @@ async function cliCases(o: FuzzOptions, t: FuzzTarget, p: Prepared, dir: string,
     if (r.code === 0) report.cli.exit0++;
     if (r.code === 2) report.cli.exit2++;
     if (problem) {
-      const f = await save(o, { target: t.name, n, seed: p.seeds[m.seedIndex]?.name ?? '?', steps: [...m.steps, `cli: lamadist ${args.join(' ')}`], problem }, m.data);
+      const f = await save(
+        o,
+        {
+          target: t.name,
+          n,
+          seed: p.seeds[m.seedIndex]?.name ?? '?',
+          steps: [...m.steps, `cli: lamadist ${args.join(' ')}`],
+          problem,
+        },
+        m.data,
+      );
       report.failures.push(f);
-      o.log?.(`FAIL ${t.name} cli case ${n}: ${problem.split('\n').slice(0, 4).join(' | ')}\n  saved ${f.reproducer ?? ''}`);
+      o.log?.(
+        `FAIL ${t.name} cli case ${n}: ${problem.split('\n').slice(0, 4).join(' | ')}\n  saved ${f.reproducer ?? ''}`,
+      );
     }
   }
 }
@@ -260,7 +318,11 @@ async function cliCases(o: FuzzOptions, t: FuzzTarget, p: Prepared, dir: string,
 export async function fuzz(o: FuzzOptions): Promise<FuzzReport> {
   const started = performance.now();
   const unknown = (o.targets ?? []).filter((n) => !TARGETS.some((t) => t.name === n));
-  if (unknown.length > 0) throw new UserError('LAMA_E_USAGE', `unknown fuzz target(s): ${unknown.join(', ')} (known: ${TARGETS.map((t) => t.name).join(', ')})`);
+  if (unknown.length > 0)
+    throw new UserError(
+      'LAMA_E_USAGE',
+      `unknown fuzz target(s): ${unknown.join(', ')} (known: ${TARGETS.map((t) => t.name).join(', ')})`,
+    );
   const chosen = TARGETS.filter((t) => !o.targets || o.targets.length === 0 || o.targets.includes(t.name));
   const work = await fs.mkdtemp(path.join(os.tmpdir(), 'lamadist-fuzz-'));
   let pki: Promise<Pki> | undefined;
@@ -275,7 +337,12 @@ export async function fuzz(o: FuzzOptions): Promise<FuzzReport> {
   } finally {
     await fs.rm(work, { recursive: true, force: true });
   }
-  return { seed: o.seed, targets, failures: targets.reduce((n, t) => n + t.failures.length, 0), seconds: (performance.now() - started) / 1000 };
+  return {
+    seed: o.seed,
+    targets,
+    failures: targets.reduce((n, t) => n + t.failures.length, 0),
+    seconds: (performance.now() - started) / 1000,
+  };
 }
 
 function cases(ns: number[]): string {

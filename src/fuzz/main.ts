@@ -11,7 +11,8 @@ import { formatTotal, fuzz } from './index.js';
  * reproduces it.
  */
 
-const USAGE = 'usage: npm run fuzz -- [--seed N] [--cases N] [--target NAME,...] [--case N] [--peer-every N] [--cli N] [--results DIR]';
+const USAGE =
+  'usage: npm run fuzz -- [--seed N] [--cases N] [--target NAME,...] [--case N] [--peer-every N] [--cli N] [--results DIR]';
 
 function parseArgs(argv: string[]): Parameters<typeof fuzz>[0] {
   const o: Parameters<typeof fuzz>[0] = {
@@ -23,7 +24,8 @@ function parseArgs(argv: string[]): Parameters<typeof fuzz>[0] {
     log: (line) => process.stdout.write(line + '\n'),
   };
   const num = (flag: string, v: string | undefined): number => {
-    if (v === undefined || !/^\d+$/.test(v)) throw new UserError('LAMA_E_USAGE', `${flag} needs a whole number\n${USAGE}`);
+    if (v === undefined || !/^\d+$/.test(v))
+      throw new UserError('LAMA_E_USAGE', `${flag} needs a whole number\n${USAGE}`);
     return Number(v);
   };
   for (let i = 0; i < argv.length; i++) {

@@ -54,7 +54,28 @@ export type Regions = readonly (readonly [number, number])[];
 const INTERESTING8 = [0x00, 0xff, 0x7f, 0x80, 0x01, 0x10, 0x20, 0x40];
 
 function interestingWord(rng: Rng, length: number): bigint {
-  return rng.pick([0n, 1n, 0x7fn, 0x80n, 0xffn, 0x7fffn, 0x8000n, 0xffffn, 0x7fffffffn, 0x80000000n, 0xffffffffn, 0xffffffffffffffffn, 0x7fffffffffffffffn, 512n, 4096n, 65536n, BigInt(length), BigInt(length + 1), BigInt(Math.max(0, length - 1)), BigInt(length * 2)]);
+  return rng.pick([
+    0n,
+    1n,
+    0x7fn,
+    0x80n,
+    0xffn,
+    0x7fffn,
+    0x8000n,
+    0xffffn,
+    0x7fffffffn,
+    0x80000000n,
+    0xffffffffn,
+    0xffffffffffffffffn,
+    0x7fffffffffffffffn,
+    512n,
+    4096n,
+    65536n,
+    BigInt(length),
+    BigInt(length + 1),
+    BigInt(Math.max(0, length - 1)),
+    BigInt(length * 2),
+  ]);
 }
 
 function position(rng: Rng, length: number, regions: Regions): number {
@@ -74,7 +95,11 @@ export type BinaryMutation = 'bitflip' | 'byte' | 'word' | 'truncate' | 'extend'
  * byte order) set to boundary values and lengths, truncation, extension, chunk duplication and
  * removal. Returns the mutated copy and what was done.
  */
-export function mutateBytes(rng: Rng, input: Buffer, regions: Regions = []): { data: Buffer; steps: string[] } {
+export function mutateBytes(
+  rng: Rng,
+  input: Buffer,
+  regions: Regions = [],
+): { data: Buffer; steps: string[] } {
   let b: Buffer = Buffer.from(input);
   const steps: string[] = [];
   const count = 1 + rng.int(4);
@@ -84,7 +109,18 @@ export function mutateBytes(rng: Rng, input: Buffer, regions: Regions = []): { d
       steps.push(`fill ${b.length}`);
       continue;
     }
-    const kind: BinaryMutation = rng.pick(['bitflip', 'bitflip', 'byte', 'byte', 'word', 'word', 'truncate', 'extend', 'duplicate', 'remove']);
+    const kind: BinaryMutation = rng.pick([
+      'bitflip',
+      'bitflip',
+      'byte',
+      'byte',
+      'word',
+      'word',
+      'truncate',
+      'extend',
+      'duplicate',
+      'remove',
+    ]);
     const at = position(rng, b.length, regions);
     switch (kind) {
       case 'bitflip': {
@@ -181,7 +217,12 @@ function replacementValue(rng: Rng, old: Json, state: { deep: boolean }): Json {
     () => '../../etc/passwd',
     () => [],
     () => ({}),
-    () => (typeof old === 'number' ? String(old) : typeof old === 'string' && /^-?\d+$/.test(old) ? Number(old) : [old]),
+    () =>
+      typeof old === 'number'
+        ? String(old)
+        : typeof old === 'string' && /^-?\d+$/.test(old)
+          ? Number(old)
+          : [old],
     () => [old, old],
     () => ({ value: old }),
     deep,
@@ -191,12 +232,17 @@ function replacementValue(rng: Rng, old: Json, state: { deep: boolean }): Json {
 }
 
 /** Paths to every node of `v` (objects and arrays included), root first. */
-function nodes(v: Json, at: (string | number)[] = [], out: (string | number)[][] = []): (string | number)[][] {
+function nodes(
+  v: Json,
+  at: (string | number)[] = [],
+  out: (string | number)[][] = [],
+): (string | number)[][] {
   out.push(at);
   // A value nested thousands deep by an earlier step stays a leaf: walking it would blow the stack.
   if (out.length > 2000 || at.length > 100) return out;
   if (Array.isArray(v)) v.forEach((x, i) => nodes(x, [...at, i], out));
-  else if (v !== null && typeof v === 'object') for (const k of Object.keys(v)) nodes(v[k] as Json, [...at, k], out);
+  else if (v !== null && typeof v === 'object')
+    for (const k of Object.keys(v)) nodes(v[k] as Json, [...at, k], out);
   return out;
 }
 
@@ -239,7 +285,8 @@ export function mutateJson(rng: Rng, input: unknown): { value: unknown; steps: s
       steps.push(`key ${JSON.stringify(k)} in /${p.join('/')}`);
     } else if (Array.isArray(node)) {
       const n = rng.pick([0, 300, 10000]);
-      (getAt(root, parentPath) as Record<string | number, Json>)[key] = n === 0 ? [] : Array.from({ length: n }, () => node[0] ?? null);
+      (getAt(root, parentPath) as Record<string | number, Json>)[key] =
+        n === 0 ? [] : Array.from({ length: n }, () => node[0] ?? null);
       steps.push(`array of ${n} at /${p.join('/')}`);
     } else {
       (getAt(root, parentPath) as Record<string | number, Json>)[key] = replacementValue(rng, node, state);
@@ -280,8 +327,31 @@ export function mutateText(rng: Rng, text: string): { text: string; steps: strin
       return { text: lines.join('\n'), steps: [`delete line ${i + 1}`] };
     case 3: {
       const at = rng.int(text.length + 1);
-      const junk = rng.pick(['\t', '\u0000', '\uFEFF', '"', "'", '{', '[', ':', '- ', '#', '\r', '\\', '%', '&', '*', '!', '|', '>', '\ud800']);
-      return { text: text.slice(0, at) + junk + text.slice(at), steps: [`insert ${JSON.stringify(junk)} @${at}`] };
+      const junk = rng.pick([
+        '\t',
+        '\u0000',
+        '\uFEFF',
+        '"',
+        "'",
+        '{',
+        '[',
+        ':',
+        '- ',
+        '#',
+        '\r',
+        '\\',
+        '%',
+        '&',
+        '*',
+        '!',
+        '|',
+        '>',
+        '\ud800',
+      ]);
+      return {
+        text: text.slice(0, at) + junk + text.slice(at),
+        steps: [`insert ${JSON.stringify(junk)} @${at}`],
+      };
     }
     case 4: {
       const { data, steps } = mutateBytes(rng, Buffer.from(text));
@@ -298,7 +368,10 @@ function yamlSpecial(rng: Rng, text: string): { text: string; steps: string[] } 
   const keyLines = lines.map((l, i) => [l, i] as const).filter(([l]) => /^\s*[\w.-]+:\s*\S/.test(l));
   const [line, i] = keyLines.length > 0 ? rng.pick(keyLines) : (['x: 1', 0] as const);
   const key = line.slice(0, line.indexOf(':') + 1);
-  const bomb = ['a: &a ["x","x","x","x","x","x","x","x","x"]', ...'bcdefghi'.split('').map((c, k) => `${c}: &${c} [${Array(9).fill(`*${'abcdefghi'[k]}`).join(',')}]`)].join('\n');
+  const bomb = [
+    'a: &a ["x","x","x","x","x","x","x","x","x"]',
+    ...'bcdefghi'.split('').map((c, k) => `${c}: &${c} [${Array(9).fill(`*${'abcdefghi'[k]}`).join(',')}]`),
+  ].join('\n');
   const variants: [string, () => string][] = [
     ['undefined alias', () => `${key} *nosuch`],
     ['anchor + alias', () => `${key} &anc ${line.slice(key.length).trim()}\nalias_again: *anc`],

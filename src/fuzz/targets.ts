@@ -14,7 +14,16 @@ import { readErofsSuperblock } from '../erofs/index.js';
 import { UserError } from '../errors.js';
 import { composeKas, loadKasFile, loadKasSchema, validateKasFile } from '../kas/index.js';
 import { createBundle, parseManifest, renderManifest } from '../rauc/index.js';
-import { cmsType, decryptEnvelope, envelope, isDetached, recipientsOf, signerSummary, unverifiedContent, verifyEmbedded } from '../rauc/cms.js';
+import {
+  cmsType,
+  decryptEnvelope,
+  envelope,
+  isDetached,
+  recipientsOf,
+  signerSummary,
+  unverifiedContent,
+  verifyEmbedded,
+} from '../rauc/cms.js';
 import { signPe } from '../secureboot/index.js';
 import { planRange, startServer } from '../server/index.js';
 import { multipartPlan } from '../server/range.js';
@@ -113,23 +122,105 @@ export async function makePki(dir: string): Promise<Pki> {
   const d = path.join(dir, 'pki');
   await fs.mkdir(d, { recursive: true });
   const ossl = (args: string[]): Promise<string> => tool('openssl', args, d);
-  await ossl(['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', 'ca.key', '-out', 'ca.pem', '-days', '30', '-subj', '/CN=fuzz CA',
-    '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign']);
+  await ossl([
+    'req',
+    '-x509',
+    '-newkey',
+    'ec',
+    '-pkeyopt',
+    'ec_paramgen_curve:P-256',
+    '-nodes',
+    '-keyout',
+    'ca.key',
+    '-out',
+    'ca.pem',
+    '-days',
+    '30',
+    '-subj',
+    '/CN=fuzz CA',
+    '-addext',
+    'basicConstraints=critical,CA:TRUE',
+    '-addext',
+    'keyUsage=critical,keyCertSign,cRLSign',
+  ]);
   const leaf = async (name: string, key: string[], eku: string): Promise<void> => {
-    await ossl(['req', '-newkey', ...key, '-nodes', '-keyout', `${name}.key`, '-out', `${name}.csr`, '-subj', `/CN=fuzz ${name}`]);
-    await fs.writeFile(path.join(d, `${name}.ext`), `basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=${eku}\n`);
-    await ossl(['x509', '-req', '-in', `${name}.csr`, '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial', '-out', `${name}.pem`, '-days', '30', '-extfile', `${name}.ext`]);
+    await ossl([
+      'req',
+      '-newkey',
+      ...key,
+      '-nodes',
+      '-keyout',
+      `${name}.key`,
+      '-out',
+      `${name}.csr`,
+      '-subj',
+      `/CN=fuzz ${name}`,
+    ]);
+    await fs.writeFile(
+      path.join(d, `${name}.ext`),
+      `basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=${eku}\n`,
+    );
+    await ossl([
+      'x509',
+      '-req',
+      '-in',
+      `${name}.csr`,
+      '-CA',
+      'ca.pem',
+      '-CAkey',
+      'ca.key',
+      '-CAcreateserial',
+      '-out',
+      `${name}.pem`,
+      '-days',
+      '30',
+      '-extfile',
+      `${name}.ext`,
+    ]);
   };
   await leaf('sign', ['ec', '-pkeyopt', 'ec_paramgen_curve:P-256'], 'codeSigning');
   await leaf('device', ['rsa:2048'], 'clientAuth');
-  await ossl(['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'db.key', '-out', 'db.pem', '-days', '30', '-subj', '/CN=fuzz db']);
+  await ossl([
+    'req',
+    '-x509',
+    '-newkey',
+    'rsa:2048',
+    '-nodes',
+    '-keyout',
+    'db.key',
+    '-out',
+    'db.pem',
+    '-days',
+    '30',
+    '-subj',
+    '/CN=fuzz db',
+  ]);
   const conf = path.join(d, 'system.conf');
-  await fs.writeFile(conf, `[system]\ncompatible=lamadist-x86-64\nbootloader=noop\n[keyring]\npath=${path.join(d, 'ca.pem')}\ncheck-purpose=codesign\n[slot.rootfs.0]\ndevice=/dev/null\n`);
+  await fs.writeFile(
+    conf,
+    `[system]\ncompatible=lamadist-x86-64\nbootloader=noop\n[keyring]\npath=${path.join(d, 'ca.pem')}\ncheck-purpose=codesign\n[slot.rootfs.0]\ndevice=/dev/null\n`,
+  );
   const p = (f: string): string => path.join(d, f);
-  return { dir: d, ca: p('ca.pem'), signCert: p('sign.pem'), signKey: p('sign.key'), device: p('device.pem'), deviceKey: p('device.key'), db: p('db.pem'), dbKey: p('db.key'), conf };
+  return {
+    dir: d,
+    ca: p('ca.pem'),
+    signCert: p('sign.pem'),
+    signKey: p('sign.key'),
+    device: p('device.pem'),
+    deviceKey: p('device.key'),
+    db: p('db.pem'),
+    dbKey: p('db.key'),
+    conf,
+  };
 }
 
 const SECTOR = 512;
+
+/** An empty (sparse) file of `size` bytes for a tool to write a table or header into. */
+async function sparseFile(file: string, size: number): Promise<void> {
+  await fs.writeFile(file, Buffer.alloc(0));
+  await fs.truncate(file, size);
+}
 
 const gpt: FuzzTarget = {
   name: 'gpt',
@@ -138,19 +229,39 @@ const gpt: FuzzTarget = {
   async prepare(dir) {
     const size = 2 * 1024 * 1024;
     const sg = path.join(dir, 'sgdisk.img');
-    await fs.writeFile(sg, Buffer.alloc(0));
-    await fs.truncate(sg, size);
-    await tool('sgdisk', ['-n', '1:2048:+512K', '-t', '1:ef00', '-c', '1:esp', '-n', '2:0:+512K', '-t', '2:4f68bce3-e8cd-4db1-96e7-fbcaf984b709', '-c', '2:root-a', '-A', '2:set:60', sg]);
+    await sparseFile(sg, size);
+    await tool('sgdisk', [
+      '-n',
+      '1:2048:+512K',
+      '-t',
+      '1:ef00',
+      '-c',
+      '1:esp',
+      '-n',
+      '2:0:+512K',
+      '-t',
+      '2:4f68bce3-e8cd-4db1-96e7-fbcaf984b709',
+      '-c',
+      '2:root-a',
+      '-A',
+      '2:set:60',
+      sg,
+    ]);
     const sf = path.join(dir, 'sfdisk.img');
-    await fs.writeFile(sf, Buffer.alloc(0));
-    await fs.truncate(sf, size);
-    await run('sfdisk', ['--quiet', '--no-reread', '--no-tell-kernel', sf], { input: 'label: gpt\n,256K,U\n,256K,L\n,,L\n' });
+    await sparseFile(sf, size);
+    await run('sfdisk', ['--quiet', '--no-reread', '--no-tell-kernel', sf], {
+      input: 'label: gpt\n,256K,U\n,256K,L\n,,L\n',
+    });
     return {
       seeds: [
         { name: 'sgdisk', data: await fs.readFile(sg) },
         { name: 'sfdisk', data: await fs.readFile(sf) },
       ],
-      regions: (s) => [[SECTOR, 34 * SECTOR], [s.length - 33 * SECTOR, s.length], [0, SECTOR]],
+      regions: (s) => [
+        [SECTOR, 34 * SECTOR],
+        [s.length - 33 * SECTOR, s.length],
+        [0, SECTOR],
+      ],
       run: async (ctx, c) => void (await gptShow(ctx, c.file)),
       // sgdisk -v exits 0 whatever it finds; like `gpt show`, count a table it had to recover or
       // that it warns about as refused (sfdisk --dump silently takes the backup and exits 0).
@@ -159,7 +270,11 @@ const gpt: FuzzTarget = {
         accepts: async (f) => {
           const r = await run('sgdisk', ['-v', f], { allowFailure: true, timeoutMs: 60_000 });
           const out = r.stdout + r.stderr;
-          return r.code === 0 && /No problems found/.test(out) && !/invalid|corrupt|CRC|damaged|backup|overlap|Warning/i.test(out);
+          return (
+            r.code === 0 &&
+            /No problems found/.test(out) &&
+            !/invalid|corrupt|CRC|damaged|backup|overlap|Warning/i.test(out)
+          );
         },
       },
       cli: (f) => ({ args: ['gpt', 'show', f] }),
@@ -180,7 +295,10 @@ function rewriteLuksJson(seed: Buffer, json: string): Buffer | undefined {
     out.fill(0, at + 4096, at + hdrSize);
     text.copy(out, at + 4096);
     out.fill(0, at + 448, at + 512);
-    createHash('sha256').update(out.subarray(at, at + hdrSize)).digest().copy(out, at + 448);
+    createHash('sha256')
+      .update(out.subarray(at, at + hdrSize))
+      .digest()
+      .copy(out, at + 448);
   }
   return out;
 }
@@ -194,9 +312,22 @@ const luks: FuzzTarget = {
     const key = path.join(dir, 'key');
     await fs.writeFile(key, pseudoRandom(32, 7));
     const cs = path.join(dir, 'cryptsetup.luks');
-    await fs.writeFile(cs, Buffer.alloc(0));
-    await fs.truncate(cs, full);
-    await tool('cryptsetup', ['luksFormat', '--type', 'luks2', '--batch-mode', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, '--label', 'fuzz', cs]);
+    await sparseFile(cs, full);
+    await tool('cryptsetup', [
+      'luksFormat',
+      '--type',
+      'luks2',
+      '--batch-mode',
+      '--pbkdf',
+      'pbkdf2',
+      '--pbkdf-force-iterations',
+      '1000',
+      '--key-file',
+      key,
+      '--label',
+      'fuzz',
+      cs,
+    ]);
     const payload = path.join(dir, 'payload');
     await fs.writeFile(payload, pseudoRandom(8192, 8));
     const own = path.join(dir, 'lamadist.luks');
@@ -210,14 +341,21 @@ const luks: FuzzTarget = {
       mutate: (rng, seed) => {
         if (rng.chance(0.5)) {
           const hdrSize = Number(seed.data.readBigUInt64BE(8));
-          const json = JSON.parse(seed.data.subarray(4096, hdrSize).toString('utf8').replace(/\0+$/, '')) as unknown;
+          const json = JSON.parse(
+            seed.data.subarray(4096, hdrSize).toString('utf8').replace(/\0+$/, ''),
+          ) as unknown;
           const m = mutateJson(rng, json);
           const printed = jsonText(m.value);
           const text = printed === undefined || rng.chance(0.8) ? printed : mutateText(rng, printed).text;
           const data = text === undefined ? undefined : rewriteLuksJson(seed.data, text);
           if (data) return { data, steps: [...m.steps, 'checksums recomputed'] };
         }
-        return mutateBytes(rng, seed.data, [[0, 512], [4096, 8192], [16384, 16896], [20480, 24576]]);
+        return mutateBytes(rng, seed.data, [
+          [0, 512],
+          [4096, 8192],
+          [16384, 16896],
+          [20480, 24576],
+        ]);
       },
       // The keyslot area lies beyond the two header copies; cryptsetup wants the file at full size.
       materialize: async (data, file) => {
@@ -236,10 +374,17 @@ function bundleRegions(b: Buffer): Regions {
   if (b.length < 8) return [];
   const sig = Number(b.readBigUInt64BE(b.length - 8));
   const start = Math.max(0, b.length - 8 - sig);
-  return [[start, b.length], [start, b.length], [0, 96]];
+  return [
+    [start, b.length],
+    [start, b.length],
+    [0, 96],
+  ];
 }
 
-async function makeBundles(dir: string, pki: Pki): Promise<{ own: string; rauc: string; plain: string; manifestTexts: string[] }> {
+async function makeBundles(
+  dir: string,
+  pki: Pki,
+): Promise<{ own: string; rauc: string; plain: string; manifestTexts: string[] }> {
   const content = path.join(dir, 'content');
   await fs.mkdir(content, { recursive: true });
   await fs.writeFile(path.join(content, 'rootfs.img'), pseudoRandom(64 * 1024, 9));
@@ -249,7 +394,10 @@ async function makeBundles(dir: string, pki: Pki): Promise<{ own: string; rauc: 
     compatible: 'lamadist-x86-64',
     version: '1.0.0',
     images: [{ slotClass: 'rootfs', path: path.join(content, 'rootfs.img') }],
-    signer: { certPem: await fs.readFile(pki.signCert, 'utf8'), keyPem: await fs.readFile(pki.signKey, 'utf8') },
+    signer: {
+      certPem: await fs.readFile(pki.signCert, 'utf8'),
+      keyPem: await fs.readFile(pki.signKey, 'utf8'),
+    },
     signingTime: new Date(),
   });
   const texts = [renderManifest(created.manifest)];
@@ -259,7 +407,15 @@ async function makeBundles(dir: string, pki: Pki): Promise<{ own: string; rauc: 
     await fs.writeFile(path.join(content, 'manifest.raucm'), m);
     texts.push(m);
     out[format] = path.join(dir, `rauc-${format}.raucb`);
-    await run('rauc', ['bundle', '--cert', pki.signCert, '--key', pki.signKey, content, out[format] as string]);
+    await run('rauc', [
+      'bundle',
+      '--cert',
+      pki.signCert,
+      '--key',
+      pki.signKey,
+      content,
+      out[format] as string,
+    ]);
   }
   return { own, rauc: out.verity as string, plain: out.plain as string, manifestTexts: texts };
 }
@@ -289,8 +445,21 @@ const bundle: FuzzTarget = {
         await bundleInspect(ctx, c.file, c.n % 3 === 0 ? {} : { keyring: pki.ca });
       },
       // Without --keyring, `bundle inspect` shows what the bundle claims: rauc info --no-verify asks the same.
-      peer: { name: 'rauc info', accepts: (f, c) => exitsZero('rauc', ['info', ...(c.n % 3 === 0 && c.n % 10 !== 9 ? ['--no-verify'] : []), '--conf', pki.conf, f]) },
-      cli: (f, d) => ({ args: ['bundle', 'extract', '--keyring', pki.ca, f, path.join(d, 'cli-out')], output: path.join(d, 'cli-out') }),
+      peer: {
+        name: 'rauc info',
+        accepts: (f, c) =>
+          exitsZero('rauc', [
+            'info',
+            ...(c.n % 3 === 0 && c.n % 10 !== 9 ? ['--no-verify'] : []),
+            '--conf',
+            pki.conf,
+            f,
+          ]),
+      },
+      cli: (f, d) => ({
+        args: ['bundle', 'extract', '--keyring', pki.ca, f, path.join(d, 'cli-out')],
+        output: path.join(d, 'cli-out'),
+      }),
     };
   },
 };
@@ -303,7 +472,10 @@ const manifest: FuzzTarget = {
     bundlesMade ??= makeBundles(dir, await shared.pki());
     const b = await bundlesMade;
     return {
-      seeds: b.manifestTexts.map((t, i) => ({ name: i === 0 ? 'lamadist bundle create' : 'rauc manifest', data: Buffer.from(t) })),
+      seeds: b.manifestTexts.map((t, i) => ({
+        name: i === 0 ? 'lamadist bundle create' : 'rauc manifest',
+        data: Buffer.from(t),
+      })),
       mutate: (rng, seed) => {
         const m = mutateText(rng, seed.data.toString('utf8'));
         return { data: Buffer.from(m.text, 'latin1'), steps: m.steps };
@@ -350,8 +522,34 @@ const cms: FuzzTarget = {
         accepts: async (f) => {
           const der = await fs.readFile(f);
           return cmsType(der) === 'enveloped'
-            ? exitsZero('openssl', ['cms', '-decrypt', '-inform', 'DER', '-in', f, '-inkey', pki.deviceKey, '-recip', pki.device, '-out', '/dev/null'])
-            : exitsZero('openssl', ['cms', '-verify', '-inform', 'DER', '-in', f, '-CAfile', pki.ca, '-purpose', 'any', '-out', '/dev/null']);
+            ? exitsZero('openssl', [
+                'cms',
+                '-decrypt',
+                '-inform',
+                'DER',
+                '-in',
+                f,
+                '-inkey',
+                pki.deviceKey,
+                '-recip',
+                pki.device,
+                '-out',
+                '/dev/null',
+              ])
+            : exitsZero('openssl', [
+                'cms',
+                '-verify',
+                '-inform',
+                'DER',
+                '-in',
+                f,
+                '-CAfile',
+                pki.ca,
+                '-purpose',
+                'any',
+                '-out',
+                '/dev/null',
+              ]);
         },
       },
     };
@@ -372,10 +570,21 @@ const uki: FuzzTarget = {
       osrel: Buffer.from('ID=lamadist\nVERSION_ID=1.0\nPRETTY_NAME="LamaDist fuzz"\n'),
       uname: '6.1.0-fuzz',
     });
-    const signed = signPe(unsigned, { certPem: await fs.readFile(pki.db), keyPem: await fs.readFile(pki.dbKey) });
+    const signed = signPe(unsigned, {
+      certPem: await fs.readFile(pki.db),
+      keyPem: await fs.readFile(pki.dbKey),
+    });
     const sbsigned = path.join(dir, 'sbsign.efi');
     await fs.writeFile(path.join(dir, 'unsigned.efi'), unsigned);
-    await tool('sbsign', ['--key', pki.dbKey, '--cert', pki.db, '--output', sbsigned, path.join(dir, 'unsigned.efi')]);
+    await tool('sbsign', [
+      '--key',
+      pki.dbKey,
+      '--cert',
+      pki.db,
+      '--output',
+      sbsigned,
+      path.join(dir, 'unsigned.efi'),
+    ]);
     return {
       seeds: [
         { name: 'lamadist uki build', data: unsigned },
@@ -385,7 +594,12 @@ const uki: FuzzTarget = {
       regions: (s) => {
         const pe = s.length > 0x40 ? s.readUInt32LE(0x3c) : 0;
         const tail = Math.max(0, s.length - 2048);
-        return [[0, 0x40], [pe, pe + 0x400], [pe, pe + 0x400], [tail, s.length]];
+        return [
+          [0, 0x40],
+          [pe, pe + 0x400],
+          [pe, pe + 0x400],
+          [tail, s.length],
+        ];
       },
       run: async (ctx, c) => {
         if (c.n % 3 === 2) await ukiMeasure(ctx, c.file);
@@ -418,7 +632,17 @@ const verity: FuzzTarget = {
     const root = /Root hash:\s+([0-9a-f]+)/.exec(out)?.[1];
     if (!root) throw new Error(`veritysetup format printed no root hash: ${out}`);
     const sha1 = path.join(dir, 'hash-sha1.img');
-    const out1 = await tool('veritysetup', ['format', '--hash', 'sha1', '--data-block-size', '1024', '--hash-block-size', '1024', data, sha1]);
+    const out1 = await tool('veritysetup', [
+      'format',
+      '--hash',
+      'sha1',
+      '--data-block-size',
+      '1024',
+      '--hash-block-size',
+      '1024',
+      data,
+      sha1,
+    ]);
     const root1 = /Root hash:\s+([0-9a-f]+)/.exec(out1)?.[1] as string;
     const roots = [root, root1];
     return {
@@ -426,9 +650,16 @@ const verity: FuzzTarget = {
         { name: 'veritysetup format (sha256/4096)', data: await fs.readFile(hash) },
         { name: 'veritysetup format (sha1/1024)', data: await fs.readFile(sha1) },
       ],
-      regions: () => [[0, 512], [0, 512], [512, 8192]],
+      regions: () => [
+        [0, 512],
+        [0, 512],
+        [512, 8192],
+      ],
       run: async (ctx, c) => void (await verityVerify(ctx, data, c.file, roots[c.seed] as string, {})),
-      peer: { name: 'veritysetup verify', accepts: (f, c) => exitsZero('veritysetup', ['verify', data, f, roots[c.seed] as string]) },
+      peer: {
+        name: 'veritysetup verify',
+        accepts: (f, c) => exitsZero('veritysetup', ['verify', data, f, roots[c.seed] as string]),
+      },
       cli: (f) => ({ args: ['verity', 'verify', data, f, root] }),
     };
   },
@@ -480,7 +711,9 @@ const kas: FuzzTarget = {
     };
     await walk(path.join(root, 'kas'));
     files.sort();
-    const seeds = await Promise.all(files.map(async (f) => ({ name: path.relative(root, f), data: await fs.readFile(f) })));
+    const seeds = await Promise.all(
+      files.map(async (f) => ({ name: path.relative(root, f), data: await fs.readFile(f) })),
+    );
     return {
       seeds,
       mutate: (rng, seed) => {
@@ -511,7 +744,14 @@ const hosts: FuzzTarget = {
     const inv = path.join(dir, 'hosts.yaml');
     const ctx = quietContext();
     await hostAdd(ctx, 'alpha', { inventory: inv, dhcp: true, kernelArg: ['quiet'] });
-    await hostAdd(ctx, 'beta', { inventory: inv, address: '192.168.1.20/24', gateway: '192.168.1.1', interface: 'eth0', dns: ['192.168.1.1'], ntp: '192.168.1.1' });
+    await hostAdd(ctx, 'beta', {
+      inventory: inv,
+      address: '192.168.1.20/24',
+      gateway: '192.168.1.1',
+      interface: 'eth0',
+      dns: ['192.168.1.1'],
+      ntp: '192.168.1.1',
+    });
     await hostAdd(ctx, 'gamma', { inventory: inv, ip: '10.0.0.5::10.0.0.1:255.255.255.0:gamma:eth0:off' });
     return {
       seeds: [{ name: 'lamadist host add', data: await fs.readFile(inv) }],
@@ -526,7 +766,12 @@ const hosts: FuzzTarget = {
         }
         const list = await hostList(ctx, { inventory: c.file });
         const first = list[0];
-        if (first) await hostShow(ctx, first.name, { inventory: c.file, rootHash: 'ab'.repeat(32), slot: c.n % 2 === 0 ? 'a' : 'b' });
+        if (first)
+          await hostShow(ctx, first.name, {
+            inventory: c.file,
+            rootHash: 'ab'.repeat(32),
+            slot: c.n % 2 === 0 ? 'a' : 'b',
+          });
       },
       cli: (f) => ({ args: ['host', 'add', 'fuzzcli', '--inventory', f] }),
     };
@@ -546,21 +791,73 @@ const ddi: FuzzTarget = {
   timeoutMs: 5000,
   async prepare(dir, shared) {
     const pki = await shared.pki();
-    const server = await startServer({ store: path.join(dir, 'store'), listen: '127.0.0.1:0', keyring: pki.ca, pollSeconds: 60, adminToken: 'fuzz-admin-token' });
+    const server = await startServer({
+      store: path.join(dir, 'store'),
+      listen: '127.0.0.1:0',
+      keyring: pki.ca,
+      pollSeconds: 60,
+      adminToken: 'fuzz-admin-token',
+    });
     const admin = { authorization: 'Bearer fuzz-admin-token' };
-    const reg = await server.app.inject({ method: 'POST', url: '/api/v1/devices', headers: admin, payload: { controllerId: 'dev1', bsp: 'x86_64' } });
+    const reg = await server.app.inject({
+      method: 'POST',
+      url: '/api/v1/devices',
+      headers: admin,
+      payload: { controllerId: 'dev1', bsp: 'x86_64' },
+    });
     const token = (reg.json() as { token?: string }).token;
-    if (reg.statusCode !== 201 || !token) throw new Error(`device registration failed: ${reg.statusCode} ${reg.body}`);
+    if (reg.statusCode !== 201 || !token)
+      throw new Error(`device registration failed: ${reg.statusCode} ${reg.body}`);
     const device = { authorization: `TargetToken ${token}` };
     const base = '/DEFAULT/controller/v1/dev1';
-    const feedback = { id: '1', status: { execution: 'closed', result: { finished: 'success', progress: { cnt: 2, of: 5 } }, details: ['installed'] }, time: '20240101T000000' };
+    const feedback = {
+      id: '1',
+      status: {
+        execution: 'closed',
+        result: { finished: 'success', progress: { cnt: 2, of: 5 } },
+        details: ['installed'],
+      },
+      time: '20240101T000000',
+    };
     const routes: Route[] = [
-      { method: 'PUT', url: `${base}/configData`, admin: false, body: { mode: 'merge', data: { version: '1.0.0', boot_id: 'abc', hw: 'x' }, status: { execution: 'closed', result: { finished: 'success' } } } },
+      {
+        method: 'PUT',
+        url: `${base}/configData`,
+        admin: false,
+        body: {
+          mode: 'merge',
+          data: { version: '1.0.0', boot_id: 'abc', hw: 'x' },
+          status: { execution: 'closed', result: { finished: 'success' } },
+        },
+      },
       { method: 'POST', url: `${base}/deploymentBase/1/feedback`, admin: false, body: feedback },
       { method: 'POST', url: `${base}/cancelAction/1/feedback`, admin: false, body: feedback },
-      { method: 'POST', url: '/api/v1/devices', admin: true, body: { controllerId: 'dev2', name: 'two', bsp: 'x86_64', tags: ['lab'], attributes: { room: '1' } } },
-      { method: 'PATCH', url: '/api/v1/devices/dev1', admin: true, body: { name: 'one', addTags: ['lab', 'rack'], removeTags: ['old'] } },
-      { method: 'POST', url: '/api/v1/rollouts', admin: true, body: { name: 'r', releaseId: 1, filter: { tags: ['lab'] }, waves: [{ percent: 50 }], successThreshold: 90, errorThreshold: 5, start: false } },
+      {
+        method: 'POST',
+        url: '/api/v1/devices',
+        admin: true,
+        body: { controllerId: 'dev2', name: 'two', bsp: 'x86_64', tags: ['lab'], attributes: { room: '1' } },
+      },
+      {
+        method: 'PATCH',
+        url: '/api/v1/devices/dev1',
+        admin: true,
+        body: { name: 'one', addTags: ['lab', 'rack'], removeTags: ['old'] },
+      },
+      {
+        method: 'POST',
+        url: '/api/v1/rollouts',
+        admin: true,
+        body: {
+          name: 'r',
+          releaseId: 1,
+          filter: { tags: ['lab'] },
+          waves: [{ percent: 50 }],
+          successThreshold: 90,
+          errorThreshold: 5,
+          start: false,
+        },
+      },
     ];
     return {
       seeds: routes.map((r) => ({ name: `${r.method} ${r.url}`, data: Buffer.from(JSON.stringify(r.body)) })),
@@ -575,8 +872,14 @@ const ddi: FuzzTarget = {
       },
       run: async (_ctx, c) => {
         const r = routes[c.seed] as Route;
-        const res = await server.app.inject({ method: r.method, url: r.url, headers: { ...(r.admin ? admin : device), 'content-type': 'application/json' }, payload: c.data });
-        if (res.statusCode >= 500) throw new Error(`HTTP ${res.statusCode} from ${r.method} ${r.url}: ${res.body.slice(0, 300)}`);
+        const res = await server.app.inject({
+          method: r.method,
+          url: r.url,
+          headers: { ...(r.admin ? admin : device), 'content-type': 'application/json' },
+          payload: c.data,
+        });
+        if (res.statusCode >= 500)
+          throw new Error(`HTTP ${res.statusCode} from ${r.method} ${r.url}: ${res.body.slice(0, 300)}`);
         if (res.statusCode >= 400) throw refused(`HTTP ${res.statusCode}`);
       },
       close: () => server.close(),
@@ -591,7 +894,15 @@ const range: FuzzTarget = {
   async prepare() {
     const size = 20 * 1024 * 1024;
     const v = { etag: '"abc"', lastModified: new Date('2024-01-01T00:00:00Z') };
-    const headers = ['bytes=0-99', 'bytes=-500', 'bytes=100-', 'bytes=0-0,-1', 'bytes=0-,0-', 'bytes=10-20, 30-40, 4096-', `bytes=${size - 1}-${size}`];
+    const headers = [
+      'bytes=0-99',
+      'bytes=-500',
+      'bytes=100-',
+      'bytes=0-0,-1',
+      'bytes=0-,0-',
+      'bytes=10-20, 30-40, 4096-',
+      `bytes=${size - 1}-${size}`,
+    ];
     return {
       seeds: headers.map((h) => ({ name: h, data: Buffer.from(h) })),
       mutate: (rng, seed) => {
@@ -603,7 +914,17 @@ const range: FuzzTarget = {
           return { data: Buffer.from(`bytes=${Array(n).fill(spec).join(',')}`), steps: [`${n} x ${spec}`] };
         }
         if (op === 1) {
-          const num = rng.pick(['99999999999999999999', '9007199254740993', '-1', '1e3', '0x10', '', ' ', String(size), String(size - 1)]);
+          const num = rng.pick([
+            '99999999999999999999',
+            '9007199254740993',
+            '-1',
+            '1e3',
+            '0x10',
+            '',
+            ' ',
+            String(size),
+            String(size - 1),
+          ]);
           const out = text.replace(/\d+/, num);
           return { data: Buffer.from(out), steps: [`number ${num}`] };
         }
@@ -612,19 +933,27 @@ const range: FuzzTarget = {
       },
       run: async (_ctx, c) => {
         const header = c.data.toString('latin1');
-        const ifRange = c.n % 5 === 0 ? (c.n % 10 === 0 ? '"abc"' : 'Mon, 01 Jan 2024 00:00:00 GMT') : undefined;
+        const ifRange =
+          c.n % 5 === 0 ? (c.n % 10 === 0 ? '"abc"' : 'Mon, 01 Jan 2024 00:00:00 GMT') : undefined;
         const plan = planRange(size, header, ifRange, v);
         if (plan.status === 416) throw refused('416');
         if (plan.status !== 206) return;
         let total = 0;
         for (const r of plan.ranges) {
-          if (!Number.isSafeInteger(r.start) || !Number.isSafeInteger(r.end) || r.start < 0 || r.end < r.start || r.end >= size) {
+          if (
+            !Number.isSafeInteger(r.start) ||
+            !Number.isSafeInteger(r.end) ||
+            r.start < 0 ||
+            r.end < r.start ||
+            r.end >= size
+          ) {
             throw new Error(`range ${JSON.stringify(r)} outside an entity of ${size} bytes`);
           }
           total += r.end - r.start + 1;
         }
         // Issue 14 C1: a request must never make the server send more than the entity once.
-        if (total > size) throw new Error(`${plan.ranges.length} ranges add up to ${total} bytes for an entity of ${size}`);
+        if (total > size)
+          throw new Error(`${plan.ranges.length} ranges add up to ${total} bytes for an entity of ${size}`);
         multipartPlan(plan.ranges, size, 'application/octet-stream', 'b');
       },
     };
@@ -632,4 +961,17 @@ const range: FuzzTarget = {
 };
 
 /** Every target, in report order. */
-export const TARGETS: readonly FuzzTarget[] = [gpt, luks, bundle, manifest, cms, uki, verity, erofs, kas, hosts, ddi, range];
+export const TARGETS: readonly FuzzTarget[] = [
+  gpt,
+  luks,
+  bundle,
+  manifest,
+  cms,
+  uki,
+  verity,
+  erofs,
+  kas,
+  hosts,
+  ddi,
+  range,
+];

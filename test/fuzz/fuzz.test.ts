@@ -42,23 +42,57 @@ describe('mutations', () => {
       const y = mutateYaml(Rng.forCase(1, 'yaml', n), 'header:\n  version: 14\nmachine: qemux86-64\n');
       for (const s of y.steps) seen.add(s);
     }
-    for (const s of ['replace', 'delete', 'key', 'array', '__proto__', 'deep', 'undefined alias', 'alias bomb', 'merge key']) expect(seen).toContain(s);
+    for (const s of [
+      'replace',
+      'delete',
+      'key',
+      'array',
+      '__proto__',
+      'deep',
+      'undefined alias',
+      'alias bomb',
+      'merge key',
+    ])
+      expect(seen).toContain(s);
   });
 });
 
 describe('fixed-seed fuzz run (the fast subset of npm run fuzz)', () => {
   let report: FuzzReport;
   beforeAll(async () => {
-    report = await fuzz({ seed: 1, cases: 40, peerEvery: 0, cliCases: 1, results: path.join(dir, 'results') });
+    report = await fuzz({
+      seed: 1,
+      cases: 40,
+      peerEvery: 0,
+      cliCases: 1,
+      results: path.join(dir, 'results'),
+    });
   }, 240_000);
 
   it('covers every parser of untrusted input', () => {
-    expect(report.targets.map((t) => t.name)).toEqual(['gpt', 'luks2', 'rauc-bundle', 'rauc-manifest', 'cms', 'pe-uki', 'verity', 'erofs', 'kas-yaml', 'hosts-yaml', 'ddi-json', 'http-range']);
+    expect(report.targets.map((t) => t.name)).toEqual([
+      'gpt',
+      'luks2',
+      'rauc-bundle',
+      'rauc-manifest',
+      'cms',
+      'pe-uki',
+      'verity',
+      'erofs',
+      'kas-yaml',
+      'hosts-yaml',
+      'ddi-json',
+      'http-range',
+    ]);
     for (const t of report.targets) expect(t.accepted + t.refused + t.failures.length, t.name).toBe(40);
   });
 
   it('every mutant is accepted or refused with one line, in time, leaving nothing behind', () => {
-    const failures = report.targets.flatMap((t) => t.failures.map((f) => `${f.target} case ${f.n} (${f.steps.join('; ')}): ${f.problem.split('\n')[0] ?? ''}`));
+    const failures = report.targets.flatMap((t) =>
+      t.failures.map(
+        (f) => `${f.target} case ${f.n} (${f.steps.join('; ')}): ${f.problem.split('\n')[0] ?? ''}`,
+      ),
+    );
     expect(failures).toEqual([]);
   });
 
@@ -81,10 +115,15 @@ describe('regressions found by the fuzzer', () => {
       const inv = path.join(dir, `hosts-${field}.yaml`);
       const block = { address: '10.0.0.5/24', [field as string]: value };
       const lines = Object.entries(block).map(([k, v]) => `      ${k}: ${v}`);
-      await fs.writeFile(inv, `hosts:\n  alpha:\n    machine-id: ${'ab'.repeat(16)}\n    ip:\n${lines.join('\n')}\n`);
+      await fs.writeFile(
+        inv,
+        `hosts:\n  alpha:\n    machine-id: ${'ab'.repeat(16)}\n    ip:\n${lines.join('\n')}\n`,
+      );
       const r = await runCli(['host', 'list', '--inventory', inv]);
       expect(r.code, `${field}: ${r.stderr}`).toBe(2);
-      expect(r.stderr).toMatch(new RegExp(`^lamadist: error: ${inv.replaceAll('.', '\\.')}:5:\\d+: .*\\[LAMA_E_BAD_IP\\]\\n$`));
+      expect(r.stderr).toMatch(
+        new RegExp(`^lamadist: error: ${inv.replaceAll('.', '\\.')}:5:\\d+: .*\\[LAMA_E_BAD_IP\\]\\n$`),
+      );
     }
   });
 
@@ -92,9 +131,15 @@ describe('regressions found by the fuzzer', () => {
     const pki = await makePki(dir);
     const certPem = await fs.readFile(pki.signCert, 'utf8');
     const keyring = await fs.readFile(pki.ca, 'utf8');
-    const der = signEmbedded(Buffer.from('manifest'), { certPem, keyPem: await fs.readFile(pki.signKey, 'utf8') }, new Date());
+    const der = signEmbedded(
+      Buffer.from('manifest'),
+      { certPem, keyPem: await fs.readFile(pki.signKey, 'utf8') },
+      new Date(),
+    );
     // The EC point closes the certificate's SubjectPublicKeyInfo; one changed byte puts it off the curve.
-    const point = new X509Certificate(certPem).publicKey.export({ type: 'spki', format: 'der' }).subarray(-65);
+    const point = new X509Certificate(certPem).publicKey
+      .export({ type: 'spki', format: 'der' })
+      .subarray(-65);
     const at = der.indexOf(point);
     expect(at).toBeGreaterThan(0);
     const bad = Buffer.from(der);
@@ -112,7 +157,13 @@ describe('regressions found by the fuzzer', () => {
   });
 
   it('PE: a section whose VirtualSize reaches beyond SizeOfImage is refused, not zero-filled to gigabytes', async () => {
-    const uki = await buildUki({ stub: EFI_STUBS['x86-64'] as string, kernel: Buffer.alloc(8192, 1), cmdline: 'quiet', osrel: Buffer.from('ID=x\n'), uname: '6.1.0' });
+    const uki = await buildUki({
+      stub: EFI_STUBS['x86-64'] as string,
+      kernel: Buffer.alloc(8192, 1),
+      cmdline: 'quiet',
+      osrel: Buffer.from('ID=x\n'),
+      uname: '6.1.0',
+    });
     const linux = parsePe(uki).sections.find((s) => s.name === '.linux');
     expect(linux).toBeDefined();
     const bad = Buffer.from(uki);
@@ -122,14 +173,19 @@ describe('regressions found by the fuzzer', () => {
     const t0 = performance.now();
     const r = await runCli(['uki', 'measure', file]);
     expect(r.code, r.stderr).toBe(2);
-    expect(r.stderr).toMatch(/^lamadist: error: .*section \.linux .* lies outside SizeOfImage .*\[LAMA_E_NOT_PE\]\n$/);
+    expect(r.stderr).toMatch(
+      /^lamadist: error: .*section \.linux .* lies outside SizeOfImage .*\[LAMA_E_NOT_PE\]\n$/,
+    );
     expect(performance.now() - t0).toBeLessThan(10_000);
   });
 
   it('a UserError quoting a line break from the input stays one line', async () => {
     const root = path.join(dir, 'kas-newline');
     await fs.mkdir(path.join(root, 'kas'), { recursive: true });
-    await fs.writeFile(path.join(root, 'kas', 'a.kas.yml'), 'header:\n  version: 14\n  includes:\n    - "no\\nsuch.yml"\n');
+    await fs.writeFile(
+      path.join(root, 'kas', 'a.kas.yml'),
+      'header:\n  version: 14\n  includes:\n    - "no\\nsuch.yml"\n',
+    );
     const err = await composeKas(['kas/a.kas.yml'], { repoRoot: root }).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(UserError);
     expect((err as UserError).line()).not.toContain('\n');
@@ -139,9 +195,15 @@ describe('regressions found by the fuzzer', () => {
   it('kas: a file including the same file 10000 times composes in linear time', async () => {
     const root = path.join(dir, 'kas-many');
     await fs.mkdir(path.join(root, 'kas'), { recursive: true });
-    await fs.writeFile(path.join(root, 'kas', 'base.kas.yml'), 'header:\n  version: 14\nmachine: qemux86-64\n');
+    await fs.writeFile(
+      path.join(root, 'kas', 'base.kas.yml'),
+      'header:\n  version: 14\nmachine: qemux86-64\n',
+    );
     const includes = Array.from({ length: 10000 }, () => '    - kas/base.kas.yml').join('\n');
-    await fs.writeFile(path.join(root, 'kas', 'top.kas.yml'), `header:\n  version: 14\n  includes:\n${includes}\n`);
+    await fs.writeFile(
+      path.join(root, 'kas', 'top.kas.yml'),
+      `header:\n  version: 14\n  includes:\n${includes}\n`,
+    );
     const t0 = performance.now();
     const c = await composeKas(['kas/top.kas.yml'], { repoRoot: root });
     expect(c.config.machine).toBe('qemux86-64');

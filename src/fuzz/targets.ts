@@ -24,6 +24,8 @@ import {
   unverifiedContent,
   verifyEmbedded,
 } from '../rauc/cms.js';
+import { getBsp } from '../bsp/index.js';
+import { applyUkiPatch, parsePatch, releaseBootFiles } from '../release/index.js';
 import { signPe } from '../secureboot/index.js';
 import { planRange, startServer } from '../server/index.js';
 import { multipartPlan } from '../server/range.js';
@@ -960,6 +962,37 @@ const range: FuzzTarget = {
   },
 };
 
+const ukiPatch: FuzzTarget = {
+  name: 'uki-patch',
+  parser: "a host's UKI patch in a release bundle (src/release parsePatch, applyUkiPatch)",
+  timeoutMs: 5000,
+  async prepare(_dir, shared) {
+    const pki = await shared.pki();
+    const boot = await releaseBootFiles({
+      bsp: getBsp('x86_64'),
+      rootHash: 'ab'.repeat(32),
+      stub: EFI_STUBS['x86-64'] as string,
+      kernel: pseudoRandom(32 * 1024, 12),
+      initrd: [pseudoRandom(4096, 13)],
+      hosts: [{ name: 'fuzz', machineId: 'f'.repeat(32), args: ['systemd.hostname=fuzz', `systemd.machine_id=${'f'.repeat(32)}`] }],
+      db: { certPem: await fs.readFile(pki.db), keyPem: await fs.readFile(pki.dbKey) },
+    });
+    const files = boot.hosts[0]?.files ?? {};
+    const bins = ['a', 'b'].map((slot) => files[`hosts/${'f'.repeat(32)}/uki-${slot}.bin`] as Buffer);
+    return {
+      seeds: ['a', 'b'].map((slot) => ({ name: `release patch, slot ${slot}`, data: files[`hosts/${'f'.repeat(32)}/uki-${slot}.map`] as Buffer })),
+      mutate: (rng, seed) => {
+        const m = mutateText(rng, seed.data.toString('utf8'));
+        return { data: Buffer.from(m.text, 'latin1'), steps: m.steps };
+      },
+      run: async (_ctx, c) => {
+        const slot = c.seed === 0 ? 'a' : 'b';
+        applyUkiPatch(boot.templates[slot], parsePatch(c.data.toString('latin1'), bins[c.seed] as Buffer, 'uki.map'), 'uki.map');
+      },
+    };
+  },
+};
+
 /** Every target, in report order. */
 export const TARGETS: readonly FuzzTarget[] = [
   gpt,
@@ -968,6 +1001,7 @@ export const TARGETS: readonly FuzzTarget[] = [
   manifest,
   cms,
   uki,
+  ukiPatch,
   verity,
   erofs,
   kas,

@@ -77,6 +77,7 @@ describe('fixed-seed fuzz run (the fast subset of npm run fuzz)', () => {
       'rauc-manifest',
       'cms',
       'pe-uki',
+      'uki-patch',
       'verity',
       'erofs',
       'kas-yaml',

@@ -47,6 +47,10 @@ const py = (mod: string, args: string[], flags: string[] = []): { code: number; 
 const pyUki = (cmdline: string, out: string): { code: number; out: string } =>
   py('uki', ['--stub', STUB, '--linux', kernel, '--initrd', initrd, '--osrel', osrel, '--cmdline', cmdline, '--out', out]);
 
+/** meta-lamadist's release.py over this test's templates and db key. */
+const pyRelease = (hosts: string, out: string, extra: string[] = [], flags?: string[]): { code: number; out: string } =>
+  py('release', ['--templates', efiTar, '--hosts', hosts, '--db-key', path.join(keys, 'db.key'), '--db-cert', path.join(keys, 'db.crt'), '--out', out, ...extra], flags);
+
 let tmp: string;
 let keys: string;
 let inventory: string;
@@ -110,20 +114,7 @@ beforeAll(async () => {
   if (sh('tar', ['-cf', efiTar, '-C', dir, 'lamadist-a.efi', 'lamadist-b.efi']).code !== 0)
     throw new Error('tar failed');
   pyOut = path.join(tmp, 'py');
-  const r = py('release', [
-    '--templates',
-    efiTar,
-    '--hosts',
-    inventory,
-    '--db-key',
-    path.join(keys, 'db.key'),
-    '--db-cert',
-    path.join(keys, 'db.crt'),
-    '--out',
-    pyOut,
-    '--ukis',
-    path.join(tmp, 'py-ukis'),
-  ]);
+  const r = pyRelease(inventory, pyOut, ['--ukis', path.join(tmp, 'py-ukis')]);
   if (r.code !== 0) throw new Error(r.out);
 }, 180_000);
 afterAll(async () => {
@@ -302,23 +293,7 @@ describe.skipIf(
   });
 
   describe('bad input: one line, exit 2, the place, no output', () => {
-    const release = (hosts: string, out: string, flags?: string[]): { code: number; out: string } =>
-      py(
-        'release',
-        [
-          '--templates',
-          efiTar,
-          '--hosts',
-          hosts,
-          '--db-key',
-          path.join(keys, 'db.key'),
-          '--db-cert',
-          path.join(keys, 'db.crt'),
-          '--out',
-          out,
-        ],
-        flags,
-      );
+    const release = (hosts: string, out: string, flags?: string[]): { code: number; out: string } => pyRelease(hosts, out, [], flags);
 
     it('a bad ip, a duplicate machine-id, an inventory without hosts', async () => {
       const cases: [string, string][] = [

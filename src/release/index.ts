@@ -16,6 +16,8 @@
  * - `releaseBootFiles(...)` → the template UKIs and every host's payload files
  * - `createRelease(...)` → the bundle (rootfs, verity, efi templates, host patches, install check)
  * - `diffUki`, `applyUkiPatch`, `renderPatch`, `parsePatch` (patch.ts)
+ * - `openRelease(bundle, { keys, bundleKey? })` → the verified, unpacked release; `releaseUki`,
+ *   `describeRelease` (open.ts)
  */
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
@@ -30,15 +32,16 @@ import { EFI_STUBS, buildUki, setUkiCmdline, type Input } from '../uki/index.js'
 import { makeTempDir } from '../util/fsx.js';
 import { run } from '../util/proc.js';
 import { verifyVerity } from '../verity/index.js';
+import { HOSTS_DIR } from './layout.js';
 import { diffUki, renderPatch } from './patch.js';
 
 export { applyUkiPatch, diffUki, parsePatch, renderPatch, MAX_PATCH_BYTES, type PatchWrite, type UkiPatch } from './patch.js';
+export { HOSTS_DIR } from './layout.js';
+export { describeRelease, openRelease, releaseUki, type OpenRelease } from './open.js';
 
 const SLOTS = ['a', 'b'] as const;
 export type Slot = (typeof SLOTS)[number];
 
-/** Directory of the per-host files in a release bundle's payload. */
-export const HOSTS_DIR = 'hosts';
 
 const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 /** meta-lamadist's bundle hook: install check and the efi slot's install (applies the host's patch). */

@@ -288,6 +288,12 @@ describe('release bundles', () => {
     // Only the BSP's hosts: the rk1 board gets its own release.
     expect(created.hosts.map((h) => h.name)).toEqual(['alpha', 'beta']);
     expect(created.manifest.version).toBe('2.0');
+    const shown = await runCli(['release', 'show', out, '--keys', keys, '--json']);
+    expect(shown.code, shown.stderr).toBe(0);
+    const show = JSON.parse(shown.stdout) as { version: string; rootHash: string; hosts: { name: string; patchBytes: number }[] };
+    expect([show.version, show.rootHash]).toEqual(['2.0', rootHash]);
+    expect(show.hosts.map((h) => h.name).sort()).toEqual(['alpha', 'beta']);
+    expect(show.hosts.every((h) => h.patchBytes > 0)).toBe(true);
     const bad = path.join(tmp, 'bad.raucb');
     const wrong = await runCli(args(bad, 'cd'.repeat(32)));
     expect(wrong.code).toBe(2);

@@ -3,7 +3,7 @@ import { getBsp } from '../../bsp/index.js';
 import { UserError } from '../../errors.js';
 import { loadInventory } from '../../host/index.js';
 import { keyPath } from '../../keys/index.js';
-import { createRelease, releaseHosts, type CreatedRelease } from '../../release/index.js';
+import { createRelease, describeRelease, openRelease, releaseHosts, type CreatedRelease } from '../../release/index.js';
 import { readUserFile } from '../../util/fsx.js';
 import { act } from '../action.js';
 import type { Context } from '../context.js';
@@ -76,6 +76,24 @@ export async function releaseCreate(ctx: Context, o: ReleaseCreateOptions): Prom
   return created;
 }
 
+/** `lamadist release show BUNDLE`: the verified release and the hosts it carries. */
+export async function releaseShow(ctx: Context, bundle: string, o: { keys: string; bundleKey?: string }): Promise<Awaited<ReturnType<typeof describeRelease>>> {
+  const r = await openRelease(bundle, { keys: o.keys, ...(o.bundleKey && { bundleKey: o.bundleKey }) });
+  try {
+    const d = await describeRelease(r);
+    ctx.result(d, () =>
+      [
+        `${d.bundle}: ${d.bsp} (${d.compatible}) version ${d.version}, root hash ${d.rootHash}`,
+        `${d.hosts.length} host(s):`,
+        ...d.hosts.map((h) => `  ${h.name.padEnd(20)} ${h.machineId}  ${h.patchBytes}-byte UKI patch`),
+      ].join('\n'),
+    );
+    return d;
+  } finally {
+    await r.close();
+  }
+}
+
 const collect = (v: string, prev: string[] = []): string[] => [...prev, v];
 
 export function configure(cmd: Command): void {
@@ -102,4 +120,11 @@ export function configure(cmd: Command): void {
     .option('--signing-time <time>', 'signing time (ISO 8601 or epoch seconds; default SOURCE_DATE_EPOCH, else now)')
     .option('--force', 'overwrite the output')
     .action(act<ReleaseCreateOptions>(async (ctx, _a, o) => void (await releaseCreate(ctx, o))));
+  cmd
+    .command('show')
+    .description('verify a release bundle and list the hosts it carries (a device not listed refuses it)')
+    .argument('<bundle>', 'release bundle')
+    .requiredOption('--keys <dir>', 'fleet key directory (RAUC keyring; device keys open a crypt release)')
+    .option('--bundle-key <pem>', 'device key that opens a crypt release')
+    .action(act<{ keys: string; bundleKey?: string }>(async (ctx, [bundle], o) => void (await releaseShow(ctx, bundle ?? '', o))));
 }

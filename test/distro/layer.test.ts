@@ -82,6 +82,7 @@ describe('on-target scripts', () => {
     'recipes-core/lamadist-boot/files/lamadist-enroll',
     'recipes-core/lamadist-health/files/lamadist-health',
     'recipes-core/lamadist-installer/files/lamadist-install',
+    'recipes-core/lamadist-installer/files/lamadist-secureboot-enroll',
     'recipes-core/lamadist-grow-var/files/lamadist-grow-var',
     'dynamic-layers/rauc/recipes-core/bundles/files/lamadist-bundle-hook',
   ];

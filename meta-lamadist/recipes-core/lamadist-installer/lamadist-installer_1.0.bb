@@ -5,6 +5,7 @@ LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/Apache-2.0;md5=89aea4e17d99a7ca
 SRC_URI = " \
     file://lamadist-install \
     file://lamadist-install.service \
+    file://lamadist-secureboot-enroll \
 "
 S = "${WORKDIR}"
 
@@ -15,6 +16,7 @@ do_compile[noexec] = "1"
 
 do_install() {
     install -D -m 0755 ${S}/lamadist-install ${D}${sbindir}/lamadist-install
+    install -D -m 0755 ${S}/lamadist-secureboot-enroll ${D}${sbindir}/lamadist-secureboot-enroll
     install -D -m 0644 ${S}/lamadist-install.service ${D}${systemd_system_unitdir}/lamadist-install.service
 }
 

@@ -23,6 +23,9 @@ function colorFlag(all: GlobalOptions): boolean | undefined {
   return all.color === false ? false : undefined;
 }
 
+/** Commander argument parser of a repeatable option: every occurrence, in order. */
+export const collect = (v: string, prev: string[] = []): string[] => [...prev, v];
+
 /** Parse a decimal integer option, rejecting garbage with a clear message. */
 export function intOption(name: string): (value: string) => number {
   return (value: string) => {

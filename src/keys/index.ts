@@ -6,7 +6,9 @@
  *
  * Public API:
  * - `initKeys(dir, { force?, commonName?, days?, now? })` → KeyManifest
- * - `addDeviceKey(dir, name, { force?, days?, ec? })` → KeyManifest (`ec`: P-256 device key)
+ * - `addDeviceKey(dir, name, { force?, days?, ec? })` → KeyManifest (`ec`: P-256 device key);
+ *   `ensureDeviceKey(dir, name)` → issued or not
+ * - `signingPair(dir, 'secureboot-db' | 'rauc-signing')` → { certPem, keyPem }
  * - `readManifest(dir)` → KeyManifest; `keyPath(dir, purpose)` → absolute path of a file by purpose
  * - `createCertificate(spec)` → { certPem, keyPem } (one certificate, for tests and tools)
  */
@@ -272,6 +274,21 @@ export async function keyPath(dir: string, purpose: KeyPurpose, device?: string)
   const e = m.files.find((f) => f.purpose === purpose && (device === undefined || f.device === device));
   if (!e) throw new UserError('LAMA_E_NO_KEY', `key directory ${dir} has no ${purpose}${device ? ` for device ${device}` : ''}`);
   return path.resolve(dir, e.file);
+}
+
+/** A signing pair of the key directory as PEM texts: the Secure Boot db pair (UKIs) or the RAUC pair (bundles). */
+export async function signingPair(dir: string, which: 'secureboot-db' | 'rauc-signing'): Promise<{ certPem: string; keyPem: string }> {
+  return {
+    certPem: await fs.readFile(await keyPath(dir, `${which}-cert`), 'utf8'),
+    keyPem: await fs.readFile(await keyPath(dir, `${which}-key`), 'utf8'),
+  };
+}
+
+/** Issue device `name`'s key pair (`addDeviceKey`) unless the directory already has one; true when issued. */
+export async function ensureDeviceKey(dir: string, name: string): Promise<boolean> {
+  if ((await readManifest(dir)).files.some((f) => f.purpose === 'device-key' && f.device === name)) return false;
+  await addDeviceKey(dir, name);
+  return true;
 }
 
 /**

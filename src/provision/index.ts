@@ -13,6 +13,7 @@
  * Public API:
  * - `hawkbitConf(ddi)`, `provisioningFiles(key, cert, ddi?)` (pure): the update client's
  *   configuration and the ESP files the initramfs moves into /var at first boot
+ * - `registerHost(fleet, { controllerId, bsp, tags })` → the device's TargetToken (new or rotated)
  * - `provisionHost(release, host, opts)` → what was issued and written for one host
  */
 import { promises as fs } from 'node:fs';
@@ -21,7 +22,7 @@ import { UserError } from '../errors.js';
 import type { FleetClient } from '../fleet/index.js';
 import { hostArgs, type Host } from '../host/index.js';
 import { buildImage, slotCmdline, type ImagePlan } from '../image/index.js';
-import { addDeviceKey, keyPath, readManifest } from '../keys/index.js';
+import { ensureDeviceKey, keyPath, signingPair } from '../keys/index.js';
 import { releaseUki, type OpenRelease } from '../release/index.js';
 import { signPe, verifyPe } from '../secureboot/index.js';
 import { inspectUki, setUkiCmdline } from '../uki/index.js';
@@ -71,6 +72,19 @@ export function provisioningFiles(keyPem: Buffer, certPem: Buffer, ddi?: DdiProv
   return files;
 }
 
+/**
+ * Register a device on the update server and return its TargetToken: a new device is created
+ * (with its BSP and tags), a known one gets a fresh token (the old one stops working) and the tags.
+ */
+export async function registerHost(fleet: FleetClient, d: { controllerId: string; bsp: string; tags: string[] }): Promise<string> {
+  if ((await fleet.listDevices()).some((x) => x.controllerId === d.controllerId)) {
+    const token = await fleet.rotateDeviceToken(d.controllerId);
+    if (d.tags.length > 0) await fleet.updateDevice(d.controllerId, { addTags: d.tags });
+    return token;
+  }
+  return (await fleet.registerDevice({ controllerId: d.controllerId, bsp: d.bsp, ...(d.tags.length > 0 && { tags: d.tags }) })).token;
+}
+
 /** How one host is provisioned. */
 export interface ProvisionHostOptions {
   keys: string;
@@ -117,13 +131,9 @@ export async function provisionHost(release: OpenRelease, host: Host, o: Provisi
     throw new UserError('LAMA_E_PROVISION_BSP', `host ${host.name} is a ${host.bsp} host; the release is for ${release.bsp.name}`);
   }
   if (!o.fleet && !o.gatewayToken) throw new UserError('LAMA_E_USAGE', 'provisioning needs an update server to register on, or a gateway token (--offline --gateway-token-file)');
-  const db = { certPem: await fs.readFile(await keyPath(o.keys, 'secureboot-db-cert')), keyPem: await fs.readFile(await keyPath(o.keys, 'secureboot-db-key')) };
-  let deviceKeyIssued = false;
-  if (!(await readManifest(o.keys)).files.some((f) => f.purpose === 'device-key' && f.device === host.name)) {
-    log(`${host.name}: device key`);
-    await addDeviceKey(o.keys, host.name);
-    deviceKeyIssued = true;
-  }
+  const db = await signingPair(o.keys, 'secureboot-db');
+  const deviceKeyIssued = await ensureDeviceKey(o.keys, host.name);
+  if (deviceKeyIssued) log(`${host.name}: device key issued`);
   const keyPem = await fs.readFile(await keyPath(o.keys, 'device-key', host.name));
   const certPem = await fs.readFile(await keyPath(o.keys, 'device-cert', host.name));
 
@@ -131,13 +141,7 @@ export async function provisionHost(release: OpenRelease, host: Host, o: Provisi
   let registered: ProvisionedHost['registered'];
   if (o.fleet) {
     log(`${host.name}: registering on the update server`);
-    const known = (await o.fleet.listDevices()).some((d) => d.controllerId === host.name);
-    if (known) {
-      token = await o.fleet.rotateDeviceToken(host.name);
-      if (o.tags?.length) await o.fleet.updateDevice(host.name, { addTags: o.tags });
-    } else {
-      token = (await o.fleet.registerDevice({ controllerId: host.name, bsp: release.bsp.name, ...(o.tags?.length && { tags: o.tags }) })).token;
-    }
+    token = await registerHost(o.fleet, { controllerId: host.name, bsp: release.bsp.name, tags: o.tags ?? [] });
     registered = 'target-token';
   } else {
     token = o.gatewayToken as string;

@@ -14,6 +14,7 @@
  * Public API:
  * - `planHostCmdlines(...)` → the template's and every host's command line per slot (pure)
  * - `releaseBootFiles(...)` → the template UKIs and every host's payload files
+ * - `systemConfClasses(family)` → the slot classes of meta-lamadist's system.conf
  * - `createRelease(...)` → the bundle (rootfs, verity, efi templates, host patches, install check)
  * - `diffUki`, `applyUkiPatch`, `renderPatch`, `parsePatch` (patch.ts)
  * - `openRelease(bundle, { keys, bundleKey? })` → the verified, unpacked release; `releaseUki`,
@@ -23,7 +24,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Bsp } from '../bsp/index.js';
-import { UserError } from '../errors.js';
+import { UserError, isErrno } from '../errors.js';
 import { hostArgs, isMachineId, type Host } from '../host/index.js';
 import { slotCmdline } from '../image/index.js';
 import { createBundle, slotClassesOf, type CreatedBundle, type SignerMaterial } from '../rauc/index.js';
@@ -46,6 +47,17 @@ export type Slot = (typeof SLOTS)[number];
 const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 /** meta-lamadist's bundle hook: install check and the efi slot's install (applies the host's patch). */
 export const BUNDLE_HOOK = path.join(REPO_ROOT, 'meta-lamadist/dynamic-layers/rauc/recipes-core/bundles/files/lamadist-bundle-hook');
+
+/** Slot classes meta-lamadist's RAUC system.conf of a family defines (undefined when the layer is not beside the toolkit). */
+export async function systemConfClasses(family: string): Promise<string[] | undefined> {
+  const file = path.join(REPO_ROOT, 'meta-lamadist/recipes-core/rauc/files', family, 'system.conf');
+  try {
+    return slotClassesOf(await fs.readFile(file, 'utf8'), file);
+  } catch (err) {
+    if (isErrno(err, 'ENOENT')) return undefined;
+    throw err;
+  }
+}
 
 /** A host as a release sees it: its machine-id names its files, `args` follow the release's own arguments. */
 export interface ReleaseHost {
@@ -172,7 +184,7 @@ export async function createRelease(o: CreateReleaseOptions): Promise<CreatedRel
         payloadFiles.push({ name, from });
       }
     }
-    const systemConf = path.join(REPO_ROOT, 'meta-lamadist/recipes-core/rauc/files', o.bsp.raucFamily, 'system.conf');
+    const slotClasses = await systemConfClasses(o.bsp.raucFamily);
     const created = await createBundle({
       out: o.out,
       compatible: o.bsp.compatible,
@@ -184,7 +196,7 @@ export async function createRelease(o: CreateReleaseOptions): Promise<CreatedRel
         { slotClass: 'verity', path: o.verity, adaptive: true },
         { slotClass: 'efi', path: efi, hooks: ['install'] },
       ],
-      slotClasses: slotClassesOf(await fs.readFile(systemConf, 'utf8'), systemConf),
+      ...(slotClasses && { slotClasses }),
       hookScript: BUNDLE_HOOK,
       installCheck: true,
       payloadFiles,

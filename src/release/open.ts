@@ -44,7 +44,7 @@ async function deviceKeys(keys: string): Promise<string[]> {
  */
 export async function openRelease(bundle: string, o: { keys: string; bundleKey?: string }): Promise<OpenRelease> {
   const keyring = await keyPath(o.keys, 'rauc-ca-cert');
-  const tmp = await makeTempDir('lamadist-provision-');
+  const tmp = await makeTempDir('lamadist-release-open-');
   try {
     const dir = path.join(tmp.dir, 'bundle');
     let info: BundleInfo | undefined;

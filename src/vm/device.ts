@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { buildImage, type ImagePlan } from '../image/index.js';
-import { addDeviceKey, initKeys, keyPath, readManifest } from '../keys/index.js';
+import { ensureDeviceKey, initKeys, keyPath } from '../keys/index.js';
 import { provisioningFiles, type DdiProvisioning } from '../provision/index.js';
 import { makeOvmfVars } from '../secureboot/index.js';
 import { fixtureInitramfs, fixtureRootfs } from './fixture.js';
@@ -74,10 +74,7 @@ export async function prepareDevice(opts: {
   const recoveryKey = `${disk}.recovery-key`;
   // The device's own key pair for crypt bundles, issued once per host like `lamadist keys device`.
   const deviceKeyName = hostname;
-  if (!(await readManifest(keys)).files.some((f) => f.purpose === 'device-key' && f.device === deviceKeyName)) {
-    log(`device key ${deviceKeyName}`);
-    await addDeviceKey(keys, deviceKeyName);
-  }
+  if (await ensureDeviceKey(keys, deviceKeyName)) log(`device key ${deviceKeyName} issued`);
   const espFiles = provisioningFiles(
     await fs.readFile(await keyPath(keys, 'device-key', deviceKeyName)),
     await fs.readFile(await keyPath(keys, 'device-cert', deviceKeyName)),

@@ -63,7 +63,6 @@ export { detectAccel } from './accel.js';
 export { OVMF, SERIAL_CONSOLE } from './constants.js';
 export { fixtureRootfs, fixtureInitramfs, repoRoot, FIXTURE_PACKAGES, ON_TARGET_FILES, type FixtureRootfs } from './fixture.js';
 export { prepareDevice, bootDevice, parseReport, parseSlots, DEVICE_SIZES, type Device, type BootMode, type SlotsReport } from './device.js';
-export { hawkbitConf, provisioningFiles, PROVISION_VAR_DIR, type DdiProvisioning } from '../provision/index.js';
 export { fixtureBundle, fixtureVariant, planVariant, prepareFleetDevice, rollOutRelease, SERVER_KEY_NAME, matchAfter, otaMilestones, watchDevice, type FleetDevice, type OtaMilestone, type DeviceWatch, FAILING_HEALTH_CHECK, type FixtureRelease, type VariantSpec } from './ota.js';
 export { tamperSlot, slotByteOffset, parseBootVariables, readBootVariables, setBootNext, slotEntry, cutPower, SUPERBLOCK_OFFSET, type Tamper, type BootVariables, type CutPoint, type PowerCutRecord, type RunHooks } from './faults.js';
 export { streamingRauc, debSrcSources, RAUC_CONFIGURE_FLAGS, type StreamingRauc } from './rauc.js';

@@ -5,7 +5,8 @@ import { getBsp } from '../bsp/index.js';
 import { UserError } from '../errors.js';
 import { buildErofs } from '../erofs/index.js';
 import { FleetClient } from '../fleet/index.js';
-import { addDeviceKey, initKeys, keyPath, readManifest } from '../keys/index.js';
+import { ensureDeviceKey, initKeys, keyPath, signingPair } from '../keys/index.js';
+import { registerHost } from '../provision/index.js';
 import { LUKS2_DATA_OFFSET } from '../luks/index.js';
 import type { CreatedBundle } from '../rauc/index.js';
 import { createRelease, type ReleaseHost } from '../release/index.js';
@@ -134,19 +135,13 @@ export async function fixtureBundle(opts: {
       initrd: [device.initrd],
       osrel: path.join(tree, 'usr/lib/os-release'),
       hosts: [...(opts.otherHosts ?? []), { name: device.hostname, machineId: device.machineId, args: device.cmdline.split(' ') }].filter((h) => !opts.omitDevice || h.machineId !== device.machineId),
-      db: {
-        certPem: await fs.readFile(await keyPath(device.keys, 'secureboot-db-cert')),
-        keyPem: await fs.readFile(await keyPath(device.keys, 'secureboot-db-key')),
-      },
+      db: await signingPair(device.keys, 'secureboot-db'),
       version: opts.version,
       description: `LamaDist test fixture ${opts.version}${opts.failHealth ? ' (fails its health check)' : ''}`,
       rootfs,
       verity,
       format: 'crypt',
-      signer: {
-        certPem: await fs.readFile(await keyPath(device.keys, 'rauc-signing-cert'), 'utf8'),
-        keyPem: await fs.readFile(await keyPath(device.keys, 'rauc-signing-key'), 'utf8'),
-      },
+      signer: await signingPair(device.keys, 'rauc-signing'),
       recipients: await Promise.all(
         [await keyPath(device.keys, 'device-cert', device.deviceKeyName), ...(opts.recipients ?? [])].map((f) => fs.readFile(f, 'utf8')),
       ),
@@ -193,7 +188,7 @@ export async function prepareFleetDevice(opts: {
     log('fleet keys');
     await initKeys(keys);
   }
-  if (!(await readManifest(keys)).files.some((f) => f.purpose === 'device-key' && f.device === SERVER_KEY_NAME)) await addDeviceKey(keys, SERVER_KEY_NAME);
+  await ensureDeviceKey(keys, SERVER_KEY_NAME);
   const serverCert = await keyPath(keys, 'device-cert', SERVER_KEY_NAME);
   log('update server');
   const server = await startServer({
@@ -207,8 +202,7 @@ export async function prepareFleetDevice(opts: {
   try {
     const fleet = new FleetClient({ url: server.url, token: (await fs.readFile(server.adminTokenFile as string, 'utf8')).trim() });
     const controllerId = opts.hostname;
-    const known = (await fleet.listDevices()).some((d) => d.controllerId === controllerId);
-    const token = known ? await fleet.rotateDeviceToken(controllerId) : (await fleet.registerDevice({ controllerId, bsp: 'x86_64' })).token;
+    const token = await registerHost(fleet, { controllerId, bsp: 'x86_64', tags: [] });
     const device = await prepareDevice({
       dir,
       hostname: opts.hostname,

@@ -7,7 +7,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FleetClient } from '../../src/fleet/index.js';
 import { startServer, type RunningServer } from '../../src/server/index.js';
 import { demoSteps } from '../../src/cli/commands/vm.js';
-import { FAILING_HEALTH_CHECK, hawkbitConf, matchAfter, otaMilestones, parseSlots, planVariant, provisioningFiles, repoRoot } from '../../src/vm/index.js';
+import { hawkbitConf, provisioningFiles } from '../../src/provision/index.js';
+import { FAILING_HEALTH_CHECK, matchAfter, otaMilestones, parseSlots, planVariant, repoRoot } from '../../src/vm/index.js';
 import { makeBundle, makePki } from '../server/fixtures.js';
 
 describe('fixture releases (pure)', () => {

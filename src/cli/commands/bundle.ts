@@ -1,28 +1,26 @@
 import type { Command } from 'commander';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { getBsp } from '../../bsp/index.js';
-import { UserError, isErrno } from '../../errors.js';
+import { UserError } from '../../errors.js';
 import { loadInventory } from '../../host/index.js';
 import { keyPath } from '../../keys/index.js';
+import { systemConfClasses } from '../../release/index.js';
 import {
   createBundle,
   encryptBundle,
   extractBundle,
   inspectBundle,
   parseManifest,
-  slotClassesOf,
   type BundleImageInput,
   type BundleInfo,
   type CreatedBundle,
   type EncryptedBundle,
 } from '../../rauc/index.js';
 import { readUserFile } from '../../util/fsx.js';
-import { act } from '../action.js';
+import { act, collect } from '../action.js';
 import type { Context } from '../context.js';
 
-const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 
 /** Options of `lamadist bundle create`. */
 export interface CreateCliOptions {
@@ -84,16 +82,6 @@ async function recipientFiles(o: { to?: string[]; toHosts?: string; keys?: strin
     for (const h of inv.hosts) files.push(await keyPath(o.keys, 'device-cert', h.name));
   }
   return files;
-}
-
-async function systemConfClasses(family: string): Promise<string[] | undefined> {
-  const file = path.join(REPO_ROOT, 'meta-lamadist/recipes-core/rauc/files', family, 'system.conf');
-  try {
-    return slotClassesOf(await fs.readFile(file, 'utf8'), file);
-  } catch (err) {
-    if (isErrno(err, 'ENOENT')) return undefined;
-    throw err;
-  }
 }
 
 async function isBlockSized(file: string): Promise<boolean> {
@@ -311,10 +299,6 @@ export async function bundleExtract(ctx: Context, bundle: string, dir: string, o
   const info = await extractBundle(bundle, dir, { ...opts, keyring: o.keyring as string });
   ctx.result(info, () => `${ctx.c.green('extracted')} ${bundle} into ${dir}`);
   return info;
-}
-
-function collect(v: string, prev: string[] = []): string[] {
-  return [...prev, v];
 }
 
 function inspectFlags(cmd: Command): Command {

@@ -4,7 +4,7 @@ import { UserError } from '../../errors.js';
 import { FleetClient } from '../../fleet/index.js';
 import { parseWaves, type TargetFilter } from '../../server/index.js';
 import { readUserFile, writeFileAtomic } from '../../util/fsx.js';
-import { act, intOption } from '../action.js';
+import { act, collect, intOption } from '../action.js';
 import type { Context } from '../context.js';
 import { defaultStore } from './server.js';
 
@@ -41,8 +41,6 @@ function parseAttrs(list: string[] | undefined): Record<string, string> | undefi
   }
   return out;
 }
-
-const collect = (v: string, prev: string[] = []): string[] => [...prev, v];
 
 async function emitToken(ctx: Context, token: string, out: string | undefined, force: boolean, data: object): Promise<void> {
   if (out) {

@@ -1,7 +1,7 @@
 import type { Command } from 'commander';
 import { addHost, findHost, kernelCmdline, loadInventory, removeHost, type Host, type StaticIp } from '../../host/index.js';
 import { UserError } from '../../errors.js';
-import { act } from '../action.js';
+import { act, collect } from '../action.js';
 import type { Context } from '../context.js';
 
 export const DEFAULT_INVENTORY = 'hosts.yaml';
@@ -71,10 +71,6 @@ export async function hostShow(ctx: Context, name: string, o: { inventory: strin
 export async function hostRemove(ctx: Context, name: string, o: { inventory: string }): Promise<void> {
   await removeHost(o.inventory, name);
   ctx.result({ removed: name }, `removed ${name} from ${o.inventory}`);
-}
-
-function collect(v: string, prev: string[] = []): string[] {
-  return [...prev, v];
 }
 
 export function configure(cmd: Command): void {

@@ -10,10 +10,9 @@ import {
   type ImageReport,
 } from '../../image/index.js';
 import { readUserFile } from '../../util/fsx.js';
-import { act, intOption } from '../action.js';
+import { act, collect, intOption } from '../action.js';
 import type { Context } from '../context.js';
 import { formatBytes, gptRows, gptTableText } from './gpt.js';
-import { collect } from './luks.js';
 
 /** Flags of `image build`: the library options plus the ones parsed here (sizes, raw regions). */
 export interface ImageBuildCliOptions extends Pick<
@@ -56,15 +55,23 @@ function pairs(list: string[], what: string): Record<string, string> {
   return out;
 }
 
-/** Turn CLI flags into build options (sizes, raw regions, timestamp). */
-export function buildOptionsFrom(opts: ImageBuildCliOptions): BuildImageOptions {
+/** `--size LABEL=MiB` flags (image build, provision) as partition sizes in MiB by label. */
+export function parseSizes(list: string[]): Record<string, number> {
   const sizes: Record<string, number> = {};
-  if (opts.slotSize !== undefined) sizes.rootfs_a = sizes.rootfs_b = opts.slotSize;
-  for (const [label, v] of Object.entries(pairs(opts.size, '--size'))) {
+  for (const [label, v] of Object.entries(pairs(list, '--size'))) {
     if (!/^\d+$/.test(v) || Number(v) < 1)
       throw new UserError('LAMA_E_USAGE', `--size ${label}=${v}: the size must be a whole number of MiB`);
     sizes[label] = Number(v);
   }
+  return sizes;
+}
+
+/** Turn CLI flags into build options (sizes, raw regions, timestamp). */
+export function buildOptionsFrom(opts: ImageBuildCliOptions): BuildImageOptions {
+  const sizes: Record<string, number> = {
+    ...(opts.slotSize !== undefined && { rootfs_a: opts.slotSize, rootfs_b: opts.slotSize }),
+    ...parseSizes(opts.size),
+  };
   const env = process.env.SOURCE_DATE_EPOCH;
   if (opts.sourceDateEpoch === undefined && env !== undefined && !/^\d+$/.test(env)) {
     throw new UserError('LAMA_E_USAGE', `SOURCE_DATE_EPOCH must be a whole number of seconds, got '${env}'`);

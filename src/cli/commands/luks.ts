@@ -14,7 +14,7 @@ import {
   readLuks2,
   type Luks2Header,
 } from '../../luks/index.js';
-import { act, intOption } from '../action.js';
+import { act, collect, intOption } from '../action.js';
 import type { Context } from '../context.js';
 
 export interface LuksFormatOptions {
@@ -134,11 +134,6 @@ export async function luksDump(ctx: Context, file: string, opts: { offset?: numb
   const s = luksSummary(r.header);
   ctx.result({ ...s, source: r.source, problems: r.problems }, () => dumpText(ctx, s, r.problems));
   return r.header;
-}
-
-/** commander reducer for repeatable options. */
-export function collect(value: string, previous: string[]): string[] {
-  return [...previous, value];
 }
 
 export function configure(cmd: Command): void {

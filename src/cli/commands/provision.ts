@@ -5,10 +5,11 @@ import { findHost, loadInventory } from '../../host/index.js';
 import { provisionHost, type ProvisionedHost } from '../../provision/index.js';
 import { openRelease } from '../../release/index.js';
 import { readUserFile } from '../../util/fsx.js';
-import { act } from '../action.js';
+import { act, collect } from '../action.js';
 import type { Context } from '../context.js';
 import { fleetClient, type FleetCliOptions } from './fleet.js';
 import { DEFAULT_INVENTORY } from './host.js';
+import { parseSizes } from './image.js';
 
 export interface ProvisionCliOptions extends FleetCliOptions {
   release: string;
@@ -43,17 +44,6 @@ export function deviceServerOf(o: { deviceServer?: string; server?: string }): {
   return { server: url.host, ssl: url.protocol === 'https:' };
 }
 
-function sizesOf(list: string[]): Record<string, number> | undefined {
-  if (list.length === 0) return undefined;
-  const out: Record<string, number> = {};
-  for (const item of list) {
-    const m = /^([a-z_]+)=([1-9]\d*)$/.exec(item);
-    if (!m) throw new UserError('LAMA_E_USAGE', `--size takes LABEL=MiB, got '${item}'`);
-    out[m[1] as string] = Number(m[2]);
-  }
-  return out;
-}
-
 /**
  * `lamadist provision HOST...`: per host, the device key, the registration (or a gateway token),
  * the update client's configuration, the signed UKIs and, with --disk, the sealed A/B disk.
@@ -68,7 +58,7 @@ export async function provision(
     throw new UserError('LAMA_E_USAGE', '--disk names one file: with several hosts, put {host} in it');
   const inv = await loadInventory(o.inventory);
   const hosts = names.map((n) => findHost(inv, n));
-  const sizes = sizesOf(o.size);
+  const sizes = o.size.length > 0 ? parseSizes(o.size) : undefined;
   let gatewayToken: string | undefined;
   if (o.offline) {
     if (!o.gatewayTokenFile)
@@ -126,8 +116,6 @@ export async function provision(
   );
   return done;
 }
-
-const collect = (v: string, prev: string[] = []): string[] => [...prev, v];
 
 export function configure(cmd: Command): void {
   cmd

@@ -2,10 +2,10 @@ import type { Command } from 'commander';
 import { getBsp } from '../../bsp/index.js';
 import { UserError } from '../../errors.js';
 import { loadInventory } from '../../host/index.js';
-import { keyPath } from '../../keys/index.js';
+import { signingPair } from '../../keys/index.js';
 import { createRelease, describeRelease, openRelease, releaseHosts, type CreatedRelease } from '../../release/index.js';
 import { readUserFile } from '../../util/fsx.js';
-import { act } from '../action.js';
+import { act, collect } from '../action.js';
 import type { Context } from '../context.js';
 import { parseSigningTime } from './bundle.js';
 import { DEFAULT_INVENTORY } from './host.js';
@@ -56,12 +56,9 @@ export async function releaseCreate(ctx: Context, o: ReleaseCreateOptions): Prom
     ...(o.osrel && { osrel: await readUserFile(o.osrel, 'os-release') }),
     ...(o.stub && { stub: await readUserFile(o.stub, 'EFI stub') }),
     hosts: releaseHosts(hosts),
-    db: { certPem: await readUserFile(await keyPath(o.keys, 'secureboot-db-cert')), keyPem: await readUserFile(await keyPath(o.keys, 'secureboot-db-key')) },
+    db: await signingPair(o.keys, 'secureboot-db'),
     format,
-    signer: {
-      certPem: (await readUserFile(await keyPath(o.keys, 'rauc-signing-cert'))).toString('utf8'),
-      keyPem: (await readUserFile(await keyPath(o.keys, 'rauc-signing-key'))).toString('utf8'),
-    },
+    signer: await signingPair(o.keys, 'rauc-signing'),
     ...(o.to.length > 0 && { recipients: await Promise.all(o.to.map(async (f) => (await readUserFile(f, 'recipient certificate')).toString('utf8'))) }),
     signingTime: parseSigningTime(o.signingTime),
     force: o.force ?? false,
@@ -93,8 +90,6 @@ export async function releaseShow(ctx: Context, bundle: string, o: { keys: strin
     await r.close();
   }
 }
-
-const collect = (v: string, prev: string[] = []): string[] => [...prev, v];
 
 export function configure(cmd: Command): void {
   cmd.description('make the release bundle that serves every host of the fleet (template UKIs plus a signed patch per host)');

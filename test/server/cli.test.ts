@@ -72,6 +72,13 @@ describe('lamadist server and lamadist fleet', () => {
     const show = await fleet(['rollout', 'show', '1']);
     expect(show.stdout).toMatch(/running, wave 1\/1/);
     expect(show.stdout).toMatch(/wave 1: pending 1/);
+    // The bundle file in place of its id: found as already stored, rolled out by a second rollout.
+    const byFile = await fleet(['--json', 'rollout', 'create', '--release', bundle, '--device', 'edge-1', '--no-start']);
+    expect(byFile.code, byFile.stderr).toBe(0);
+    expect(JSON.parse(byFile.stdout)).toMatchObject({ releaseVersion: '4.2.0', status: 'ready' });
+    const missing = await fleet(['rollout', 'create', '--release', path.join(dir, 'nope.raucb'), '--tag', 'home']);
+    expect(missing.code).toBe(2);
+    expect(missing.stderr.trim().split('\n')).toHaveLength(1);
     const bad = await fleet(['rollout', 'resume', '1']);
     expect(bad.code).toBe(2);
     expect(bad.stderr).toMatch(/cannot resume rollout 1: it is running \[LAMA_E_ROLLOUT_STATE\]/);

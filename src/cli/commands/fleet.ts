@@ -174,7 +174,7 @@ export function configure(cmd: Command): void {
   rollout
     .command('create')
     .description('create and start a rollout')
-    .requiredOption('--release <id>', 'release id', intOption('--release'))
+    .requiredOption('--release <id|bundle>', 'release id, or a bundle file (uploaded first, or found if already stored)')
     .option('--name <name>', 'rollout name')
     .option('--tag <tag>', 'target devices with this tag (repeatable; all must match)', collect)
     .option('--attr <key=value>', 'target devices with this attribute (repeatable)', collect)
@@ -186,7 +186,7 @@ export function configure(cmd: Command): void {
     .option('--no-start', 'create without starting')
     .action(
       act<{
-        release: number;
+        release: string;
         name?: string;
         tag?: string[];
         attr?: string[];
@@ -204,8 +204,10 @@ export function configure(cmd: Command): void {
           ...(o.bsp ? { bsp: o.bsp } : {}),
           ...(o.device ? { devices: o.device } : {}),
         };
-        const r = await (await client(c)).createRollout({
-          releaseId: o.release,
+        const api = await client(c);
+        const releaseId = /^\d+$/.test(o.release) ? Number(o.release) : (await api.uploadRelease(o.release)).release.id;
+        const r = await api.createRollout({
+          releaseId,
           filter,
           start: o.start,
           ...(o.name ? { name: o.name } : {}),

@@ -5,6 +5,7 @@ import { Writable } from 'node:stream';
 import { bundleExtract, bundleInspect } from '../cli/commands/bundle.js';
 import { gptShow } from '../cli/commands/gpt.js';
 import { hostAdd, hostList, hostShow } from '../cli/commands/host.js';
+import { recoveryKey } from '../cli/commands/recovery-key.js';
 import { luksDump, luksFormat } from '../cli/commands/luks.js';
 import { ukiInspect, ukiMeasure } from '../cli/commands/uki.js';
 import { verityVerify } from '../cli/commands/verity.js';
@@ -13,6 +14,7 @@ import { findKasSchema } from '../check/index.js';
 import { readErofsSuperblock } from '../erofs/index.js';
 import { UserError } from '../errors.js';
 import { composeKas, loadKasFile, loadKasSchema, validateKasFile } from '../kas/index.js';
+import { initKeys, keyPath } from '../keys/index.js';
 import { createBundle, parseManifest, renderManifest } from '../rauc/index.js';
 import {
   cmsType,
@@ -25,6 +27,7 @@ import {
   verifyEmbedded,
 } from '../rauc/cms.js';
 import { getBsp } from '../bsp/index.js';
+import { renderRecord } from '../recovery/index.js';
 import { applyUkiPatch, parsePatch, releaseBootFiles } from '../release/index.js';
 import { signPe } from '../secureboot/index.js';
 import { planRange, startServer } from '../server/index.js';
@@ -738,6 +741,66 @@ const kas: FuzzTarget = {
   },
 };
 
+const recovery: FuzzTarget = {
+  name: 'recovery-escrow',
+  parser: "a host's recovery key escrow (src/recovery openEscrow, lamadist recovery-key)",
+  timeoutMs: 5000,
+  async prepare(dir) {
+    const keys = path.join(dir, 'recovery-keys');
+    await initKeys(keys, { commonName: 'fuzz' });
+    const cert = await keyPath(keys, 'recovery-cert');
+    const key = await keyPath(keys, 'recovery-key');
+    const record = path.join(dir, 'recovery.record');
+    await fs.writeFile(
+      record,
+      renderRecord({
+        host: 'fuzz',
+        machineId: 'f'.repeat(32),
+        luks: ['rootfs_a', 'rootfs_b', 'var'].map((label, i) => ({ label, uuid: `${String(i).repeat(8)}-1111-4222-8333-444455556666` })),
+        key: 'cbdefghi-jklnrtuv-cbdefghi-jklnrtuv-vutrnlkj-ihgfedcb-vutrnlkj-ihgfedcb',
+      }),
+    );
+    // The installer's command line, and the same naming the recipient by subject key identifier.
+    const escrow = async (name: string, extra: string[]): Promise<Seed> => {
+      const out = path.join(dir, `${name}.cms`);
+      await tool('openssl', [
+        'cms',
+        '-encrypt',
+        '-binary',
+        '-aes-256-cbc',
+        '-outform',
+        'DER',
+        '-recip',
+        cert,
+        ...extra,
+        '-keyopt',
+        'rsa_padding_mode:oaep',
+        '-keyopt',
+        'rsa_oaep_md:sha256',
+        '-keyopt',
+        'rsa_mgf1_md:sha256',
+        '-in',
+        record,
+        '-out',
+        out,
+      ]);
+      return { name: `openssl cms -encrypt${extra.length ? ` ${extra.join(' ')}` : ''}`, data: await fs.readFile(out) };
+    };
+    return {
+      seeds: [await escrow('installer', []), await escrow('keyid', ['-keyid'])],
+      run: async (ctx, c) => {
+        const out = c.n % 4 === 3 ? { out: path.join(path.dirname(c.file), 'key') } : {};
+        await recoveryKey(ctx, 'fuzz', { keys, escrow: c.file, ...out });
+      },
+      peer: {
+        name: 'openssl cms -decrypt',
+        accepts: (f) => exitsZero('openssl', ['cms', '-decrypt', '-inform', 'DER', '-in', f, '-inkey', key, '-recip', cert, '-out', '/dev/null']),
+      },
+      cli: (f, d) => ({ args: ['recovery-key', 'fuzz', '--keys', keys, '--escrow', f, '--out', path.join(d, 'key')], output: path.join(d, 'key') }),
+    };
+  },
+};
+
 const hosts: FuzzTarget = {
   name: 'hosts-yaml',
   parser: 'hosts.yaml (src/host, lamadist host list/show/add)',
@@ -745,7 +808,13 @@ const hosts: FuzzTarget = {
   async prepare(dir) {
     const inv = path.join(dir, 'hosts.yaml');
     const ctx = quietContext();
-    await hostAdd(ctx, 'alpha', { inventory: inv, dhcp: true, kernelArg: ['quiet'] });
+    await hostAdd(ctx, 'alpha', {
+      inventory: inv,
+      dhcp: true,
+      kernelArg: ['quiet'],
+      smbiosUuid: '4C4C4544-0042-3510-8052-B4C04F4E3232',
+      mac: ['52:54:00:12:34:56'],
+    });
     await hostAdd(ctx, 'beta', {
       inventory: inv,
       address: '192.168.1.20/24',
@@ -753,6 +822,7 @@ const hosts: FuzzTarget = {
       interface: 'eth0',
       dns: ['192.168.1.1'],
       ntp: '192.168.1.1',
+      mac: ['52-54-00-AB-CD-EF', '52:54:00:ab:cd:f0'],
     });
     await hostAdd(ctx, 'gamma', { inventory: inv, ip: '10.0.0.5::10.0.0.1:255.255.255.0:gamma:eth0:off' });
     return {
@@ -1000,6 +1070,7 @@ export const TARGETS: readonly FuzzTarget[] = [
   bundle,
   manifest,
   cms,
+  recovery,
   uki,
   ukiPatch,
   verity,

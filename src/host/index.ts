@@ -11,13 +11,17 @@
  *       ip: dhcp                                       # or a static block, or a raw ip= value
  *       # ip: { address: 192.168.1.10/24, gateway: 192.168.1.1, interface: eth0, dns: [192.168.1.1] }
  *       kernel-args: [quiet]                           # optional extra arguments
+ *       smbios-uuid: 4c4c4544-0042-3510-8052-b4c04f4e3232   # optional: how the installer stick
+ *       mac: 52:54:00:12:34:56                         #   recognises the machine (mac: one or a list)
  *
  * Public API:
  * - `loadInventory(path)` → Inventory (every error located file:line:col)
  * - `kernelCmdline(host, { rootHash, bsp?, slot, extra? })` → string
  * - `parseIpArg(value)` / `formatIpArg(fields)`: the kernel's nfsroot `ip=` syntax
  * - `addHost(path, spec)`, `removeHost(path, name)`: edit the file, keeping comments
+ * - `isInventoryName(s)`, `isMachineId(s)`: the rules for a host's name and machine-id
  * - `newMachineId()` → 32 hex digits (random, UUID v4 layout as systemd makes them)
+ * - `normalizeSmbiosUuid(s)`, `normalizeMac(s)` → canonical lowercase form, or undefined when malformed
  */
 import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
@@ -61,6 +65,11 @@ function isNetmask(s: string): boolean {
 /** Hostname label rules (RFC 1123) within the kernel's 64-byte limit. */
 function isHostname(s: string): boolean {
   return s.length <= 64 && /^[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*$/.test(s);
+}
+
+/** A host name of the inventory: one hostname label (it is also the host's systemd hostname). */
+export function isInventoryName(s: string): boolean {
+  return isHostname(s) && !s.includes('.');
 }
 
 /** Linux interface names: 1–15 bytes, no '/', ':' or whitespace. */
@@ -131,6 +140,10 @@ export interface Host {
   /** The validated `ip=` value, or undefined for no ip= argument. */
   ip?: string;
   kernelArgs: string[];
+  /** SMBIOS system UUID (/sys/class/dmi/id/product_uuid), canonical lowercase 8-4-4-4-12. */
+  smbiosUuid?: string;
+  /** The machine's network card addresses, lowercase colon-separated. */
+  macs: string[];
 }
 
 export interface Inventory {
@@ -188,7 +201,32 @@ export function newMachineId(): string {
   return b.toString('hex');
 }
 
-const HOST_KEYS = new Set(['machine-id', 'bsp', 'ip', 'kernel-args']);
+/**
+ * An SMBIOS UUID in canonical lowercase form (uppercase accepted), or undefined. All-zero means
+ * "not present" and all-ones "not settable" (SMBIOS 3.x, 7.2.1): firmware shipping either gives
+ * every machine the same value, so it cannot tell machines apart.
+ */
+export function normalizeSmbiosUuid(s: string): string | undefined {
+  const u = s.toLowerCase();
+  if (!/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/.test(u)) return undefined;
+  return /^[0-]+$/.test(u) || /^[f-]+$/.test(u) ? undefined : u;
+}
+
+/**
+ * A unicast MAC address as six lowercase colon-separated octets (`-` separators and uppercase
+ * accepted), or undefined. A group (multicast/broadcast) or all-zero address is never a network
+ * card's own.
+ */
+export function normalizeMac(s: string): string | undefined {
+  if (!/^[0-9a-fA-F]{2}([:-][0-9a-fA-F]{2}){5}$/.test(s)) return undefined;
+  const m = s.toLowerCase().replace(/-/g, ':');
+  return (parseInt(m.slice(0, 2), 16) & 1) === 1 || m === '00:00:00:00:00:00' ? undefined : m;
+}
+
+const HOST_KEYS = new Set(['machine-id', 'bsp', 'ip', 'kernel-args', 'smbios-uuid', 'mac']);
+
+const UUID_RULE = 'must be an SMBIOS UUID (8-4-4-4-12 hex digits, not all 0 or all f)';
+const MAC_RULE = 'must be a unicast MAC address (six hex octets separated by : or -)';
 
 function parseHosts(y: LocatedYaml): Host[] {
   const root = y.value as { hosts?: unknown } | null;
@@ -198,9 +236,12 @@ function parseHosts(y: LocatedYaml): Host[] {
   if (typeof hosts !== 'object' || hosts === null || Array.isArray(hosts)) throw new UserError('LAMA_E_INVENTORY', '"hosts" must be a mapping of host name to settings', { where: y.where(['hosts']) });
   const out: Host[] = [];
   const seen = new Map<string, string>();
+  // The installer stick picks a host by these: two hosts sharing one would install the wrong disk.
+  const seenUuid = new Map<string, string>();
+  const seenMac = new Map<string, string>();
   for (const [name, raw] of Object.entries(hosts as Record<string, unknown>)) {
     const at = (...p: string[]): string => y.where(['hosts', name, ...p], p.length ? 'value' : 'key');
-    if (!isHostname(name) || name.includes('.')) throw new UserError('LAMA_E_INVENTORY', `host name '${name}' is not a valid host name`, { where: at() });
+    if (!isInventoryName(name)) throw new UserError('LAMA_E_INVENTORY', `host name '${name}' is not a valid host name`, { where: at() });
     if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new UserError('LAMA_E_INVENTORY', `host ${name}: expected a mapping`, { where: at() });
     const h = raw as Record<string, unknown>;
     for (const k of Object.keys(h)) {
@@ -232,7 +273,29 @@ function parseHosts(y: LocatedYaml): Host[] {
         throw new UserError('LAMA_E_INVENTORY', `host ${name}: kernel-args must not set ${a.split('=')[0]}= (it comes from the inventory and the slot)`, { where: y.where(['hosts', name, 'kernel-args', i]) });
       }
     }
-    out.push({ name, machineId, bsp, ip, kernelArgs: args as string[] });
+    let smbiosUuid: string | undefined;
+    if (h['smbios-uuid'] !== undefined) {
+      const raw = h['smbios-uuid'];
+      smbiosUuid = typeof raw === 'string' ? normalizeSmbiosUuid(raw) : undefined;
+      if (!smbiosUuid) throw new UserError('LAMA_E_INVENTORY', `host ${name}: smbios-uuid ${UUID_RULE}`, { where: at('smbios-uuid') });
+      const other = seenUuid.get(smbiosUuid);
+      if (other) throw new UserError('LAMA_E_DUPLICATE_SMBIOS_UUID', `host ${name} has the same smbios-uuid as host ${other}`, { where: at('smbios-uuid') });
+      seenUuid.set(smbiosUuid, name);
+    }
+    const macSpec = h.mac ?? [];
+    const macList = Array.isArray(macSpec) ? (macSpec as unknown[]) : [macSpec];
+    const macs: string[] = [];
+    for (const [i, raw] of macList.entries()) {
+      const where = Array.isArray(macSpec) ? y.where(['hosts', name, 'mac', i]) : at('mac');
+      const mac = typeof raw === 'string' ? normalizeMac(raw) : undefined;
+      if (!mac) throw new UserError('LAMA_E_INVENTORY', `host ${name}: mac ${MAC_RULE}`, { where });
+      if (macs.includes(mac)) throw new UserError('LAMA_E_INVENTORY', `host ${name} lists mac ${mac} twice`, { where });
+      const other = seenMac.get(mac);
+      if (other) throw new UserError('LAMA_E_DUPLICATE_MAC', `host ${name} has the same mac ${mac} as host ${other}`, { where });
+      seenMac.set(mac, name);
+      macs.push(mac);
+    }
+    out.push({ name, machineId, bsp, ip, kernelArgs: args as string[], ...(smbiosUuid && { smbiosUuid }), macs });
   }
   return out;
 }
@@ -294,6 +357,8 @@ export interface HostSpec {
   bsp?: string;
   ip?: string | StaticIp;
   kernelArgs?: string[];
+  smbiosUuid?: string;
+  macs?: string[];
 }
 
 async function editInventory(file: string, edit: (doc: Document.Parsed) => void): Promise<Inventory> {
@@ -313,14 +378,23 @@ async function editInventory(file: string, edit: (doc: Document.Parsed) => void)
  * Refuses an existing name; the whole file is re-validated before it is replaced.
  */
 export async function addHost(file: string, spec: HostSpec): Promise<Inventory> {
-  if (!isHostname(spec.name) || spec.name.includes('.')) throw new UserError('LAMA_E_BAD_NAME', `host name '${spec.name}' is not a valid host name`);
+  if (!isInventoryName(spec.name)) throw new UserError('LAMA_E_BAD_NAME', `host name '${spec.name}' is not a valid host name`);
   if (spec.ip !== undefined) ipFromSpec(spec.name, spec.ip);
+  const smbiosUuid = spec.smbiosUuid === undefined ? undefined : normalizeSmbiosUuid(spec.smbiosUuid);
+  if (spec.smbiosUuid !== undefined && !smbiosUuid) throw new UserError('LAMA_E_USAGE', `--smbios-uuid '${spec.smbiosUuid}' ${UUID_RULE}`);
+  const macs = (spec.macs ?? []).map((m) => {
+    const n = normalizeMac(m);
+    if (!n) throw new UserError('LAMA_E_USAGE', `--mac '${m}' ${MAC_RULE}`);
+    return n;
+  });
   return editInventory(file, (doc) => {
     if (doc.hasIn(['hosts', spec.name])) throw new UserError('LAMA_E_EXISTS', `host ${spec.name} already exists in ${file}`);
     const entry: Record<string, unknown> = { 'machine-id': newMachineId() };
     if (spec.bsp) entry.bsp = getBsp(spec.bsp).name;
     if (spec.ip !== undefined) entry.ip = spec.ip;
     if (spec.kernelArgs?.length) entry['kernel-args'] = spec.kernelArgs;
+    if (smbiosUuid) entry['smbios-uuid'] = smbiosUuid;
+    if (macs.length) entry.mac = macs.length === 1 ? macs[0] : macs;
     const hosts = doc.get('hosts');
     if (!isMap(hosts) || hosts.items.length === 0) {
       // Block style, so the next `host add` and a human editing the file see one host per block.

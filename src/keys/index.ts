@@ -1,13 +1,16 @@
 /**
  * The fleet's key directory: Secure Boot PK/KEK/db (certificates, keys, signature lists and signed
  * authenticated-variable updates), the RAUC CA and code-signing certificate, per-device encryption
- * certificates and the OpenPGP key that signs RPMs. Every file is listed with its purpose in
+ * certificates, the OpenPGP key that signs RPMs and the recovery pair that hosts' LUKS recovery keys
+ * are escrowed to. Every file is listed with its purpose in
  * manifest.json; private keys are written 0600 and never printed.
  *
  * Public API:
  * - `initKeys(dir, { force?, commonName?, days?, now? })` → KeyManifest
  * - `addDeviceKey(dir, name, { force?, days?, ec? })` → KeyManifest (`ec`: P-256 device key);
  *   `ensureDeviceKey(dir, name)` → issued or not
+ * - `addRecoveryKey(dir, { force?, commonName?, days? })` → KeyManifest (for directories made before
+ *   `keys init` issued the recovery pair)
  * - `signingPair(dir, 'secureboot-db' | 'rauc-signing')` → { certPem, keyPem }
  * - `readManifest(dir)` → KeyManifest; `keyPath(dir, purpose)` → absolute path of a file by purpose
  * - `createCertificate(spec)` → { certPem, keyPem } (one certificate, for tests and tools)
@@ -34,7 +37,8 @@ export type KeyPurpose =
   | 'secureboot-db-cert' | 'secureboot-db-key' | 'secureboot-db-esl' | 'secureboot-db-auth'
   | 'rauc-ca-cert' | 'rauc-ca-key' | 'rauc-signing-cert' | 'rauc-signing-key'
   | 'device-cert' | 'device-key'
-  | 'rpm-signing-key' | 'rpm-signing-public';
+  | 'rpm-signing-key' | 'rpm-signing-public'
+  | 'recovery-cert' | 'recovery-key';
 
 export interface ManifestEntry {
   file: string;
@@ -194,6 +198,19 @@ async function writePlanned(dir: string, planned: PlannedFile[], manifest: KeyMa
 }
 
 /**
+ * The fleet recovery pair: a self-signed RSA 3072 key-encipherment certificate that installers
+ * encrypt each host's LUKS recovery key to (CMS, RSA-OAEP). Self-signed and outside the Secure Boot
+ * and RAUC hierarchies, so it can live offline without weakening either.
+ */
+async function recoveryPlanned(name: string, validity: { notBefore: Date; notAfter: Date }): Promise<PlannedFile[]> {
+  const pair = await createCertificate({ commonName: `${name} Recovery Key Escrow`, bits: 3072, keyUsage: x509.KeyUsageFlags.keyEncipherment, ...validity });
+  return [
+    file('recovery.crt', 'recovery-cert', 'Recovery key escrow: certificate (installers encrypt each host\'s LUKS recovery key to it)', pair.certPem, certInfo(pair.certPem)),
+    file('recovery.key', 'recovery-key', 'Recovery key escrow: private key (opens escrows with lamadist recovery-key; keep offline)', pair.keyPem),
+  ];
+}
+
+/**
  * Create a fleet key directory. The Secure Boot hierarchy is PK (self-signed) → KEK → db, and the
  * .auth updates follow the enrollment rules: PK and KEK signed by PK, db signed by KEK. RSA 2048
  * for firmware keys (the size every UEFI implementation accepts), 3072 for RAUC.
@@ -242,6 +259,7 @@ export async function initKeys(dir: string, opts: { force?: boolean; commonName?
     file('rauc-signing.key', 'rauc-signing-key', 'RAUC bundle signing: private key', raucSigning.keyPem),
     file('rpm-signing.asc', 'rpm-signing-key', 'RPM signing: OpenPGP private key', pgp.privateKey, { fingerprint }),
     file('rpm-signing.pub.asc', 'rpm-signing-public', 'RPM signing: OpenPGP public key', pgp.publicKey, { fingerprint }),
+    ...(await recoveryPlanned(name, v)),
   );
   const manifest: KeyManifest = { version: 1, created: now.toISOString(), owner, files: planned.map((p) => p.entry) };
   await writePlanned(dir, planned, manifest, opts.force ?? false);
@@ -282,6 +300,24 @@ export async function signingPair(dir: string, which: 'secureboot-db' | 'rauc-si
     certPem: await fs.readFile(await keyPath(dir, `${which}-cert`), 'utf8'),
     keyPem: await fs.readFile(await keyPath(dir, `${which}-key`), 'utf8'),
   };
+}
+
+/**
+ * Issue the recovery pair into an existing key directory. Replacing one needs `force`: escrows
+ * made to the old certificate open only with the old key.
+ */
+export async function addRecoveryKey(dir: string, opts: { force?: boolean; commonName?: string; days?: number } = {}): Promise<KeyManifest> {
+  const m = await readManifest(dir);
+  const existing = m.files.find((f) => f.purpose === 'recovery-key');
+  if (existing && !opts.force) {
+    throw new UserError('LAMA_E_EXISTS', `${dir} already has a recovery key (${existing.file}); escrows made to its certificate open only with it (use --force to replace it)`);
+  }
+  const notBefore = new Date(Date.now() - 60_000);
+  const planned = await recoveryPlanned(opts.commonName ?? 'LamaDist', { notBefore, notAfter: new Date(notBefore.getTime() + (opts.days ?? 3650) * 86_400_000) });
+  const files = m.files.filter((f) => f.purpose !== 'recovery-cert' && f.purpose !== 'recovery-key').concat(planned.map((p) => p.entry));
+  const next: KeyManifest = { ...m, files };
+  await writePlanned(dir, planned, next, opts.force ?? false);
+  return next;
 }
 
 /** Issue device `name`'s key pair (`addDeviceKey`) unless the directory already has one; true when issued. */

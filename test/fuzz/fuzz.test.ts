@@ -76,6 +76,7 @@ describe('fixed-seed fuzz run (the fast subset of npm run fuzz)', () => {
       'rauc-bundle',
       'rauc-manifest',
       'cms',
+      'recovery-escrow',
       'pe-uki',
       'uki-patch',
       'verity',
@@ -99,7 +100,7 @@ describe('fixed-seed fuzz run (the fast subset of npm run fuzz)', () => {
 
   it('the CLI binary exits 0 or 2 on the same kind of input', () => {
     const cli = report.targets.filter((t) => t.cli.cases > 0);
-    expect(cli.map((t) => t.name)).toEqual(['gpt', 'luks2', 'rauc-bundle', 'pe-uki', 'verity', 'hosts-yaml']);
+    expect(cli.map((t) => t.name)).toEqual(['gpt', 'luks2', 'rauc-bundle', 'recovery-escrow', 'pe-uki', 'verity', 'hosts-yaml']);
     for (const t of cli) expect(t.cli.exit0 + t.cli.exit2, t.name).toBe(t.cli.cases);
   });
 });

@@ -57,7 +57,7 @@ describe('ip= (kernel nfsroot syntax)', () => {
 });
 
 describe('kernel command line', () => {
-  const host: Host = { name: 'node01', machineId: '4f6c0a9e1d2b4c3e8a7f6b5c4d3e2f1a', bsp: 'x86_64', ip: 'dhcp', kernelArgs: ['quiet'] };
+  const host: Host = { name: 'node01', machineId: '4f6c0a9e1d2b4c3e8a7f6b5c4d3e2f1a', bsp: 'x86_64', ip: 'dhcp', kernelArgs: ['quiet'], macs: [] };
   it('carries console, root hash, slot, identity, network and extras in a fixed order', () => {
     expect(kernelCmdline(host, { rootHash: ROOT, slot: 'b', extra: ['loglevel=3'] })).toBe(
       `console=ttyS0,115200 roothash=${ROOT} lamadist.slot=b rauc.slot=B systemd.hostname=node01 systemd.machine_id=4f6c0a9e1d2b4c3e8a7f6b5c4d3e2f1a ip=dhcp quiet loglevel=3`,
@@ -89,6 +89,47 @@ describe('inventory file', () => {
     const u = path.join(t.dir, 'unknown.yaml');
     writeFileSync(u, 'hosts:\n  a:\n    machine-id: 4f6c0a9e1d2b4c3e8a7f6b5c4d3e2f1a\n    hostname: x\n');
     await expect(loadInventory(u)).rejects.toMatchObject({ where: `${u}:4:5`, message: expect.stringMatching(/unknown key 'hostname'/) });
+  });
+
+  it('reads smbios-uuid and mac (one or a list) normalised to lowercase, and locates malformed or shared ones', async () => {
+    const id = (n: number): string => `4f6c0a9e1d2b4c3e8a7f6b5c4d3e2f1${n}`;
+    const f = path.join(t.dir, 'ids.yaml');
+    writeFileSync(
+      f,
+      `hosts:\n  a:\n    machine-id: ${id(1)}\n    smbios-uuid: 4C4C4544-0042-3510-8052-B4C04F4E3232\n    mac: 52-54-00-AB-CD-EF\n  b:\n    machine-id: ${id(2)}\n    mac: [52:54:00:00:00:01, "52:54:00:00:00:02"]\n  c:\n    machine-id: ${id(3)}\n`,
+    );
+    const inv = await loadInventory(f);
+    expect(inv.hosts.map((h) => [h.smbiosUuid, h.macs])).toEqual([
+      ['4c4c4544-0042-3510-8052-b4c04f4e3232', ['52:54:00:ab:cd:ef']],
+      [undefined, ['52:54:00:00:00:01', '52:54:00:00:00:02']],
+      [undefined, []],
+    ]);
+    expect(inv.hosts[2]).not.toHaveProperty('smbiosUuid');
+    const head = `hosts:\n  a:\n    machine-id: ${id(1)}\n`;
+    const cases: [string, string, string, RegExp][] = [
+      ['uuid-bad', `${head}    smbios-uuid: 4c4c4544-0042-3510-8052\n`, '4:18', /host a: smbios-uuid must be an SMBIOS UUID/],
+      ['uuid-zero', `${head}    smbios-uuid: 00000000-0000-0000-0000-000000000000\n`, '4:18', /not all 0 or all f/],
+      ['uuid-list', `${head}    smbios-uuid: [4c4c4544-0042-3510-8052-b4c04f4e3232]\n`, '4:18', /smbios-uuid must be/],
+      ['mac-bad', `${head}    mac: 52:54:00:ab:cd\n`, '4:10', /host a: mac must be a unicast MAC address/],
+      ['mac-multicast', `${head}    mac: [52:54:00:ab:cd:ef, 01:00:5e:00:00:01]\n`, '4:30', /unicast/],
+      ['mac-twice', `${head}    mac: [52:54:00:ab:cd:ef, 52-54-00-AB-CD-EF]\n`, '4:30', /host a lists mac 52:54:00:ab:cd:ef twice/],
+      ['uuid-shared', `${head}    smbios-uuid: 4c4c4544-0042-3510-8052-b4c04f4e3232\n  b:\n    machine-id: ${id(2)}\n    smbios-uuid: 4C4C4544-0042-3510-8052-B4C04F4E3232\n`, '7:18', /host b has the same smbios-uuid as host a/],
+      ['mac-shared', `${head}    mac: 52:54:00:ab:cd:ef\n  b:\n    machine-id: ${id(2)}\n    mac:\n      - 52:54:00:00:00:01\n      - 52-54-00-ab-cd-ef\n`, '9:9', /host b has the same mac 52:54:00:ab:cd:ef as host a/],
+    ];
+    for (const [name, text, at, re] of cases) {
+      const g = path.join(t.dir, `${name}.yaml`);
+      writeFileSync(g, text);
+      const e = await loadInventory(g).then(
+        () => undefined,
+        (err: unknown) => err as UserError,
+      );
+      expect(e, name).toBeInstanceOf(UserError);
+      expect(e?.where, name).toBe(`${g}:${at}`);
+      expect(e?.message, name).toMatch(re);
+    }
+    const shared = path.join(t.dir, 'mac-shared.yaml');
+    await expect(loadInventory(shared)).rejects.toMatchObject({ code: 'LAMA_E_DUPLICATE_MAC' });
+    await expect(loadInventory(path.join(t.dir, 'uuid-shared.yaml'))).rejects.toMatchObject({ code: 'LAMA_E_DUPLICATE_SMBIOS_UUID' });
   });
 
   it('add keeps comments and earlier machine-ids; remove drops only that host', async () => {
@@ -137,6 +178,20 @@ describe('host CLI', () => {
     expect(add2.code).toBe(2);
     expect(readFileSync(inv, 'utf8')).toBe(dupText);
     writeFileSync(inv, dupText.replace(/ {2}node03:\n.*\n$/, ''));
+    const ids = await runCli(['--json', 'host', 'add', 'node05', '--inventory', inv, '--smbios-uuid', '4C4C4544-0042-3510-8052-B4C04F4E3232', '--mac', '52-54-00-AB-CD-EF', '--mac', '52:54:00:ab:cd:f0']);
+    expect(ids.code, ids.stderr).toBe(0);
+    expect(JSON.parse(ids.stdout)).toMatchObject({ name: 'node05', smbiosUuid: '4c4c4544-0042-3510-8052-b4c04f4e3232', macs: ['52:54:00:ab:cd:ef', '52:54:00:ab:cd:f0'] });
+    expect(readFileSync(inv, 'utf8')).toMatch(/smbios-uuid: 4c4c4544-0042-3510-8052-b4c04f4e3232\n\s+mac:\n\s+- 52:54:00:ab:cd:ef\n\s+- 52:54:00:ab:cd:f0\n/);
+    const listed = JSON.parse((await runCli(['--json', 'host', 'list', '--inventory', inv])).stdout) as Host[];
+    expect(listed.map((x) => [x.name, x.macs])).toEqual([['node01', []], ['node05', ['52:54:00:ab:cd:ef', '52:54:00:ab:cd:f0']]]);
+    const shown = await runCli(['host', 'show', 'node05', '--inventory', inv]);
+    expect(shown.stdout).toMatch(/smbios-uuid 4c4c4544-0042-3510-8052-b4c04f4e3232\nmac {9}52:54:00:ab:cd:ef 52:54:00:ab:cd:f0\n/);
+    const sameMac = await runCli(['host', 'add', 'node06', '--inventory', inv, '--mac', '52:54:00:AB:CD:F0']);
+    expect(sameMac.code).toBe(2);
+    expect(sameMac.stderr.trim().split('\n')).toEqual([expect.stringMatching(/cli\.yaml:\d+:\d+: host node06 has the same mac 52:54:00:ab:cd:f0 as host node05 \[LAMA_E_DUPLICATE_MAC\]$/)]);
+    const badMac = await runCli(['host', 'add', 'node06', '--inventory', inv, '--mac', '52:54:00']);
+    expect(badMac.stderr.trim().split('\n')).toEqual([expect.stringMatching(/--mac '52:54:00' must be a unicast MAC address.*\[LAMA_E_USAGE\]$/)]);
+    expect((await runCli(['host', 'remove', 'node05', '--inventory', inv])).code).toBe(0);
     const rm = await runCli(['host', 'remove', 'node01', '--inventory', inv]);
     expect(rm.code).toBe(0);
     expect((await loadInventory(inv)).hosts).toEqual([]);

@@ -24,12 +24,12 @@ describe('keys init', () => {
   it('writes every file the manifest names; private keys are 0600, nothing secret on stdout', () => {
     const purposes = manifest.files.map((f) => f.purpose);
     for (const p of ['pk', 'kek', 'db']) for (const kind of ['cert', 'key', 'esl', 'auth']) expect(purposes).toContain(`secureboot-${p}-${kind}`);
-    expect(purposes).toEqual(expect.arrayContaining(['rauc-ca-cert', 'rauc-ca-key', 'rauc-signing-cert', 'rauc-signing-key', 'rpm-signing-key', 'rpm-signing-public']));
+    expect(purposes).toEqual(expect.arrayContaining(['rauc-ca-cert', 'rauc-ca-key', 'rauc-signing-cert', 'rauc-signing-key', 'rpm-signing-key', 'rpm-signing-public', 'recovery-cert', 'recovery-key']));
     for (const f of manifest.files) {
       const mode = statSync(k(f.file)).mode & 0o777;
       expect(mode, f.file).toBe(f.secret ? 0o600 : 0o644);
     }
-    expect(manifest.files.filter((f) => f.secret).map((f) => f.file).sort()).toEqual(['KEK.key', 'PK.key', 'db.key', 'rauc-ca.key', 'rauc-signing.key', 'rpm-signing.asc']);
+    expect(manifest.files.filter((f) => f.secret).map((f) => f.file).sort()).toEqual(['KEK.key', 'PK.key', 'db.key', 'rauc-ca.key', 'rauc-signing.key', 'recovery.key', 'rpm-signing.asc']);
     expect(JSON.stringify(manifest)).not.toMatch(/PRIVATE KEY/);
     expect(statSync(dir).mode & 0o777).toBe(0o700);
     expect(readdirSync(t.dir).filter((f) => f.startsWith('.keys.'))).toEqual([]);
@@ -44,6 +44,23 @@ describe('keys init', () => {
     expect(text('rauc-signing.crt')).toMatch(/CA:FALSE/);
     expect(text('db.crt')).toMatch(/Extended Key Usage:\s+Code Signing/);
     expect(text('PK.crt')).toMatch(/Public-Key: \(2048 bit\)/);
+  });
+
+  it('the recovery pair: a self-signed RSA 3072 key-encipherment certificate openssl reads, its key 0600', () => {
+    const text = tool('openssl', ['x509', '-in', k('recovery.crt'), '-noout', '-text']);
+    expect(text.code, text.out).toBe(0);
+    expect(text.out).toMatch(/Public-Key: \(3072 bit\)/);
+    expect(text.out).toMatch(/Key Usage: critical\s+Key Encipherment\n/);
+    expect(text.out).toMatch(/Subject: CN = LamaDist Recovery Key Escrow/);
+    expect(tool('openssl', ['verify', '-CAfile', k('recovery.crt'), k('recovery.crt')]).code).toBe(0);
+    expect(tool('openssl', ['x509', '-in', k('recovery.crt'), '-noout', '-modulus']).out).toBe(tool('openssl', ['rsa', '-in', k('recovery.key'), '-noout', '-modulus']).out);
+    expect(statSync(k('recovery.key')).mode & 0o777).toBe(0o600);
+    const entries = manifest.files.filter((f) => f.purpose.startsWith('recovery-'));
+    expect(entries.map((f) => [f.file, f.purpose, f.secret])).toEqual([
+      ['recovery.crt', 'recovery-cert', false],
+      ['recovery.key', 'recovery-key', true],
+    ]);
+    expect(entries[0]?.sha256).toMatch(/^[0-9a-f]{64}$/);
   });
 
   it('openssl verify accepts the chains PK → KEK → db and RAUC CA → signing, and not across them', () => {
@@ -156,6 +173,29 @@ describe('keys CLI', () => {
     expect(tool('rauc', ['info', '--conf', conf, '--keyring', k('rauc-ca.crt'), '--key', k('device-node01.key'), bundle]).code).not.toBe(0);
     const ours = await runCli(['bundle', 'verify', '--keyring', k('rauc-ca.crt'), '--key', k('device-node02.key'), bundle]);
     expect(ours.code, ours.stderr).toBe(0);
+  }, 60_000);
+
+  it('keys recovery issues the pair into a directory made without it, and replaces one only with --force', async () => {
+    const old = path.join(t.dir, 'old-keys');
+    mkdirSync(old, { mode: 0o700 });
+    for (const f of manifest.files.filter((x) => !x.purpose.startsWith('recovery-'))) writeFileSync(path.join(old, f.file), readFileSync(k(f.file)));
+    writeFileSync(path.join(old, 'manifest.json'), JSON.stringify({ ...manifest, files: manifest.files.filter((x) => !x.purpose.startsWith('recovery-')) }));
+    const r = await runCli(['--json', 'keys', 'recovery', old]);
+    expect(r.code, r.stderr).toBe(0);
+    expect((JSON.parse(r.stdout) as { files: { file: string }[] }).files.map((f) => f.file)).toEqual(['recovery.crt', 'recovery.key']);
+    expect(await keyPath(old, 'recovery-cert')).toBe(path.join(old, 'recovery.crt'));
+    expect(statSync(path.join(old, 'recovery.key')).mode & 0o777).toBe(0o600);
+    expect(tool('openssl', ['x509', '-in', path.join(old, 'recovery.crt'), '-noout', '-text']).out).toMatch(/Key Encipherment/);
+    expect((await readManifest(old)).files.length).toBe(manifest.files.length);
+    const before = readFileSync(path.join(old, 'recovery.key'));
+    const again = await runCli(['keys', 'recovery', old]);
+    expect(again.code).toBe(2);
+    expect(again.stderr.trim().split('\n')).toEqual([expect.stringMatching(/already has a recovery key \(recovery\.key\).*--force.*\[LAMA_E_EXISTS\]$/)]);
+    expect(readFileSync(path.join(old, 'recovery.key')).equals(before)).toBe(true);
+    const forced = await runCli(['keys', 'recovery', old, '--force']);
+    expect(forced.code, forced.stderr).toBe(0);
+    expect(readFileSync(path.join(old, 'recovery.key')).equals(before)).toBe(false);
+    expect((await readManifest(old)).files.filter((f) => f.purpose === 'recovery-key')).toHaveLength(1);
   }, 60_000);
 
   it('keys show lists every file and flags a secret made world-readable', async () => {

@@ -17,6 +17,8 @@ interface AddOpts {
   dns?: string[];
   ntp?: string;
   kernelArg?: string[];
+  smbiosUuid?: string;
+  mac?: string[];
 }
 
 function ipSpec(o: AddOpts): string | StaticIp | undefined {
@@ -38,7 +40,7 @@ function ipSpec(o: AddOpts): string | StaticIp | undefined {
 
 /** `lamadist host add NAME`: record a host with a new machine-id. */
 export async function hostAdd(ctx: Context, name: string, o: AddOpts): Promise<Host> {
-  const inv = await addHost(o.inventory, { name, bsp: o.bsp, ip: ipSpec(o), kernelArgs: o.kernelArg });
+  const inv = await addHost(o.inventory, { name, bsp: o.bsp, ip: ipSpec(o), kernelArgs: o.kernelArg, smbiosUuid: o.smbiosUuid, macs: o.mac });
   const h = findHost(inv, name);
   ctx.result(h, `added ${h.name} (machine-id ${h.machineId}) to ${o.inventory}`);
   return h;
@@ -62,7 +64,7 @@ export async function hostShow(ctx: Context, name: string, o: { inventory: strin
   const cmdline = o.rootHash && o.slot ? kernelCmdline(h, { rootHash: o.rootHash, slot: o.slot }) : undefined;
   const out = { ...h, ...(cmdline ? { cmdline } : {}) };
   ctx.result(out, () =>
-    [`name        ${h.name}`, `machine-id  ${h.machineId}`, `bsp         ${h.bsp}`, `ip          ${h.ip ?? '(none)'}`, `kernel-args ${h.kernelArgs.join(' ') || '(none)'}`, ...(cmdline ? [`cmdline     ${cmdline}`] : [])].join('\n'),
+    [`name        ${h.name}`, `machine-id  ${h.machineId}`, `bsp         ${h.bsp}`, `ip          ${h.ip ?? '(none)'}`, `kernel-args ${h.kernelArgs.join(' ') || '(none)'}`, `smbios-uuid ${h.smbiosUuid ?? '(none)'}`, `mac         ${h.macs.join(' ') || '(none)'}`, ...(cmdline ? [`cmdline     ${cmdline}`] : [])].join('\n'),
   );
   return out;
 }
@@ -86,6 +88,8 @@ export function configure(cmd: Command): void {
     .option('--dns <ip>', 'DNS server (repeat for a second)', collect)
     .option('--ntp <ip>', 'NTP server')
     .option('--kernel-arg <arg>', 'extra kernel argument (repeatable)', collect)
+    .option('--smbios-uuid <uuid>', "the machine's SMBIOS UUID (/sys/class/dmi/id/product_uuid), for the installer stick")
+    .option('--mac <addr>', "a network card's MAC address, for the installer stick (repeatable)", collect)
     .action(act<AddOpts>(async (ctx, [name], o) => void (await hostAdd(ctx, name ?? '', o))));
   inv(cmd.command('list').description('list hosts')).action(act<{ inventory: string }>(async (ctx, _a, o) => void (await hostList(ctx, o))));
   inv(cmd.command('show').description('show a host and, with --root-hash/--slot, its kernel command line').argument('<name>', 'host name'))

@@ -1,7 +1,7 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import type { Command } from 'commander';
-import { addDeviceKey, initKeys, keyPath, readManifest, type KeyManifest } from '../../keys/index.js';
+import { addDeviceKey, addRecoveryKey, initKeys, keyPath, readManifest, type KeyManifest } from '../../keys/index.js';
 import { makeOvmfVars, readOvmfVars } from '../../secureboot/index.js';
 import { act, intOption } from '../action.js';
 import type { Context } from '../context.js';
@@ -30,6 +30,14 @@ export async function keysDevice(ctx: Context, dir: string, name: string, opts: 
   const m = await addDeviceKey(dir, name, opts);
   const files = m.files.filter((f) => f.device === name);
   ctx.result({ dir, device: name, files }, () => files.map((f) => `${ctx.c.bold(f.file)}  ${f.description}`).join('\n'));
+  return m;
+}
+
+/** `lamadist keys recovery [DIR]`: issue the fleet recovery pair into a directory made without it. */
+export async function keysRecovery(ctx: Context, dir: string, opts: { force?: boolean; name?: string; days?: number } = {}): Promise<KeyManifest> {
+  const m = await addRecoveryKey(dir, { force: opts.force, commonName: opts.name, days: opts.days });
+  const files = m.files.filter((f) => f.purpose === 'recovery-cert' || f.purpose === 'recovery-key');
+  ctx.result({ dir, files }, () => files.map((f) => `${ctx.c.bold(f.file)}  ${f.description}`).join('\n'));
   return m;
 }
 
@@ -67,10 +75,10 @@ export async function keysOvmfVars(ctx: Context, dir: string, opts: { out: strin
 }
 
 export function configure(cmd: Command): void {
-  cmd.description('create and inspect the fleet key directory (Secure Boot, RAUC, devices, RPM)');
+  cmd.description('create and inspect the fleet key directory (Secure Boot, RAUC, devices, RPM, recovery)');
   cmd
     .command('init')
-    .description('create PK/KEK/db, RAUC CA and signing certificate, and the RPM OpenPGP key')
+    .description('create PK/KEK/db, RAUC CA and signing certificate, the RPM OpenPGP key and the recovery key pair')
     .argument('[dir]', 'key directory', 'keys')
     .option('--name <cn>', 'name used in certificate subjects', 'LamaDist')
     .option('--days <n>', 'certificate validity in days', intOption('--days'), 3650)
@@ -85,6 +93,14 @@ export function configure(cmd: Command): void {
     .option('--ec', 'P-256 key instead of RSA (for a key kept in a TPM or secure element)')
     .option('--force', 'replace an existing device certificate')
     .action(act<{ dir: string; days: number; ec?: boolean; force?: boolean }>(async (ctx, [name], o) => void (await keysDevice(ctx, o.dir, name ?? '', o))));
+  cmd
+    .command('recovery')
+    .description('issue the fleet recovery key pair (escrow certificate for LUKS recovery keys) into an existing key directory')
+    .argument('[dir]', 'key directory', 'keys')
+    .option('--name <cn>', 'name used in the certificate subject', 'LamaDist')
+    .option('--days <n>', 'certificate validity in days', intOption('--days'), 3650)
+    .option('--force', 'replace an existing recovery key pair (escrows made to the old certificate need the old key)')
+    .action(act<{ name: string; days: number; force?: boolean }>(async (ctx, [dir], o) => void (await keysRecovery(ctx, dir ?? 'keys', o))));
   cmd
     .command('show')
     .description('list the key directory with each file\'s purpose')

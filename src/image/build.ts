@@ -94,7 +94,8 @@ export function recoveryKeyText(random: RandomSource): string {
 const CHUNK = 8 * 1024 * 1024;
 
 /** Copy `length` bytes of `src` to `dst` at `dstOffset`, skipping all-zero chunks (the image is sparse). */
-async function copyInto(src: string, dst: FileHandle, dstOffset: number, length: number): Promise<void> {
+/** Copy `length` bytes of `src` to `dst` at `dstOffset`, leaving all-zero chunks as holes. */
+export async function copyInto(src: string, dst: FileHandle, dstOffset: number, length: number): Promise<void> {
   const h = await fs.open(src, 'r');
   try {
     const buf = Buffer.alloc(CHUNK);

@@ -25,7 +25,7 @@
  * - `loadLayout(nameOrFile)`, `parseLayout(text, file)`, `withSizes(layout, sizes)`
  * - constants `PROVISION_KEY_PATH`, `ukiPath(slot)`, `RAUC_DIR`
  */
-export { buildImage, recoveryKeyText, type BuildImageOptions } from './build.js';
+export { buildImage, copyInto, recoveryKeyText, type BuildImageOptions } from './build.js';
 export {
   inspectImage,
   type ImageReport,
@@ -55,4 +55,4 @@ export {
   type SlotContent,
   type SlotPlan,
 } from './plan.js';
-export { VAR_DIRS, buildVarExt4 } from './ext4.js';
+export { VAR_DIRS, buildVarExt4, mkfsExt4Args } from './ext4.js';

@@ -14,7 +14,9 @@
  * - `hawkbitConf(ddi)`, `provisioningFiles(key, cert, ddi?)` (pure): the update client's
  *   configuration and the ESP files the initramfs moves into /var at first boot
  * - `registerHost(fleet, { controllerId, bsp, tags })` → the device's TargetToken (new or rotated)
- * - `provisionHost(release, host, opts)` → what was issued and written for one host
+ * - `provisionHost(release, host, opts)` → what was issued and written for one host, and its ESP files
+ * - `provisionHosts(opts)` → the whole operator step (`lamadist provision`, `lamadist vm demo`):
+ *   open and verify the release, provision each host, then build the installer stick for them all
  */
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
@@ -23,7 +25,8 @@ import type { FleetClient } from '../fleet/index.js';
 import { hostArgs, type Host } from '../host/index.js';
 import { buildImage, slotCmdline, type ImagePlan } from '../image/index.js';
 import { ensureDeviceKey, keyPath, signingPair } from '../keys/index.js';
-import { releaseUki, type OpenRelease } from '../release/index.js';
+import { buildInstaller, checkInstallable, type InstallerHost } from '../installer/index.js';
+import { openRelease, releaseUki, type OpenRelease } from '../release/index.js';
 import { signPe, verifyPe } from '../secureboot/index.js';
 import { inspectUki, setUkiCmdline } from '../uki/index.js';
 import { writeFileAtomic } from '../util/fsx.js';
@@ -119,13 +122,29 @@ export interface ProvisionedHost {
   staleInRelease: boolean;
   registered: 'target-token' | 'gateway-token';
   deviceKeyIssued: boolean;
-  outputs: { config: string; token?: string; ukis: Record<'a' | 'b', string>; disk?: string; recoveryKey?: string };
+  outputs: {
+    config: string;
+    token?: string;
+    ukis: Record<'a' | 'b', string>;
+    disk?: string;
+    recoveryKey?: string;
+    /** The installer stick that installs this host, and where on it the host leaves its recovery key escrow. */
+    installer?: string;
+    recoveryEscrow?: string;
+  };
   luks?: { label: string; uuid: string }[];
   cmdline: Record<'a' | 'b', string>;
 }
 
-/** Provision one inventory host from an opened release. */
-export async function provisionHost(release: OpenRelease, host: Host, o: ProvisionHostOptions): Promise<ProvisionedHost> {
+/**
+ * Provision one inventory host from an opened release: the report (safe to print) and the files
+ * its ESP hands to /var at first boot (secrets: they go onto a disk or an installer stick only).
+ */
+export async function provisionHost(
+  release: OpenRelease,
+  host: Host,
+  o: ProvisionHostOptions,
+): Promise<{ report: ProvisionedHost; espFiles: Record<string, Buffer> }> {
   const log = o.log ?? ((): void => undefined);
   if (host.bsp && host.bsp !== release.bsp.name) {
     throw new UserError('LAMA_E_PROVISION_BSP', `host ${host.name} is a ${host.bsp} host; the release is for ${release.bsp.name}`);
@@ -182,6 +201,7 @@ export async function provisionHost(release: OpenRelease, host: Host, o: Provisi
     await writeFileAtomic(ukis[slot], pe, { force });
   }
 
+  const espFiles = provisioningFiles(keyPem, certPem, ddi);
   let plan: ImagePlan | undefined;
   if (o.disk) {
     log(`${host.name}: sealed A/B disk ${o.disk}`);
@@ -193,12 +213,12 @@ export async function provisionHost(release: OpenRelease, host: Host, o: Provisi
       uki: ukis.a,
       ukiB: ukis.b,
       encrypt: true,
-      espFiles: provisioningFiles(keyPem, certPem, ddi),
+      espFiles,
       ...(o.sizes && { sizes: o.sizes }),
       force,
     });
   }
-  return {
+  const report: ProvisionedHost = {
     host: host.name,
     machineId: host.machineId,
     bsp: release.bsp.name,
@@ -215,4 +235,61 @@ export async function provisionHost(release: OpenRelease, host: Host, o: Provisi
     ...(plan && { luks: plan.partitions.filter((p) => p.luksUuid).map((p) => ({ label: p.label, uuid: p.luksUuid as string })) }),
     cmdline,
   };
+  return { report, espFiles };
+}
+
+/** `lamadist provision`: a release, hosts of the inventory, and where their outputs go. */
+export interface ProvisionHostsOptions extends Omit<ProvisionHostOptions, 'outDir' | 'disk' | 'log'> {
+  release: string;
+  bundleKey?: string;
+  hosts: Host[];
+  /** Per-host outputs go to `<out>/<host>/`. */
+  out: string;
+  /** Sealed disk per host; `{host}` is replaced by its name. */
+  disk?: string;
+  /** One installer stick for all the hosts. */
+  installer?: string;
+  log?: (m: string) => void;
+  warn?: (m: string) => void;
+}
+
+/** Provision `hosts` from a release bundle: verify and open it, provision each host, build the stick. */
+export async function provisionHosts(o: ProvisionHostsOptions): Promise<ProvisionedHost[]> {
+  const log = o.log ?? ((): void => undefined);
+  const warn = o.warn ?? log;
+  if (o.hosts.length === 0) throw new UserError('LAMA_E_USAGE', 'name at least one host of the inventory');
+  if (o.disk && o.hosts.length > 1 && !o.disk.includes('{host}'))
+    throw new UserError('LAMA_E_USAGE', '--disk names one file: with several hosts, put {host} in it');
+  log(`release ${o.release}: verifying and unpacking`);
+  const release = await openRelease(o.release, { keys: o.keys, ...(o.bundleKey && { bundleKey: o.bundleKey }) });
+  const done: ProvisionedHost[] = [];
+  const staged: InstallerHost[] = [];
+  try {
+    if (o.installer) checkInstallable(release.bsp, o.hosts);
+    for (const host of o.hosts) {
+      const { report: r, espFiles } = await provisionHost(release, host, {
+        ...o,
+        outDir: path.join(o.out, host.name),
+        ...(o.disk && { disk: o.disk.replaceAll('{host}', host.name) }),
+        log,
+      });
+      if (r.staleInRelease) warn(`${host.name}'s inventory entry changed since release ${release.version}: its UKIs are signed with the new line, and the next release must carry it`);
+      if (!r.inRelease) warn(`${host.name} is not in release ${release.version}: its disk boots it, but devices refuse a release without them, so include it in the next one`);
+      done.push(r);
+      staged.push({ host, ukis: r.outputs.ukis, espFiles });
+    }
+    if (o.installer) {
+      log(`installer ${o.installer}`);
+      const stick = await buildInstaller({ out: o.installer, release, keys: o.keys, hosts: staged, ...(o.sizes && { sizes: o.sizes }), force: o.force ?? false, log });
+      for (const r of done) {
+        r.outputs.installer = stick.out;
+        r.outputs.recoveryEscrow = `${stick.out}:installer_data/escrow/${r.host}.cms`;
+        const h = stick.hosts.find((x) => x.host === r.host);
+        if (h) r.luks = h.luks;
+      }
+    }
+  } finally {
+    await release.close();
+  }
+  return done;
 }

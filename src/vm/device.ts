@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
+import { UserError } from '../errors.js';
 import { buildImage, type ImagePlan } from '../image/index.js';
 import { ensureDeviceKey, initKeys, keyPath } from '../keys/index.js';
 import { provisioningFiles, type DdiProvisioning } from '../provision/index.js';
@@ -124,6 +125,25 @@ export function parseReport(serial: string): Record<string, string> | undefined 
   return out;
 }
 
+/**
+ * What booting a device takes: its drive, NVRAM and TPM, and for a direct boot its kernel, initramfs
+ * and slot A's command line. A `Device` is one; a fleet machine installed from a stick is another.
+ */
+export interface BootableDevice {
+  disk: string;
+  vars: string;
+  tpmState: string;
+  /** Further drives after the boot drive (an installer stick). */
+  extraDisks?: string[];
+  /** Further QEMU arguments (the machine's SMBIOS identity). */
+  qemuArgs?: string[];
+  /** MAC address of its NIC. */
+  mac?: string;
+  kernel?: DebianKernel;
+  initrd?: string;
+  plan?: ImagePlan;
+}
+
 /** How a device boots: the full chain (OVMF Secure Boot + swtpm) or the kernel directly. */
 export type BootMode = 'secure' | 'direct';
 
@@ -143,7 +163,7 @@ export const FIRMWARE_RESET_WATCHDOG_MS = 120_000;
  * TPM2; in `direct` mode QEMU loads the kernel and initramfs itself with slot A's command line.
  */
 export async function bootDevice(
-  dev: Device,
+  dev: BootableDevice,
   opts: {
     mode?: BootMode;
     timeoutMs?: number;
@@ -156,9 +176,11 @@ export async function bootDevice(
   } = {},
 ): Promise<QemuResult & { report: Record<string, string> | undefined }> {
   const mode = opts.mode ?? 'secure';
-  const slotA = dev.plan.slots.find((s) => s.slot === 'a');
+  const slotA = dev.plan?.slots.find((s) => s.slot === 'a');
   const base = {
-    disks: [{ path: dev.disk }],
+    disks: [dev.disk, ...(dev.extraDisks ?? [])].map((p) => ({ path: p })),
+    ...(dev.qemuArgs && { extraArgs: dev.qemuArgs }),
+    ...(dev.mac && { mac: dev.mac }),
     memMiB: 1024,
     timeoutMs: opts.timeoutMs ?? 600_000,
     until: opts.until ?? /LAMADIST-REPORT-END/,
@@ -175,11 +197,16 @@ export async function bootDevice(
         await runQemu({ ...base, firmware: { code: OVMF.secbootCode, vars: dev.vars, persistVars: true }, tpm: { stateDir: dev.tpmState } })
       : await runQemu({
           ...base,
-          kernel: dev.kernel.vmlinuz,
-          initrd: dev.initrd,
+          kernel: direct(dev.kernel).vmlinuz,
+          initrd: direct(dev.initrd),
           append: slotA?.uki?.cmdline ?? `${SERIAL_CONSOLE}`,
         });
   return { ...r, report: parseReport(r.serial) };
+}
+
+function direct<T>(v: T | undefined): T {
+  if (v === undefined) throw new UserError('LAMA_E_VM_INPUT', 'a direct boot needs the device\'s kernel and initramfs');
+  return v;
 }
 
 /** What the fixture reports after the health check: result, version, RAUC's view of the slots, UEFI entries. */
@@ -193,6 +220,8 @@ export interface SlotsReport {
   /** efibootmgr's output lines. */
   efi: string[];
   var_marker: string;
+  /** Every key=value fact of the block (identity, addresses, Secure Boot state). */
+  facts: Record<string, string>;
 }
 
 /** The first LAMADIST-SLOTS block in `serial` (pass a slice to pick a later boot). */
@@ -213,5 +242,5 @@ export function parseSlots(serial: string): SlotsReport | undefined {
     const name = n && v === 'rootfs' ? kv[`SLOT_BOOTNAME_${n}`] : undefined;
     if (n && name) state[name] = { state: kv[`SLOT_STATE_${n}`] ?? '', boot: kv[`SLOT_BOOT_STATUS_${n}`] ?? '' };
   }
-  return { health: kv.health ?? '', version: kv.version ?? '', booted: kv.booted ?? '', state, efi, var_marker: kv.var_marker ?? '' };
+  return { health: kv.health ?? '', version: kv.version ?? '', booted: kv.booted ?? '', state, efi, var_marker: kv.var_marker ?? '', facts: kv };
 }

@@ -19,6 +19,8 @@ import { streamingRauc } from './rauc.js';
 export const FIXTURE_PACKAGES = [
   'systemd', 'systemd-sysv', 'udev', 'dbus', 'kmod', 'rauc', 'rauc-service', 'cryptsetup-bin', 'tpm2-tools', 'efibootmgr',
   'curl', 'ca-certificates', 'jq', 'dmsetup', 'e2fsprogs', 'dosfstools', 'util-linux', 'iproute2', 'procps',
+  // lamadist-install (the fleet installer runs in the release's own root): sfdisk and openssl cms.
+  'fdisk', 'openssl',
   'libtss2-esys-3.0.2-0', 'libtss2-rc0', 'libtss2-mu0', 'libtss2-tcti-device0',
   // The streaming rauc (streamingRauc(), Debian's source with --enable-streaming) talks NBD over generic netlink.
   'libnl-genl-3-200',
@@ -44,6 +46,8 @@ export const ON_TARGET_FILES: readonly { from: string; to: string; mode: number 
   { from: 'meta-lamadist/recipes-core/lamadist-health/files/lamadist-boot-entries.service', to: '/usr/lib/systemd/system/lamadist-boot-entries.service', mode: 0o644 },
   { from: 'meta-lamadist/recipes-core/lamadist-boot/files/lamadist-enroll', to: '/usr/lib/lamadist/lamadist-enroll', mode: 0o755 },
   { from: 'meta-lamadist/recipes-core/rauc/files/efi/system.conf', to: '/etc/rauc/system.conf', mode: 0o644 },
+  { from: 'meta-lamadist/recipes-core/lamadist-installer/files/lamadist-install', to: '/usr/sbin/lamadist-install', mode: 0o755 },
+  { from: 'meta-lamadist/recipes-core/lamadist-installer/files/lamadist-secureboot-enroll', to: '/usr/sbin/lamadist-secureboot-enroll', mode: 0o755 },
 ];
 
 /**
@@ -94,7 +98,9 @@ function reportUnit(what: string, order: string[], exec: string): { data: string
  * acceptance tests check. SELinux is not part of the Debian fixture, so its health check is off.
  */
 const FIXTURE_FILES: Record<string, { data: string; mode: number }> = {
-  '/etc/systemd/network/20-wired.network': { data: '[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n', mode: 0o644 },
+  // After the files systemd-network-generator writes from a static ip= (systemd 252: 90-<if>.network,
+  // 91-default.network), so a host's static address wins over DHCP.
+  '/etc/systemd/network/95-wired.network': { data: '[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n', mode: 0o644 },
   '/etc/fstab': { data: '# lamadist-init mounts /, /var, /etc and /boot\n', mode: 0o644 },
   // The journal on the serial console: systemd stops its own status lines once the serial getty
   // owns the console, and a failed test is read from this log.
@@ -125,6 +131,15 @@ const FIXTURE_FILES: Record<string, { data: string; mode: number }> = {
       'rauc status --detailed --output-format=shell 2>/dev/null | sed -n "s/^RAUC_\\(SLOT_\\(STATE\\|CLASS\\|BOOTNAME\\|BOOT_STATUS\\|STATUS_BUNDLE_VERSION\\)_[0-9]*\\|BOOT_PRIMARY\\)=/LAMADIST-SLOTS \\1=/p"',
       'efibootmgr 2>&1 | sed "s/^/LAMADIST-SLOTS efi /"',
       'r var_marker "$(cat /var/lamadist-fixture-marker 2>/dev/null)"',
+      'r hostname "$(hostname)"',
+      'r machine_id "$(cat /etc/machine-id)"',
+      'r ipv4 "$(ip -4 -o addr show scope global | awk \'{ print $4 }\' | tr \'\\n\' \' \')"',
+      '# Secure Boot as the firmware holds it: mode bytes, and the SHA-256 of each enrolled signature list',
+      '# (efivarfs files cannot seek: each is read whole through cat).',
+      'v=/sys/firmware/efi/efivars; g=8be4df61-93ca-11d2-aa0d-00e098032b8c',
+      'r secure_boot "$(cat $v/SecureBoot-$g 2>/dev/null | tail -c 1 | od -An -tu1 | tr -d \' \')"',
+      'r setup_mode "$(cat $v/SetupMode-$g 2>/dev/null | tail -c 1 | od -An -tu1 | tr -d \' \')"',
+      'for n in PK-$g KEK-$g db-d719b2cb-3d3a-4596-a3bc-dad00e67656f; do r "esl_${n%%-*}" "$(cat $v/$n 2>/dev/null | tail -c +5 | sha256sum | cut -c1-64)"; done',
       'echo LAMADIST-SLOTS-END',
       '',
     ].join('\n'),
@@ -388,7 +403,8 @@ export async function fixtureRootfs(opts: { keyring?: string; log?: (m: string) 
     await fs.writeFile(path.join(tmp, 'etc/machine-id'), '');
     await fs.writeFile(path.join(tmp, 'etc/hostname'), 'lamadist\n');
     for (const u of FIXTURE_UNITS) await enable(tmp, u);
-    await run('chroot', [tmp, 'systemctl', 'enable', 'systemd-networkd.service', 'rauc.service'], { allowFailure: true });
+    // systemd-network-generator turns a host's static ip= into a .network file (the Yocto image's systemd does the same).
+    await run('chroot', [tmp, 'systemctl', 'enable', 'systemd-networkd.service', 'systemd-network-generator.service', 'rauc.service'], { allowFailure: true });
     await fs.writeFile(path.join(tmp, '.lamadist-complete'), '');
     await renameInto(tmp, final);
   } catch (err) {

@@ -37,6 +37,12 @@
  * - `watchDevice(device, { timeoutMs, serialLog?, onLine? })` → `{ waitFor(re, from?), serial(), stop() }`.
  * - `otaMilestones(from, to, fromSlot)`, `matchAfter(text, re, from?)`: the update as the console shows it.
  *
+ * A fleet from blank machines (issue 13: provision → installer stick → updates by tag):
+ * - `blankMachine({ dir, name, smbiosUuid, diskBytes })` → FleetMachine: blank drive, setup-mode NVRAM, new TPM2.
+ * - `installFromStick(machine, stick, { timeoutMs, serialLog?, signal? })` → QemuResult + `installed`, `error`.
+ * - `fleetRelease({ dir, keys, inventory, version, out, recipients })`: a release for every inventory host.
+ * - `startFleetServer(dir, keys, pollSeconds, log)` → `{ server, fleet, serverCert, adminTokenFile }`.
+ *
  * Faults (acceptance 4a and 5):
  * - `tamperSlot({ disk, plan }, slot, { imageOffset? })` → Tamper: one byte of a slot's root image flipped on the disk.
  * - `readBootVariables(vars)` / `parseBootVariables(store)` → `{ order, next?, entries }`; `setBootNext(vars, slot)`;
@@ -62,8 +68,9 @@ export { detectAccel } from './accel.js';
 
 export { OVMF, SERIAL_CONSOLE } from './constants.js';
 export { fixtureRootfs, fixtureInitramfs, repoRoot, FIXTURE_PACKAGES, ON_TARGET_FILES, type FixtureRootfs } from './fixture.js';
-export { prepareDevice, bootDevice, parseReport, parseSlots, DEVICE_SIZES, type Device, type BootMode, type SlotsReport } from './device.js';
-export { fixtureBundle, fixtureVariant, planVariant, prepareFleetDevice, rollOutRelease, SERVER_KEY_NAME, matchAfter, otaMilestones, watchDevice, type FleetDevice, type OtaMilestone, type DeviceWatch, FAILING_HEALTH_CHECK, type FixtureRelease, type VariantSpec } from './ota.js';
+export { prepareDevice, bootDevice, parseReport, parseSlots, DEVICE_SIZES, type Device, type BootableDevice, type BootMode, type SlotsReport } from './device.js';
+export { blankMachine, installFromStick, fleetRelease, type FleetMachine, type InstallRun } from './fleet.js';
+export { fixtureBundle, fixtureRelease, startFleetServer, fixtureVariant, planVariant, prepareFleetDevice, rollOutRelease, SERVER_KEY_NAME, matchAfter, otaMilestones, watchDevice, type FleetDevice, type OtaMilestone, type DeviceWatch, FAILING_HEALTH_CHECK, type FixtureRelease, type VariantSpec } from './ota.js';
 export { tamperSlot, slotByteOffset, parseBootVariables, readBootVariables, setBootNext, slotEntry, cutPower, SUPERBLOCK_OFFSET, type Tamper, type BootVariables, type CutPoint, type PowerCutRecord, type RunHooks } from './faults.js';
 export { streamingRauc, debSrcSources, RAUC_CONFIGURE_FLAGS, type StreamingRauc } from './rauc.js';
 export { UBOOT_QEMU_ARM64, UBOOT_ENV, UBOOT_PROMPT, PFLASH_KEPT_BYTES, mkimageScriptArgs, compileBootScript, planUbootQemu, createEnvFlash, parseUbootEnv, readUbootEnv, completeEnvWrite, startUboot, type UbootVmOptions, type UbootSession } from './uboot.js';

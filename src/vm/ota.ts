@@ -14,9 +14,10 @@ import { startServer, type RunningServer } from '../server/index.js';
 import { makeTempDir } from '../util/fsx.js';
 import { run } from '../util/proc.js';
 import { formatVerity } from '../verity/index.js';
-import { bootDevice, prepareDevice, type Device } from './device.js';
+import { bootDevice, prepareDevice, type BootableDevice, type Device } from './device.js';
 import { cachedTree, fixtureRootfs, pruneTrees } from './fixture.js';
 import { cacheRoot } from './kernel.js';
+import type { DebianKernel } from './kernel.js';
 import type { QemuResult } from './qemu.js';
 
 /** The health.d check a failing release carries (acceptance 3: its trial boot must fall back). */
@@ -89,29 +90,29 @@ export interface FixtureRelease {
 }
 
 /**
- * Build a release for `device` as a fleet would: the fixture tree at `version` (optionally with a
- * failing health check) → EROFS → dm-verity tree → both slots' UKIs (the device's identity on the
- * command line, signed with the fleet's db key) → a crypt bundle in the verity format with
- * adaptive rootfs and verity images, the efi image installed by meta-lamadist's bundle hook,
- * signed with the fleet's RAUC key and encrypted to the device's certificate.
+ * Build a release of the fixture as a fleet would: the fixture tree at `version` (optionally with a
+ * failing health check) → EROFS → dm-verity tree → template UKIs and a per-host patch for every
+ * host (signed with the fleet's db key) → a crypt bundle in the verity format with adaptive rootfs
+ * and verity images, the efi image installed by meta-lamadist's bundle hook, signed with the
+ * fleet's RAUC key and encrypted to the recipients' certificates.
  */
-export async function fixtureBundle(opts: {
-  device: Device;
+export async function fixtureRelease(opts: {
+  keys: string;
+  kernel: DebianKernel;
+  initrd: string;
+  hosts: ReleaseHost[];
+  /** Certificate files the bundle is encrypted to (devices, and the update server, which verifies it). */
+  recipients: string[];
   version: string;
   failHealth?: boolean;
   out: string;
-  /** Certificate files of further recipients (the update server verifies crypt bundles with its own key). */
-  recipients?: string[];
-  /** Further hosts the release carries (the fleet around the device). */
-  otherHosts?: ReleaseHost[];
-  /** Leave the device itself out of the release (its install check must refuse the bundle). */
-  omitDevice?: boolean;
+  /** Bytes a slot holds for the root image (checked before the bundle is made). */
+  slotRoom?: number;
   log?: (m: string) => void;
 }): Promise<FixtureRelease> {
-  const { device } = opts;
   const log = opts.log ?? (() => undefined);
   const bsp = getBsp('x86_64');
-  const fixture = await fixtureRootfs({ keyring: await keyPath(device.keys, 'rauc-ca-cert'), log });
+  const fixture = await fixtureRootfs({ keyring: await keyPath(opts.keys, 'rauc-ca-cert'), log });
   log(`root tree of version ${opts.version}`);
   const tree = await fixtureVariant(fixture.dir, { version: opts.version, ...(opts.failHealth && { failHealth: true }) });
   const tmp = await makeTempDir('lamadist-release-');
@@ -119,8 +120,7 @@ export async function fixtureBundle(opts: {
     log('EROFS root image');
     const rootfs = path.join(tmp.dir, 'rootfs.img');
     const sb = await buildErofs({ source: tree, out: rootfs, uuid: randomUUID(), timestamp: 0 });
-    const slotBytes = device.plan.partitions.find((p) => p.label === 'rootfs_a');
-    const room = slotBytes ? slotBytes.size - (device.encrypt ? LUKS2_DATA_OFFSET : 0) : Infinity;
+    const room = opts.slotRoom ?? Infinity;
     if (sb.bytes > room) throw new UserError('LAMA_E_VM_INPUT', `root image of version ${opts.version} (${sb.bytes} bytes) does not fit the ${room}-byte slot`);
     log('dm-verity hash tree');
     const verity = path.join(tmp.dir, 'verity.img');
@@ -131,26 +131,51 @@ export async function fixtureBundle(opts: {
       out: opts.out,
       bsp,
       rootHash,
-      kernel: device.kernel.vmlinuz,
-      initrd: [device.initrd],
+      kernel: opts.kernel.vmlinuz,
+      initrd: [opts.initrd],
       osrel: path.join(tree, 'usr/lib/os-release'),
-      hosts: [...(opts.otherHosts ?? []), { name: device.hostname, machineId: device.machineId, args: device.cmdline.split(' ') }].filter((h) => !opts.omitDevice || h.machineId !== device.machineId),
-      db: await signingPair(device.keys, 'secureboot-db'),
+      hosts: opts.hosts,
+      db: await signingPair(opts.keys, 'secureboot-db'),
       version: opts.version,
       description: `LamaDist test fixture ${opts.version}${opts.failHealth ? ' (fails its health check)' : ''}`,
       rootfs,
       verity,
       format: 'crypt',
-      signer: await signingPair(device.keys, 'rauc-signing'),
-      recipients: await Promise.all(
-        [await keyPath(device.keys, 'device-cert', device.deviceKeyName), ...(opts.recipients ?? [])].map((f) => fs.readFile(f, 'utf8')),
-      ),
+      signer: await signingPair(opts.keys, 'rauc-signing'),
+      recipients: await Promise.all(opts.recipients.map((f) => fs.readFile(f, 'utf8'))),
       force: true,
     });
     return { version: opts.version, bundle: created.path, size: created.size, rootHash, erofsBytes: sb.bytes, created };
   } finally {
     await tmp.remove();
   }
+}
+
+/** A release for one emulated device, encrypted to its bundle key. */
+export async function fixtureBundle(opts: {
+  device: Device;
+  version: string;
+  failHealth?: boolean;
+  out: string;
+  /** Certificate files of further recipients (the update server verifies crypt bundles with its own key). */
+  recipients?: string[];
+  log?: (m: string) => void;
+}): Promise<FixtureRelease> {
+  const { device } = opts;
+  const slot = device.plan.partitions.find((p) => p.label === 'rootfs_a');
+  const self = { name: device.hostname, machineId: device.machineId, args: device.cmdline.split(' ') };
+  return fixtureRelease({
+    keys: device.keys,
+    kernel: device.kernel,
+    initrd: device.initrd,
+    hosts: [self],
+    recipients: [await keyPath(device.keys, 'device-cert', device.deviceKeyName), ...(opts.recipients ?? [])],
+    version: opts.version,
+    ...(opts.failHealth && { failHealth: true }),
+    out: opts.out,
+    ...(slot && { slotRoom: slot.size - (device.encrypt ? LUKS2_DATA_OFFSET : 0) }),
+    ...(opts.log && { log: opts.log }),
+  });
 }
 
 /** The emulated device registered with an update server running in this process. */
@@ -165,6 +190,33 @@ export interface FleetDevice {
 
 /** Key pair name of the update server in the key directory (a recipient of every crypt bundle). */
 export const SERVER_KEY_NAME = 'update-server';
+
+/**
+ * The update server a test fleet talks to, in this process on the host's loopback (the guests
+ * reach it as 10.0.2.2), with its own bundle key pair so it can verify crypt releases, and an admin
+ * client. Its store lives in `dir/server` (kept, with its admin token, across calls).
+ */
+export async function startFleetServer(
+  dir: string,
+  keys: string,
+  pollSeconds: number,
+  log: (m: string) => void,
+): Promise<{ server: RunningServer; fleet: FleetClient; serverCert: string; adminTokenFile: string }> {
+  await ensureDeviceKey(keys, SERVER_KEY_NAME);
+  const serverCert = await keyPath(keys, 'device-cert', SERVER_KEY_NAME);
+  log('update server');
+  const server = await startServer({
+    store: path.join(dir, 'server'),
+    listen: '127.0.0.1:0',
+    keyring: await keyPath(keys, 'rauc-ca-cert'),
+    bundleKey: await keyPath(keys, 'device-key', SERVER_KEY_NAME),
+    bundleCert: serverCert,
+    pollSeconds,
+  });
+  const adminTokenFile = server.adminTokenFile as string;
+  const fleet = new FleetClient({ url: server.url, token: (await fs.readFile(adminTokenFile, 'utf8')).trim() });
+  return { server, fleet, serverCert, adminTokenFile };
+}
 
 /**
  * A device as a fleet operator sets one up: fleet keys, the update server (listening on the host's
@@ -188,19 +240,8 @@ export async function prepareFleetDevice(opts: {
     log('fleet keys');
     await initKeys(keys);
   }
-  await ensureDeviceKey(keys, SERVER_KEY_NAME);
-  const serverCert = await keyPath(keys, 'device-cert', SERVER_KEY_NAME);
-  log('update server');
-  const server = await startServer({
-    store: path.join(dir, 'server'),
-    listen: '127.0.0.1:0',
-    keyring: await keyPath(keys, 'rauc-ca-cert'),
-    bundleKey: await keyPath(keys, 'device-key', SERVER_KEY_NAME),
-    bundleCert: serverCert,
-    pollSeconds: opts.pollSeconds ?? 5,
-  });
+  const { server, fleet, serverCert } = await startFleetServer(dir, keys, opts.pollSeconds ?? 5, log);
   try {
-    const fleet = new FleetClient({ url: server.url, token: (await fs.readFile(server.adminTokenFile as string, 'utf8')).trim() });
     const controllerId = opts.hostname;
     const token = await registerHost(fleet, { controllerId, bsp: 'x86_64', tags: [] });
     const device = await prepareDevice({
@@ -220,15 +261,13 @@ export async function prepareFleetDevice(opts: {
 /** Build a release for the device, upload it to the server (which verifies it) and roll it out to the device. */
 export async function rollOutRelease(
   fd: FleetDevice,
-  spec: VariantSpec & { omitDevice?: boolean; otherHosts?: ReleaseHost[]; log?: (m: string) => void },
+  spec: VariantSpec & { log?: (m: string) => void },
 ): Promise<{ release: FixtureRelease; releaseId: number; rolloutId: number }> {
   const out = path.join(fd.device.dir, `release-${spec.version}.raucb`);
   const release = await fixtureBundle({
     device: fd.device,
     version: spec.version,
     ...(spec.failHealth && { failHealth: true }),
-    ...(spec.omitDevice && { omitDevice: true }),
-    ...(spec.otherHosts && { otherHosts: spec.otherHosts }),
     out,
     recipients: [fd.serverCert],
     ...(spec.log && { log: spec.log }),
@@ -279,7 +318,7 @@ export interface DeviceWatch {
 }
 
 /** Boot the device (Secure Boot, TPM2, persistent NVRAM) and keep it running across its own reboots until stopped. */
-export function watchDevice(device: Device, opts: { timeoutMs: number; serialLog?: string; onLine?: (l: string) => void }): DeviceWatch {
+export function watchDevice(device: BootableDevice, opts: { timeoutMs: number; serialLog?: string; onLine?: (l: string) => void }): DeviceWatch {
   const abort = new AbortController();
   let text = '';
   let ended = false;

@@ -48,6 +48,8 @@ export interface QemuOptions {
   /** User networking (default on); the host is 10.0.2.2 from the guest. */
   network?: boolean;
   hostForward?: HostForward[];
+  /** MAC address of the virtio NIC (QEMU picks 52:54:00:12:34:56 otherwise). */
+  mac?: string;
   /** QEMU exits instead of rebooting the guest. */
   noReboot?: boolean;
   /** Give up (kill the VM) after this long; 0 means no limit. */
@@ -155,7 +157,7 @@ export function planQemu(opts: Omit<QemuOptions, 'timeoutMs'>, rt: QemuRuntime):
   }
   if (opts.network ?? true) {
     const fwd = (opts.hostForward ?? []).map((f) => `,hostfwd=tcp:127.0.0.1:${f.host}-:${f.guest}`).join('');
-    argv.push('-netdev', `user,id=net0${fwd}`, '-device', 'virtio-net-pci,netdev=net0');
+    argv.push('-netdev', `user,id=net0${fwd}`, '-device', `virtio-net-pci,netdev=net0${opts.mac ? `,mac=${opts.mac}` : ''}`);
   }
   if (rt.qmpSocket) argv.push('-qmp', `unix:${rt.qmpSocket},server=on,wait=off`);
   argv.push(...(opts.extraArgs ?? []));

@@ -70,7 +70,8 @@ beforeAll(async () => {
   keys = path.join(tmp, 'keys');
   await initKeys(keys);
   inventory = path.join(tmp, 'hosts.yaml');
-  await addHost(inventory, { name: 'dyn1', ip: 'dhcp' });
+  // The installer's keys (SMBIOS UUID, MACs) ride along: release.py accepts and ignores them.
+  await addHost(inventory, { name: 'dyn1', ip: 'dhcp', smbiosUuid: '4c414d41-0000-4000-8000-000000000001', macs: ['52:54:00:00:00:01', '52:54:00:00:00:02'] });
   await addHost(inventory, {
     name: 'static1',
     ip: { address: '192.0.2.10/24', gateway: '192.0.2.1', interface: 'eth0', dns: ['192.0.2.1'] },

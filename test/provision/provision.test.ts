@@ -11,6 +11,7 @@ import { addHost, loadInventory } from '../../src/host/index.js';
 import { addDeviceKey, initKeys, keyPath } from '../../src/keys/index.js';
 import { createRelease, releaseHosts } from '../../src/release/index.js';
 import { startServer, type RunningServer } from '../../src/server/index.js';
+import { checkInstallable } from '../../src/installer/index.js';
 import { inspectUki } from '../../src/uki/index.js';
 import { formatVerity } from '../../src/verity/index.js';
 import { runCli } from '../helpers/cli.js';
@@ -187,5 +188,106 @@ describe('lamadist provision', () => {
     const help = await runCli(['provision', '--help']);
     expect(help.code).toBe(0);
     expect(help.stdout).toMatch(/--release <bundle>/);
+  }, 120_000);
+});
+
+/** A file of the ext4 data partition of an installer stick, read by debugfs at the partition's offset. */
+function stickFile(stick: string, offset: number, file: string): Buffer {
+  const r = spawnSync('debugfs', ['-R', `cat ${file}`, `${stick}?offset=${offset}`], { maxBuffer: 512 << 20 });
+  if (r.status !== 0 || /File not found/.test(r.stderr.toString())) throw new Error(`debugfs ${file}: ${r.stderr.toString()}`);
+  return r.stdout;
+}
+
+describe('lamadist provision --installer', () => {
+  it('builds one stick for two hosts: the release root with its hash tree, a db-signed installer UKI, each host\'s plan and ESP, no disk key', async () => {
+    await runCli(['host', 'add', 'inst1', '--inventory', inventory, '--dhcp', '--smbios-uuid', '4C414D41-0000-4000-8000-00000000000A']);
+    await runCli(['host', 'add', 'inst2', '--inventory', inventory, '--dhcp', '--mac', '52:54:00:12:34:56']);
+    const out = path.join(tmp, 'inst');
+    const stick = path.join(tmp, 'stick.img');
+    const r = await runCli(['provision', 'inst1', 'inst2', ...common(), '--out', out, '--installer', stick, ...SIZES, '--json'], { env: env(), timeoutMs: 300_000 });
+    expect(r.code, r.stderr).toBe(0);
+    const done = JSON.parse(r.stdout) as { host: string; machineId: string; luks: { label: string; uuid: string }[]; outputs: { installer: string; recoveryEscrow: string; ukis: Record<'a' | 'b', string> } }[];
+    expect(done.map((d) => d.outputs.installer)).toEqual([stick, stick]);
+    expect(done[0]?.outputs.recoveryEscrow).toBe(`${stick}:installer_data/escrow/inst1.cms`);
+    // It carries each host's device key and token: a secret like the key directory.
+    expect((await fs.stat(stick)).mode & 0o777).toBe(0o600);
+
+    const table = JSON.parse(sh('sfdisk', ['--json', stick]).out) as { partitiontable: { partitions: { start: number; size: number; name: string }[] } };
+    const parts = table.partitiontable.partitions;
+    expect(parts.map((p) => p.name)).toEqual(['esp', 'installer_root', 'installer_verity', 'installer_data']);
+    const at = (name: string): { start: number; size: number } => parts.find((p) => p.name === name) as { start: number; size: number };
+    expect(sh('sgdisk', ['-v', stick]).out).toMatch(/No problems found/);
+
+    // The installer UKI: the release's own kernel and initramfs, installer mode, signed with the fleet's db key.
+    const uki = path.join(tmp, 'installer.efi');
+    await fs.writeFile(uki, espFile(stick, at('esp').start * 512, '/EFI/BOOT/BOOTX64.EFI'));
+    expect(sh('sbverify', ['--cert', path.join(keys, 'db.crt'), uki]).out).toMatch(/Signature verification OK/);
+    const cmdline = inspectUki(await fs.readFile(uki)).cmdline;
+    expect(cmdline).toMatch(/^roothash=[0-9a-f]{64} lamadist\.installer console=ttyS0,115200$/);
+
+    // Root and hash tree as dm-verity's own tool sees them.
+    const copy = (name: string, file: string): void => {
+      const p = at(name);
+      expect(sh('dd', [`if=${stick}`, `of=${file}`, 'bs=512', `skip=${p.start}`, `count=${p.size}`, 'status=none']).code).toBe(0);
+    };
+    copy('installer_root', path.join(tmp, 'root.part'));
+    copy('installer_verity', path.join(tmp, 'verity.part'));
+    const conf = stickFile(stick, at('installer_data').start * 512, '/installer.conf').toString();
+    const rootHash = /^root-hash ([0-9a-f]{64})$/m.exec(conf)?.[1] as string;
+    expect(cmdline).toContain(`roothash=${rootHash}`);
+    const verify = sh('veritysetup', ['verify', path.join(tmp, 'root.part'), path.join(tmp, 'verity.part'), rootHash]);
+    expect(verify.code, verify.out).toBe(0);
+
+    const data = at('installer_data').start * 512;
+    for (const d of done) {
+      const hostConf = stickFile(stick, data, `/hosts/${d.host}/host.conf`).toString();
+      expect(hostConf).toContain(`machine-id ${d.machineId}`);
+      for (const l of d.luks) expect(hostConf).toContain(`luks ${l.label} ${l.uuid}`);
+      // The partition table, applied by sfdisk to a blank drive larger than planned: /var takes the rest.
+      const min = Number(/^min-bytes (\d+)$/m.exec(hostConf)?.[1]);
+      const drive = path.join(tmp, `${d.host}.drive`);
+      await fs.writeFile(drive, '');
+      await fs.truncate(drive, min + 256 * 1024 * 1024);
+      const script = path.join(tmp, `${d.host}.sfdisk`);
+      await fs.writeFile(script, stickFile(stick, data, `/hosts/${d.host}/disk.sfdisk`));
+      const applied = spawnSync('sfdisk', ['--quiet', drive], { input: await fs.readFile(script) });
+      expect(applied.status, applied.stderr.toString()).toBe(0);
+      const dparts = (JSON.parse(sh('sfdisk', ['--json', drive]).out) as typeof table).partitiontable.partitions;
+      expect(dparts.map((p) => p.name)).toEqual(['esp', 'rootfs_a', 'verity_a', 'rootfs_b', 'verity_b', 'var']);
+      const last = dparts[dparts.length - 1] as { start: number; size: number };
+      expect((last.start + last.size) * 512).toBeGreaterThan(min);
+      // The host's ESP: both signed UKIs and its provisioning, but no disk key: the device makes those.
+      const esp = path.join(tmp, `${d.host}.esp`);
+      await fs.writeFile(esp, stickFile(stick, data, `/hosts/${d.host}/esp.img`));
+      const listing = sh('mdir', ['-/', '-b', '-i', esp, '::/']).out;
+      expect(listing).toContain('::/EFI/Linux/lamadist-a.efi');
+      expect(listing).toContain('::/lamadist/var/lib/lamadist/hawkbit.conf');
+      expect(listing).not.toMatch(/provision\.key/i);
+      expect(espFile(esp, 0, '/EFI/Linux/lamadist-b.efi').equals(await fs.readFile(d.outputs.ukis.b))).toBe(true);
+    }
+    // Nothing is escrowed until a machine is installed from the stick.
+    const none = await runCli(['recovery-key', 'inst1', '--keys', keys, '--escrow', stick]);
+    expect(none.code).toBe(2);
+    expect(none.stderr.trim().split('\n')).toHaveLength(1);
+    expect(none.stderr).toMatch(/not an installer stick holding an escrow of host inst1 .*was inst1 installed from it\?/);
+    expect(stickFile(stick, data, '/recovery.cert.pem').toString()).toBe(await fs.readFile(await keyPath(keys, 'recovery-cert'), 'utf8'));
+    expect(stickFile(stick, data, '/secureboot/PK.auth').equals(await fs.readFile(await keyPath(keys, 'secureboot-pk-auth')))).toBe(true);
+  }, 300_000);
+
+  it('refuses a host the installer could not recognise in one line, before registering anything, with no stick left behind', async () => {
+    const stick = path.join(tmp, 'refused.img');
+    const before = await new FleetClient({ url: server.url, token: adminToken }).getDevice('node2');
+    const r = await runCli(['provision', 'node2', ...common(), '--out', path.join(tmp, 'refused'), '--installer', stick], { env: env() });
+    expect(r.code, r.stderr).toBe(2);
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(r.stderr).toMatch(/SMBIOS UUID or MAC; node2 has neither/);
+    expect(existsSync(stick)).toBe(false);
+    expect(existsSync(path.join(tmp, 'refused'))).toBe(false);
+    // Its token was not rotated: the refusal came first.
+    expect(await new FleetClient({ url: server.url, token: adminToken }).getDevice('node2')).toEqual(before);
+    // U-Boot boards are installed from --disk images: the stick boots through UEFI only.
+    const mac = { name: 'b', machineId: '0'.repeat(32), bsp: 'rk1', kernelArgs: [], macs: ['52:54:00:00:00:01'] };
+    expect(() => checkInstallable(getBsp('rk1'), [mac])).toThrow(/rk1 boots through U-Boot/);
+    expect(() => checkInstallable(bsp, [mac])).not.toThrow();
   }, 120_000);
 });

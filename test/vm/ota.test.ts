@@ -81,7 +81,9 @@ describe('slot report parsing', () => {
       'LAMADIST-SLOTS-END',
     ].join('\r\n');
     const r = parseSlots(serial);
-    expect(r).toEqual({
+    expect(r?.facts).toMatchObject({ health: 'success', SLOT_BOOTNAME_2: 'B', var_marker: 'boot-1' });
+    expect({ ...r, facts: undefined }).toEqual({
+      facts: undefined,
       health: 'success',
       version: '2',
       booted: 'B',
@@ -125,11 +127,12 @@ describe('update milestones on the console', () => {
     expect(m[3]?.marker.source).toContain('slot A');
   });
 
-  it('the demo prepares, rolls out, then follows the four console milestones', () => {
+  it('the demo goes the operator\'s path (keys, host, server, provision --installer, install, rollout), then follows the four console milestones', () => {
     const steps = demoSteps();
-    expect(steps).toHaveLength(6);
-    expect(steps.slice(0, 2).every((s) => s.marker === undefined)).toBe(true);
-    expect(steps.slice(2).map((s) => s.marker?.source)).toEqual(otaMilestones('1', '2', 'A').map((m) => m.marker.source));
+    expect(steps).toHaveLength(8);
+    expect(steps.slice(0, 4).every((s) => s.marker === undefined)).toBe(true);
+    expect(steps.slice(0, 4).map((s) => s.title).join(' | ')).toMatch(/keys init.*host add.*server.*provision --installer.*stick.*rolled out to the tag/);
+    expect(steps.slice(4).map((s) => s.marker?.source)).toEqual(otaMilestones('1', '2', 'A').map((m) => m.marker.source));
   });
 });
 

@@ -33,7 +33,8 @@ PATCH_MAGIC = "lamadist-uki-patch 1"
 MERGE_GAP = 64
 # A larger patch is not a host patch but a different UKI (bounds what a device reads).
 MAX_PATCH_BYTES = 1 << 20
-HOST_KEYS = ("machine-id", "bsp", "ip", "kernel-args")
+# smbios-uuid and mac identify the machine to the installer stick; they are not boot arguments.
+HOST_KEYS = ("machine-id", "bsp", "ip", "kernel-args", "smbios-uuid", "mac")
 AUTOCONF = ("off", "none", "on", "any", "dhcp", "bootp", "rarp", "both")
 IP_FIELDS = ("client-ip", "server-ip", "gw-ip", "netmask", "hostname", "device", "autoconf",
              "dns0-ip", "dns1-ip", "ntp0-ip")

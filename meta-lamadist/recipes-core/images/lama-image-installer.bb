@@ -1,14 +1,15 @@
-SUMMARY = "LamaDist USB installer: writes the A/B disk of lama-image-base to the internal drive"
-DESCRIPTION = "A small live system booted from USB. lamadist-install writes the lama-image-base \
-disk to the target drive, extends the /var partition to the end of the drive, creates the UEFI \
-boot entry A for the slot-A UKI and powers off. Enrollment (TPM2, provisioning key) happens on the \
-installed system's first boot, not here."
+SUMMARY = "LamaDist debug USB installer: writes the unsealed lama-image-base disk to the internal drive"
+DESCRIPTION = "A small live system booted from USB for the lamadist-debug distro. lamadist-install \
+--image writes the unsealed lama-image-base wic to the target drive, lets /var take the rest of it, \
+creates the UEFI boot entry A and powers off. Fleet hosts are not installed with this image: \
+`lamadist provision --installer` makes their stick from a release bundle, and that stick boots the \
+release itself, whose lamadist-install seals the disk with keys made on the device."
 LICENSE = "MIT"
 
 inherit core-image
 
 IMAGE_FEATURES:remove = "read-only-rootfs"
-IMAGE_INSTALL = "packagegroup-core-boot lamadist-installer"
+IMAGE_INSTALL = "packagegroup-core-boot lamadist-installer-wic"
 IMAGE_LINGUAS = ""
 IMAGE_FSTYPES = "wic.zst wic.bmap"
 WKS_FILE = "lamadist-installer.wks.in"
@@ -17,6 +18,15 @@ INITRAMFS_IMAGE = ""
 
 LAMADIST_INSTALL_PAYLOAD = "lama-image-base-${MACHINE}.rootfs.wic.zst"
 do_rootfs[depends] += "lama-image-base:do_image_complete"
+
+# An unsealed disk has no place on a fleet host: the image is built for the debug distro only
+# (it still parses everywhere, so layer checks and task graphs keep resolving it).
+python lamadist_debug_only () {
+    if d.getVar('DISTRO') != 'lamadist-debug':
+        bb.fatal("lama-image-installer writes an unsealed disk and is built with the lamadist-debug distro only; "
+                 "fleet hosts are installed with `lamadist provision --installer`")
+}
+do_rootfs[prefuncs] += "lamadist_debug_only"
 
 install_lamadist_payload () {
     install -d ${IMAGE_ROOTFS}${datadir}/lamadist

@@ -1,4 +1,9 @@
-SUMMARY = "LamaDist installer: writes the A/B disk to the internal drive of a new node"
+SUMMARY = "LamaDist installer: seals and installs a fleet host from a provisioning stick"
+DESCRIPTION = "lamadist-install runs in the release's own root when lamadist-init boots an installer \
+stick (`lamadist provision --installer`): it partitions the target, creates the LUKS2 containers \
+with keys made on the device, writes slot A, escrows the recovery key to the fleet's recovery \
+certificate and enrolls the fleet's Secure Boot keys with lamadist-secureboot-enroll. The -wic \
+package holds the debug installer's service (lama-image-installer, lamadist-debug only)."
 LICENSE = "Apache-2.0"
 LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/Apache-2.0;md5=89aea4e17d99a7cacdbeed46a0096b10"
 
@@ -20,5 +25,13 @@ do_install() {
     install -D -m 0644 ${S}/lamadist-install.service ${D}${systemd_system_unitdir}/lamadist-install.service
 }
 
-SYSTEMD_SERVICE:${PN} = "lamadist-install.service"
-RDEPENDS:${PN} = "zstd gptfdisk util-linux-lsblk util-linux-blkid util-linux-blockdev util-linux-findmnt coreutils gawk efibootmgr"
+PACKAGES =+ "${PN}-wic"
+FILES:${PN}-wic = "${systemd_system_unitdir}/lamadist-install.service"
+SYSTEMD_PACKAGES = "${PN}-wic"
+SYSTEMD_SERVICE:${PN}-wic = "lamadist-install.service"
+
+# What lamadist-install calls: sfdisk and partx, cryptsetup and veritysetup, GNU dd (iflag=count_bytes),
+# openssl cms for the escrow, efibootmgr for the boot entry; the -wic path adds zstd.
+RDEPENDS:${PN} = "util-linux-sfdisk util-linux-partx util-linux-lsblk util-linux-blockdev util-linux-findmnt \
+    util-linux-mount cryptsetup coreutils gawk sed grep openssl-bin efibootmgr"
+RDEPENDS:${PN}-wic = "${PN} zstd"

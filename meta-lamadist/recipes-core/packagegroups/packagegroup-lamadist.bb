@@ -40,9 +40,12 @@ RDEPENDS:${PN}-security = " \
     ${@lamadist_if_layer(d, 'integrity-layer', 'packagegroup-ima')} \
 "
 
-SUMMARY:${PN}-update = "RAUC A/B updates with the post-boot health check"
+SUMMARY:${PN}-update = "RAUC A/B updates with the post-boot health check, and the fleet installer"
+# lamadist-installer is in every image: an installer stick boots the release itself and runs the
+# release's own lamadist-install.
 RDEPENDS:${PN}-update = " \
     ${@lamadist_if_layer(d, 'rauc', 'rauc lamadist-health')} \
+    lamadist-installer \
 "
 
 SUMMARY:${PN}-k3s = "k3s (server) confined by SELinux"

@@ -1,9 +1,7 @@
-import path from 'node:path';
 import type { Command } from 'commander';
 import { UserError } from '../../errors.js';
 import { findHost, loadInventory } from '../../host/index.js';
-import { provisionHost, type ProvisionedHost } from '../../provision/index.js';
-import { openRelease } from '../../release/index.js';
+import { provisionHosts, type ProvisionedHost } from '../../provision/index.js';
 import { readUserFile } from '../../util/fsx.js';
 import { act, collect } from '../action.js';
 import type { Context } from '../context.js';
@@ -17,6 +15,7 @@ export interface ProvisionCliOptions extends FleetCliOptions {
   inventory: string;
   out: string;
   disk?: string;
+  installer?: string;
   size: string[];
   bundleKey?: string;
   offline?: boolean;
@@ -53,12 +52,8 @@ export async function provision(
   names: string[],
   o: ProvisionCliOptions,
 ): Promise<ProvisionedHost[]> {
-  if (names.length === 0) throw new UserError('LAMA_E_USAGE', 'name at least one host of the inventory');
-  if (o.disk && names.length > 1 && !o.disk.includes('{host}'))
-    throw new UserError('LAMA_E_USAGE', '--disk names one file: with several hosts, put {host} in it');
   const inv = await loadInventory(o.inventory);
   const hosts = names.map((n) => findHost(inv, n));
-  const sizes = o.size.length > 0 ? parseSizes(o.size) : undefined;
   let gatewayToken: string | undefined;
   if (o.offline) {
     if (!o.gatewayTokenFile)
@@ -72,36 +67,23 @@ export async function provision(
   }
   const fleet = o.offline ? undefined : await fleetClient(o);
   const device = deviceServerOf(o);
-  ctx.detail(`release ${o.release}: verifying and unpacking`);
-  const release = await openRelease(o.release, {
+  const done = await provisionHosts({
+    release: o.release,
     keys: o.keys,
     ...(o.bundleKey && { bundleKey: o.bundleKey }),
+    hosts,
+    out: o.out,
+    ...(fleet ? { fleet, tags: o.tag } : { gatewayToken: gatewayToken as string }),
+    deviceServer: device.server,
+    ssl: device.ssl,
+    ...(o.tenant && { tenant: o.tenant }),
+    ...(o.disk && { disk: o.disk }),
+    ...(o.installer && { installer: o.installer }),
+    ...(o.size.length > 0 && { sizes: parseSizes(o.size) }),
+    force: o.force ?? false,
+    log: (m) => ctx.detail(m),
+    warn: (m) => ctx.warn(m),
   });
-  const done: ProvisionedHost[] = [];
-  try {
-    for (const host of hosts) {
-      const r = await provisionHost(release, host, {
-        keys: o.keys,
-        outDir: path.join(o.out, host.name),
-        ...(fleet ? { fleet, tags: o.tag } : { gatewayToken: gatewayToken as string }),
-        deviceServer: device.server,
-        ssl: device.ssl,
-        ...(o.tenant && { tenant: o.tenant }),
-        ...(o.disk && { disk: o.disk.replaceAll('{host}', host.name) }),
-        ...(sizes && { sizes }),
-        force: o.force ?? false,
-        log: (m) => ctx.detail(m),
-      });
-      if (r.staleInRelease) ctx.warn(`${host.name}'s inventory entry changed since release ${release.version}: its UKIs are signed with the new line, and the next release must carry it`);
-      if (!r.inRelease)
-        ctx.warn(
-          `${host.name} is not in release ${release.version}: its disk boots it, but devices refuse a release without them, so include it in the next one`,
-        );
-      done.push(r);
-    }
-  } finally {
-    await release.close();
-  }
   ctx.result(done, () =>
     done
       .map((r) =>
@@ -110,6 +92,7 @@ export async function provision(
           `  update client: ${r.outputs.config}`,
           `  UKIs: ${r.outputs.ukis.a}, ${r.outputs.ukis.b}`,
           ...(r.outputs.disk ? [`  disk: ${r.outputs.disk} (recovery key ${r.outputs.recoveryKey})`] : []),
+          ...(r.outputs.installer ? [`  installer: ${r.outputs.installer} (recovery key escrow: escrow/${r.host}.cms on its installer_data partition)`] : []),
         ].join('\n'),
       )
       .join('\n'),
@@ -120,7 +103,7 @@ export async function provision(
 export function configure(cmd: Command): void {
   cmd
     .description(
-      'provision hosts of the inventory from a release bundle: device key, registration, update client, signed UKIs, sealed disk',
+      'provision hosts of the inventory from a release bundle: device key, registration, update client, signed UKIs, sealed disk or installer stick',
     )
     .argument('<host...>', 'host names from the inventory')
     .requiredOption('--release <bundle>', 'release bundle (.raucb) the hosts start from')
@@ -130,6 +113,10 @@ export function configure(cmd: Command): void {
     .option(
       '--disk <file>',
       "build the sealed A/B disk to write to the host's drive ({host} is replaced by the host name)",
+    )
+    .option(
+      '--installer <file>',
+      'build one bootable installer stick (UEFI) for all the named hosts: it recognises each by SMBIOS UUID or MAC and seals its disk with keys made on the device',
     )
     .option('--size <label=MiB>', 'partition size override (repeatable)', collect, [])
     .option(

@@ -2,19 +2,24 @@ import type { Command } from 'commander';
 import path from 'node:path';
 import { UserError } from '../../errors.js';
 import { promises as fs } from 'node:fs';
+import { addHost, loadInventory } from '../../host/index.js';
+import { initKeys } from '../../keys/index.js';
+import { provisionHosts } from '../../provision/index.js';
 import {
   OVMF,
+  blankMachine,
   cacheRoot,
+  fleetRelease,
+  installFromStick,
   matchAfter,
   otaMilestones,
   parseReport,
   parseSlots,
-  prepareFleetDevice,
-  rollOutRelease,
   runQemu,
+  startFleetServer,
   watchDevice,
   type DeviceWatch,
-  type FleetDevice,
+  type FleetMachine,
   type HostForward,
   type QemuOptions,
   type QemuResult,
@@ -115,8 +120,11 @@ export async function vmRun(ctx: Context, image: string | undefined, opts: VmRun
 /** What `lamadist vm demo` ends with. */
 export interface DemoResult {
   dir: string;
+  host: string;
   disk: string;
-  recoveryKey: string;
+  installer: string;
+  /** `lamadist recovery-key` reads the host's recovery key from here with the demo's keys. */
+  recoveryEscrow: string;
   server: string;
   /** Console facts of the first boot (slot A) and the slot state after the update (slot B). */
   firstBoot: Record<string, string>;
@@ -127,82 +135,139 @@ export interface DemoResult {
   seconds: number;
 }
 
-/** The demo's steps in order: preparation, then the device's console milestones of the update. Pure. */
+/** The demo host: a new machine known to the inventory by its SMBIOS system UUID. */
+const DEMO_HOST = { name: 'lamadist-demo', smbiosUuid: '4c414d41-4445-4d4f-8000-000000000001' };
+/** Partition sizes that fit the fixture with room for updates (as the emulated device's). */
+const DEMO_SIZES = { esp: 300, rootfs_a: 640, verity_a: 16, rootfs_b: 640, verity_b: 16, var: 600 };
+
+/** The demo's steps in order: the operator's path, then the device's console milestones of the update. Pure. */
 export function demoSteps(): { title: string; marker?: RegExp }[] {
   return [
-    { title: 'fleet keys, update server, and the device disk (fixture rootfs, signed UKIs, LUKS2 A/B)' },
-    { title: 'release 2: EROFS + dm-verity + UKIs in a signed crypt bundle, uploaded and rolled out' },
+    { title: `keys init, host add ${DEMO_HOST.name} (by SMBIOS UUID), the update server` },
+    { title: 'release 1, then provision --installer: the host registered and tagged, its installer stick' },
+    { title: 'the new machine (blank drive, firmware in setup mode) boots the stick: drive sealed with keys made on it, Secure Boot enrolled' },
+    { title: 'release 2 rolled out to the tag' },
     ...otaMilestones('1', '2', 'A'),
   ];
 }
 
+interface DemoState {
+  keys: string;
+  inventory: string;
+  stick: string;
+  server?: Awaited<ReturnType<typeof startFleetServer>>;
+  machine?: FleetMachine;
+  watch?: DeviceWatch;
+  at: number;
+  bundleBytes: number;
+  releaseId: number;
+}
+
 /**
- * `lamadist vm demo`: the device without a build host. Builds fleet keys, the update server (in
- * this process), the fixture device registered with it (encrypted A/B disk, signed per-host UKIs,
- * provisioning for TPM2 enrollment and its bundle key), and release 2 rolled out to it; then
- * boots the device under Secure Boot with a TPM2 and follows it on its console: first boot on
- * slot A, install of version 2 into slot B, reboot into B, health check, and the server's verdict.
+ * `lamadist vm demo`: the operator's path on emulated hardware, without a build host. Fleet keys,
+ * a one-host inventory, the update server (in this process), release 1 of the test fixture,
+ * `provision --installer`; a new machine boots the stick and is installed; release 2 is rolled out
+ * to the host's tag, and the demo follows the device on its console: first boot on slot A with TPM2
+ * enrollment, install of version 2 into slot B, reboot into B, health check, the server's verdict.
  */
 export async function vmDemo(ctx: Context, opts: { dir?: string; timeout?: number }): Promise<DemoResult> {
   const dir = path.resolve(opts.dir ?? path.join(cacheRoot(), 'demo'));
   const timeoutMs = (opts.timeout ?? 1800) * 1000;
   const log = path.join(dir, 'console.log');
-  const steps = demoSteps();
-  const state: { fd?: FleetDevice; watch?: DeviceWatch; at: number; bundleBytes: number; releaseId: number } = { at: 0, bundleBytes: 0, releaseId: 0 };
+  const detail = (m: string): void => ctx.detail(m);
+  // Every run starts from nothing but the caches: a demo is the path from zero.
+  await fs.rm(dir, { recursive: true, force: true });
+  await fs.mkdir(dir, { recursive: true });
+  const state: DemoState = { keys: path.join(dir, 'keys'), inventory: path.join(dir, 'hosts.yaml'), stick: path.join(dir, 'installer.img'), at: 0, bundleBytes: 0, releaseId: 0 };
   const started = Date.now();
+  const release = (s: DemoState, version: string) =>
+    fleetRelease({ dir, keys: s.keys, inventory: s.inventory, version, out: path.join(dir, `release-${version}.raucb`), recipients: [(s.server as { serverCert: string }).serverCert], log: detail });
+  const run: ((s: DemoState) => Promise<void>)[] = [
+    async (s) => {
+      await initKeys(s.keys);
+      await addHost(s.inventory, { name: DEMO_HOST.name, ip: 'dhcp', smbiosUuid: DEMO_HOST.smbiosUuid });
+      s.server = await startFleetServer(dir, s.keys, 5, detail);
+    },
+    async (s) => {
+      const srv = s.server as NonNullable<DemoState['server']>;
+      const v1 = await release(s, '1');
+      await provisionHosts({
+        release: v1.bundle,
+        keys: s.keys,
+        hosts: (await loadInventory(s.inventory)).hosts,
+        out: path.join(dir, 'provision'),
+        fleet: srv.fleet,
+        tags: ['demo'],
+        deviceServer: `10.0.2.2:${srv.server.port}`,
+        installer: s.stick,
+        sizes: DEMO_SIZES,
+        log: detail,
+      });
+    },
+    async (s) => {
+      s.machine = await blankMachine({ dir, name: DEMO_HOST.name, smbiosUuid: DEMO_HOST.smbiosUuid, diskBytes: 3 * 1024 ** 3 });
+      const r = await installFromStick(s.machine, s.stick, { timeoutMs, serialLog: path.join(dir, 'install.log'), onLine: detail });
+      if (!r.installed) throw new UserError('LAMA_E_DEMO', `the installer did not install the machine${r.error ? `: ${r.error}` : ''}; see ${path.join(dir, 'install.log')}`);
+    },
+    async (s) => {
+      const srv = s.server as NonNullable<DemoState['server']>;
+      const v2 = await release(s, '2');
+      const up = await srv.fleet.uploadRelease(v2.bundle);
+      await srv.fleet.createRollout({ releaseId: up.release.id, name: 'demo 2', filter: { tags: ['demo'] }, start: true });
+      s.bundleBytes = v2.size;
+      s.releaseId = up.release.id;
+      s.watch = watchDevice(s.machine as FleetMachine, { timeoutMs, serialLog: log, onLine: detail });
+    },
+  ];
+  const steps = demoSteps();
   try {
-    await ctx.steps<typeof state>(
+    await ctx.steps<DemoState>(
       steps.map((st, i) => ({
         title: st.title,
-        run: async (s: typeof state) => {
-          if (i === 0) {
-            s.fd = await prepareFleetDevice({ dir, hostname: 'lamadist-demo', log: (m) => ctx.detail(m) });
-          } else if (i === 1) {
-            const r = await rollOutRelease(s.fd as FleetDevice, { version: '2', log: (m) => ctx.detail(m) });
-            s.bundleBytes = r.release.size;
-            s.releaseId = r.releaseId;
-            await fs.rm(log, { force: true });
-            s.watch = watchDevice((s.fd as FleetDevice).device, { timeoutMs, serialLog: log, onLine: (l) => ctx.detail(l) });
-          } else if (st.marker) {
-            s.at = await (s.watch as DeviceWatch).waitFor(st.marker, s.at);
-          }
+        run: async (s: DemoState) => {
+          const step = run[i];
+          if (step) await step(s);
+          else if (st.marker) s.at = await (s.watch as DeviceWatch).waitFor(st.marker, s.at);
         },
       })),
       state,
     );
-    const fd = state.fd as FleetDevice;
+    const srv = state.server as NonNullable<DemoState['server']>;
     const serial = (state.watch as DeviceWatch).serial();
     const afterUpdate = parseSlots(serial.slice(matchAfter(serial, /installed version 2; rebooting/)));
-    const action = (await fd.fleet.getDevice(fd.controllerId)).actions.find((a) => a.releaseId === state.releaseId)?.state ?? 'none';
+    const action = (await srv.fleet.getDevice(DEMO_HOST.name)).actions.find((a) => a.releaseId === state.releaseId)?.state ?? 'none';
     if (!afterUpdate || afterUpdate.booted !== 'B' || action !== 'success') {
       throw new UserError('LAMA_E_DEMO', `the device did not come back on slot B with the update accepted (action ${action}); see ${log}`);
     }
     const result: DemoResult = {
       dir,
-      disk: fd.device.disk,
-      recoveryKey: fd.device.recoveryKey,
-      server: fd.server.url,
+      host: DEMO_HOST.name,
+      disk: (state.machine as FleetMachine).disk,
+      installer: state.stick,
+      recoveryEscrow: `${state.stick}:installer_data/escrow/${DEMO_HOST.name}.cms`,
+      server: srv.server.url,
       firstBoot: parseReport(serial.slice(0, matchAfter(serial, /LAMADIST-REPORT-END/))) ?? {},
       afterUpdate,
       action,
       bundleBytes: state.bundleBytes,
-      fetchedBytes: fd.server.service.counters.artifactBytes,
+      fetchedBytes: srv.server.service.counters.artifactBytes,
       seconds: (Date.now() - started) / 1000,
     };
     const r = result.firstBoot;
     ctx.result(result, () =>
       [
-        `device ${r.hostname ?? ''} (machine-id ${r.machine_id ?? ''})`,
+        `device ${r.hostname ?? ''} (machine-id ${r.machine_id ?? ''}), installed from ${result.installer}`,
         `  first boot: slot A, version ${r.version ?? ''}, root ${r.root ?? ''} (${r.root_dm ?? ''}), /var ${r.var ?? ''} (${r.var_luks ?? ''})`,
         `  update: version ${afterUpdate.version} on slot ${afterUpdate.booted} (${afterUpdate.state.B?.boot ?? ''}), health check ${afterUpdate.health}, server action ${action}`,
         `  bundle ${result.bundleBytes} bytes, fetched ${result.fetchedBytes} bytes; ${result.seconds.toFixed(0)} s in all`,
-        `  disk ${result.disk}, recovery key ${result.recoveryKey}, console ${log}`,
+        `  disk ${result.disk}, console ${log}`,
+        `  recovery key: lamadist recovery-key ${DEMO_HOST.name} --keys ${state.keys} --escrow ${state.stick}`,
       ].join('\n'),
     );
     return result;
   } finally {
     await state.watch?.stop();
-    await state.fd?.server.close();
+    await state.server?.server.close();
   }
 }
 
@@ -213,7 +278,7 @@ function collect(value: string, previous: string[] = []): string[] {
 export function configure(cmd: Command): void {
   cmd
     .command('demo')
-    .description('build the test fixture device and an update server, boot it under Secure Boot with a TPM2 and roll out version 2 to slot B')
+    .description('the operator\'s path on emulated hardware: keys, a host, the update server, provision --installer, install a new machine from the stick, roll out version 2 to its tag')
     .option('--dir <dir>', 'work directory (default ~/.cache/lamadist/demo)')
     .option('--timeout <s>', 'limit for the device run in seconds (default 1800)', intOption('--timeout'))
     .action(

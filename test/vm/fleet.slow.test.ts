@@ -1,0 +1,274 @@
+import { createHash } from 'node:crypto';
+import { createReadStream, promises as fs } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { planGpt, readGpt, writeGpt } from '../../src/disk/index.js';
+import { buildEsp } from '../../src/fat/index.js';
+import { keyPath, signingPair } from '../../src/keys/index.js';
+import { signPe, stripSignature } from '../../src/secureboot/index.js';
+import {
+  blankMachine,
+  fleetRelease,
+  installFromStick,
+  matchAfter,
+  OVMF,
+  parseReport,
+  parseSlots,
+  runQemu,
+  startFleetServer,
+  watchDevice,
+  type DeviceWatch,
+  type FleetMachine,
+} from '../../src/vm/index.js';
+import type { RunningServer } from '../../src/server/index.js';
+import type { FleetClient } from '../../src/fleet/index.js';
+import { runCli } from '../helpers/cli.js';
+import { tool } from '../uki/helpers.js';
+
+// Issue 13, acceptance 1 to 4 on the emulated hardware: two new machines (blank drives, firmware in
+// setup mode, fresh TPMs, their own SMBIOS UUIDs; one with a static address, one by DHCP) become a
+// fleet through the operator's path only: `keys init`, `host add`, `provision --installer` (one
+// stick for both), booting the stick, then updates from the server by tag.
+
+const GiB = 1024 ** 3;
+const MiB = 1024 ** 2;
+/** Partition sizes that fit the fixture with room for updates, small enough for tests (as the VM device's). */
+const SIZES = ['esp=300', 'rootfs_a=640', 'verity_a=16', 'rootfs_b=640', 'verity_b=16', 'var=600'];
+// fleet-static is recorded by its SMBIOS UUID, fleet-dhcp by its NIC's MAC address only.
+const HOSTS = [
+  { name: 'fleet-static', uuid: '4c414d41-0000-4000-8000-000000000001', mac: '52:54:00:4c:4d:01', id: ['--smbios-uuid', '4C414D41-0000-4000-8000-000000000001'], net: ['--address', '10.0.2.20/24', '--gateway', '10.0.2.2'] },
+  { name: 'fleet-dhcp', uuid: '4c414d41-0000-4000-8000-000000000002', mac: '52:54:00:4c:4d:02', id: ['--mac', '52-54-00-4C-4D-02'], net: ['--dhcp'] },
+] as const;
+const INSTALL_MS = 900_000;
+
+/** SHA-256 of a file of any size (the drives are 3 GiB). */
+async function sha256(file: string): Promise<string> {
+  const h = createHash('sha256');
+  for await (const chunk of createReadStream(file)) h.update(chunk as Buffer);
+  return h.digest('hex');
+}
+
+/** Copy a sparse image (the stick for runs that must not share its write lock). */
+async function sparseCopy(from: string, to: string): Promise<string> {
+  const r = tool('cp', ['--sparse=always', from, to]);
+  expect(r.code, r.out).toBe(0);
+  return to;
+}
+
+describe('issue 13: a fleet from blank machines through provision --installer, one release by tag', () => {
+  let dir: string;
+  let keys: string;
+  let inventory: string;
+  let stick: string;
+  let server: RunningServer;
+  let fleet: FleetClient;
+  let serverCert: string;
+  let provisioned: {
+    host: string;
+    machineId: string;
+    luks: { label: string; uuid: string }[];
+    outputs: { token: string; installer: string; recoveryEscrow: string; ukis: Record<'a' | 'b', string> };
+  }[];
+  const machines: Record<string, FleetMachine> = {};
+
+  beforeAll(async () => {
+    dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vm-fleet-'));
+    keys = path.join(dir, 'keys');
+    inventory = path.join(dir, 'hosts.yaml');
+    stick = path.join(dir, 'installer.img');
+    expect((await runCli(['keys', 'init', keys])).code).toBe(0);
+    for (const h of HOSTS) {
+      const r = await runCli(['host', 'add', h.name, '--inventory', inventory, ...h.id, ...h.net]);
+      expect(r.code, r.stderr).toBe(0);
+    }
+    ({ server, fleet, serverCert } = await startFleetServer(dir, keys, 5, () => undefined));
+    const v1 = await fleetRelease({ dir, keys, inventory, version: '1', out: path.join(dir, 'release-1.raucb'), recipients: [serverCert] });
+    const tokenFile = server.adminTokenFile as string;
+    const r = await runCli(
+      [
+        'provision', ...HOSTS.map((h) => h.name), '--release', v1.bundle, '--keys', keys, '--inventory', inventory,
+        '--out', path.join(dir, 'provision'), '--installer', stick, '--tag', 'fleet', '--server', server.url,
+        '--token-file', tokenFile, '--device-server', `10.0.2.2:${server.port}`, ...SIZES.flatMap((s) => ['--size', s]), '--json',
+      ],
+      { timeoutMs: 600_000 },
+    );
+    expect(r.code, r.stderr).toBe(0);
+    provisioned = JSON.parse(r.stdout) as typeof provisioned;
+    for (const h of HOSTS) machines[h.name] = await blankMachine({ dir, name: h.name, smbiosUuid: h.uuid, mac: h.mac, diskBytes: 3 * GiB });
+  }, 1_500_000);
+  afterAll(async () => {
+    await server?.close();
+    await fs.rm(dir, { recursive: true, force: true });
+  });
+
+  it('provision --json names each host, its token file, the stick, its LUKS2 UUIDs and where its recovery key is escrowed', async () => {
+    expect(provisioned.map((p) => p.host)).toEqual(HOSTS.map((h) => h.name));
+    for (const p of provisioned) {
+      expect(p.outputs.installer).toBe(stick);
+      expect(p.outputs.recoveryEscrow).toBe(`${stick}:installer_data/escrow/${p.host}.cms`);
+      expect((await fs.stat(p.outputs.token)).mode & 0o777).toBe(0o600);
+      expect(p.luks.map((l) => l.label)).toEqual(['rootfs_a', 'rootfs_b', 'var']);
+    }
+    const devices = await fleet.listDevices();
+    expect(devices.filter((d) => d.tags.includes('fleet')).map((d) => d.controllerId).sort()).toEqual(HOSTS.map((h) => h.name).sort());
+  });
+
+  it('refuses a machine it has no host for and a drive too small, one line each, the drive untouched', async () => {
+    const stranger = await blankMachine({ dir, name: 'stranger', smbiosUuid: '4c414d41-0000-4000-8000-0000000000ff', diskBytes: 3 * GiB });
+    const small = await blankMachine({ dir, name: 'small', smbiosUuid: '4c414d41-0000-4000-8000-0000000000fe', mac: HOSTS[1].mac, diskBytes: 1 * GiB });
+    const before = { stranger: await sha256(stranger.disk), small: await sha256(small.disk) };
+    const [a, b] = await Promise.all([
+      installFromStick(stranger, await sparseCopy(stick, path.join(dir, 'stick-stranger.img')), { timeoutMs: INSTALL_MS, serialLog: path.join(dir, 'stranger.log') }),
+      installFromStick(small, await sparseCopy(stick, path.join(dir, 'stick-small.img')), { timeoutMs: INSTALL_MS, serialLog: path.join(dir, 'small.log') }),
+    ]);
+    expect(a.serial).toMatch(/lamadist-install: no host of this stick has SMBIOS UUID 4c414d41-0000-4000-8000-0000000000ff or MAC 52:54:00:12:34:56; type its name \(fleet-dhcp fleet-static\) within 30 s: \r?\n/);
+    expect(a.error, a.serial.slice(-3000)).toMatch(/^lamadist-install: error: no host of this installer matches this machine \(SMBIOS UUID 4c414d41-0000-4000-8000-0000000000ff\)/);
+    expect(b.error, b.serial.slice(-3000)).toMatch(/^lamadist-install: error: \/dev\/vda holds 1073741824 bytes; host fleet-dhcp needs at least \d+ .*nothing was written$/);
+    expect(await sha256(stranger.disk)).toBe(before.stranger);
+    expect(await sha256(small.disk)).toBe(before.small);
+  }, 2 * INSTALL_MS);
+
+  it('installs both machines from the one stick; a power cut while writing slot A is repaired by running it again', async () => {
+    const first = machines['fleet-static'] as FleetMachine;
+    const cut = new AbortController();
+    const killed = await installFromStick(first, stick, {
+      timeoutMs: INSTALL_MS,
+      serialLog: path.join(dir, 'install-cut.log'),
+      signal: cut.signal,
+      onLine: (l) => {
+        if (/lamadist-install: writing slot A/.test(l)) setTimeout(() => cut.abort(), 3000);
+      },
+    });
+    expect(killed.aborted, killed.serial.slice(-3000)).toBe(true);
+    for (const m of [first, machines['fleet-dhcp'] as FleetMachine]) {
+      const r = await installFromStick(m, stick, { timeoutMs: INSTALL_MS, serialLog: path.join(dir, `install-${m.name}.log`) });
+      expect(r.installed, r.serial.slice(-4000)).toBe(true);
+      expect(r.serial).toMatch(new RegExp(`lamadist-install: host ${m.name} \\(machine-id [0-9a-f]{32}\\) onto /dev/vda`));
+      expect(r.serial).toMatch(/lamadist-secureboot-enroll: enrolled PK, KEK and db/);
+      // /var took the rest of the drive: the table's last partition ends at the last usable sector.
+      const gpt = (await readGpt(m.disk)).table;
+      const last = gpt.partitions[gpt.partitions.length - 1];
+      expect(last?.name).toBe('var');
+      expect(gpt.lastUsableLba - (last?.lastLba ?? 0n)).toBeLessThan(BigInt((1 * MiB) / 512));
+    }
+  }, 3 * INSTALL_MS);
+
+  it('each host boots under Secure Boot with the fleet keys, comes online as itself, refuses a release without it and takes one release by tag to slot B', async () => {
+    const watches: Record<string, DeviceWatch> = {};
+    for (const h of HOSTS) {
+      watches[h.name] = watchDevice(machines[h.name] as FleetMachine, { timeoutMs: 2_400_000, serialLog: path.join(dir, `${h.name}.log`) });
+    }
+    const ws = watches as Record<(typeof HOSTS)[number]['name'], DeviceWatch>;
+    try {
+      await Promise.all(HOSTS.map((h) => ws[h.name].waitFor(/lamadist-ddi: reported version 1 slot A/)));
+      // A release that carries fleet-static only, offered to fleet-dhcp: its install check refuses it.
+      const lackingInv = path.join(dir, 'hosts-static-only.yaml');
+      await fs.copyFile(inventory, lackingInv);
+      expect((await runCli(['host', 'remove', 'fleet-dhcp', '--inventory', lackingInv])).code).toBe(0);
+      const lacking = await fleetRelease({ dir, keys, inventory: lackingInv, version: '1.9', out: path.join(dir, 'release-1.9.raucb'), recipients: [serverCert] });
+      const up19 = await fleet.uploadRelease(lacking.bundle);
+      await fleet.createRollout({ releaseId: up19.release.id, name: 'lacking fleet-dhcp', filter: { devices: ['fleet-dhcp'] }, start: true });
+      await ws['fleet-dhcp'].waitFor(/lamadist-ddi: rauc install failed: .*is not in this release/);
+      const refused = (await fleet.getDevice('fleet-dhcp')).actions.find((a) => a.releaseId === up19.release.id);
+      expect(refused?.state).toBe('failed');
+      expect(JSON.stringify(refused?.history)).toMatch(/is not in this release/);
+
+      const v2 = await fleetRelease({ dir, keys, inventory, version: '2', out: path.join(dir, 'release-2.raucb'), recipients: [serverCert] });
+      const up2 = await fleet.uploadRelease(v2.bundle);
+      await fleet.createRollout({ releaseId: up2.release.id, name: 'fleet v2', filter: { tags: ['fleet'] }, start: true });
+      await Promise.all(HOSTS.map((h) => ws[h.name].waitFor(/lamadist-ddi: reported version 2 slot B/)));
+      const esl = async (v: 'pk' | 'kek' | 'db'): Promise<string> => sha256(await keyPath(keys, `secureboot-${v}-esl`));
+      for (const h of HOSTS) {
+        const serial = ws[h.name].serial();
+        const p = provisioned.find((x) => x.host === h.name);
+        // First boot: unlocked with the provisioning key the installer left, TPM2 enrolled, then a
+        // verity-backed read-only EROFS root, LUKS2 /var and the /etc overlay.
+        expect(serial, h.name).toContain('unlocked with the provisioning key (first boot)');
+        expect(serial).toMatch(/TPM2 enrolled \(PCRs 7\)/);
+        const report = parseReport(serial.slice(0, matchAfter(serial, /LAMADIST-REPORT-END/))) ?? {};
+        expect(report.root).toMatch(/^\/dev\/mapper\/root erofs\s+ro[, ]/);
+        expect(report).toMatchObject({ root_dm: 'verity', var: '/dev/mapper/var ext4', var_luks: 'LUKS2', slot: 'a', persist: '' });
+        expect(report.etc).toMatch(/^overlay /);
+        // The boot into B unlocked with the TPM2 alone and kept what the first boot wrote to /var.
+        const second = serial.slice(matchAfter(serial, /installed version 2; rebooting/));
+        expect(second).not.toMatch(/provisioning key|recovery key/);
+        const first = parseSlots(serial);
+        const after = parseSlots(serial.slice(matchAfter(serial, /installed version 2; rebooting/)));
+        for (const s of [first, after]) {
+          expect(s?.facts.hostname).toBe(h.name);
+          expect(s?.facts.machine_id).toBe(p?.machineId);
+          // Secure Boot enforcing, user mode, exactly the fleet's PK, KEK and db.
+          expect(s?.facts).toMatchObject({ secure_boot: '1', setup_mode: '0', esl_PK: await esl('pk'), esl_KEK: await esl('kek'), esl_db: await esl('db') });
+        }
+        if (h.name === 'fleet-static') expect(after?.facts.ipv4?.trim()).toBe('10.0.2.20/24');
+        expect(after?.var_marker).toMatch(/^boot-[0-9a-f-]{36}$/);
+        expect(after?.var_marker).toBe(first?.var_marker);
+        expect(after?.booted, serial.slice(-4000)).toBe('B');
+        expect(after?.version).toBe('2');
+        expect(after?.health).toBe('success');
+        expect(after?.state.B).toMatchObject({ state: 'booted', boot: 'good' });
+        expect((await fleet.getDevice(h.name)).actions.find((a) => a.releaseId === up2.release.id)?.state).toBe('success');
+      }
+    } finally {
+      await Promise.all(Object.values(watches).map((w) => w.stop()));
+    }
+  }, 2_400_000);
+
+  it('lamadist recovery-key HOST, from the stick, opens every container of that host, whose provisioning keyslot is gone', async () => {
+    for (const h of HOSTS) {
+      const r = await runCli(['recovery-key', h.name, '--keys', keys, '--escrow', stick]);
+      expect(r.code, r.stderr).toBe(0);
+      const key = path.join(dir, `${h.name}.recovery`);
+      await fs.writeFile(key, r.stdout.trim(), { mode: 0o600 });
+      const m = machines[h.name] as FleetMachine;
+      const gpt = (await readGpt(m.disk)).table;
+      const p = provisioned.find((x) => x.host === h.name);
+      for (const l of p?.luks ?? []) {
+        const part = gpt.partitions.find((x) => x.name === l.label);
+        expect(part, l.label).toBeDefined();
+        // The keyslots live in the first 16 MiB: that much of the partition is the whole header.
+        const header = path.join(dir, `${h.name}-${l.label}.hdr`);
+        const fh = await fs.open(m.disk, 'r');
+        const buf = Buffer.alloc(16 * MiB);
+        await fh.read(buf, 0, buf.length, Number(part?.firstLba ?? 0n) * 512);
+        await fh.close();
+        await fs.writeFile(header, buf);
+        expect(tool('cryptsetup', ['luksUUID', header]).out.trim()).toBe(l.uuid);
+        // First boot replaced the provisioning keyslot (1) with a TPM2 one; the recovery keyslot (0) stays.
+        const dump = tool('cryptsetup', ['luksDump', header]).out;
+        expect(dump, l.label).toContain('systemd-tpm2');
+        expect(dump).toMatch(/^\s+0: luks2$/m);
+        const test = tool('cryptsetup', ['open', '--test-passphrase', '--key-file', key, header]);
+        expect(test.code, `${h.name} ${l.label}: ${test.out}`).toBe(0);
+      }
+    }
+  }, 300_000);
+
+  it('after enrollment the firmware refuses a UKI signed by a key that is not the fleet\'s', async () => {
+    const other = path.join(dir, 'other-keys');
+    expect((await runCli(['keys', 'init', other])).code).toBe(0);
+    const ours = await fs.readFile(provisioned[1]?.outputs.ukis.a as string);
+    const foreign = signPe(stripSignature(ours), await signingPair(other, 'secureboot-db'));
+    const disk = path.join(dir, 'foreign.img');
+    const gpt = planGpt({ partitions: [{ name: 'esp', typeGuid: 'c12a7328-f81f-11d2-ba4b-00a0c93ec93b', size: 100 * MiB }] });
+    const fh = await fs.open(disk, 'w+');
+    await fh.truncate(Number(gpt.diskSectors) * 512);
+    await writeGpt(fh, gpt);
+    await fh.close();
+    const esp = gpt.partitions[0];
+    const at = Number(esp?.firstLba ?? 0n) * 512;
+    await buildEsp({ image: disk, offset: at, size: Number((esp?.lastLba ?? 0n) + 1n) * 512 - at, volumeId: '4c414d41', files: { '/EFI/BOOT/BOOTX64.EFI': foreign }, timestamp: 0 });
+    const m = machines['fleet-dhcp'] as FleetMachine;
+    const r = await runQemu({
+      firmware: { code: OVMF.secbootCode, vars: m.vars },
+      disks: [{ path: disk }],
+      network: false,
+      timeoutMs: 300_000,
+      until: /Access Denied|Linux version/,
+      serialLog: path.join(dir, 'foreign.log'),
+    });
+    expect(r.serial, r.serial.slice(-3000)).toMatch(/Access Denied/);
+    expect(r.serial).not.toMatch(/Linux version/);
+  }, 400_000);
+});

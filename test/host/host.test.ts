@@ -5,20 +5,12 @@ import { UserError } from '../../src/errors.js';
 import { addHost, formatIpArg, ipFromSpec, kernelCmdline, loadInventory, newMachineId, parseIpArg, removeHost, type Host } from '../../src/host/index.js';
 import { runCli } from '../helpers/cli.js';
 import { tempDir } from '../uki/helpers.js';
+import { userErrorOf } from '../helpers/errors.js';
 
 const t = tempDir('lamadist-host-');
 afterAll(() => t.remove());
 const ROOT = 'c0ffee'.repeat(10) + 'abcd';
 
-function errorOf(fn: () => unknown): UserError {
-  try {
-    fn();
-  } catch (e) {
-    if (e instanceof UserError) return e;
-    throw e;
-  }
-  throw new Error('expected a UserError');
-}
 
 describe('ip= (kernel nfsroot syntax)', () => {
   it('accepts the documented forms and round-trips them', () => {
@@ -40,7 +32,7 @@ describe('ip= (kernel nfsroot syntax)', () => {
       ['::192.168.1.1:255.255.255.0:h:eth0:none', /needs <client-ip>/],
     ];
     for (const [v, re] of cases) {
-      const e = errorOf(() => parseIpArg(v, 'hosts.yaml:3:5'));
+      const e = userErrorOf(() => parseIpArg(v, 'hosts.yaml:3:5'));
       expect(e.code).toBe('LAMA_E_BAD_IP');
       expect(e.line()).toMatch(re);
       expect(e.line()).toMatch(/^hosts\.yaml:3:5: /);

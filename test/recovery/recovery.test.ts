@@ -2,12 +2,12 @@ import { execFileSync } from 'node:child_process';
 import { copyFileSync, mkdirSync, readFileSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { UserError } from '../../src/errors.js';
 import { Rng } from '../../src/fuzz/mutate.js';
 import { initKeys, keyPath } from '../../src/keys/index.js';
 import { openEscrow, parseRecord, renderRecord, type RecoveryRecord } from '../../src/recovery/index.js';
 import { runCli } from '../helpers/cli.js';
 import { tempDir } from '../uki/helpers.js';
+import { userErrorOf } from '../helpers/errors.js';
 
 const t = tempDir('lamadist-recovery-');
 const keys = path.join(t.dir, 'keys');
@@ -38,15 +38,6 @@ function installerEscrow(recordText: string, recip: string, name: string, varian
   return out;
 }
 
-function userError(fn: () => unknown): UserError {
-  try {
-    fn();
-  } catch (e) {
-    if (e instanceof UserError) return e;
-    throw e;
-  }
-  throw new Error('expected a UserError');
-}
 
 beforeAll(async () => {
   await initKeys(keys);
@@ -90,7 +81,7 @@ describe('recovery record', () => {
       [Buffer.concat([Buffer.from(good.slice(0, 6).join('\n') + '\nkey '), Buffer.from([0xff, 0xfe])]), 'record:7', /not UTF-8/],
     ];
     for (const [input, where, re] of cases) {
-      const e = userError(() => parseRecord(input));
+      const e = userErrorOf(() => parseRecord(input));
       expect(e.code, String(re)).toBe('LAMA_E_RECOVERY_RECORD');
       expect(e.where).toBe(where);
       expect(e.message).toMatch(re);
@@ -99,7 +90,7 @@ describe('recovery record', () => {
     const many = renderRecord({ ...RECORD, luks: Array.from({ length: 16 }, (_, i) => ({ label: `p${i}`, uuid: `${String(i).padStart(8, '0')}-1111-4222-8333-444455556666` })) });
     expect(parseRecord(many).luks).toHaveLength(16);
     const tooMany = many.replace('key ', 'luks p16 99999999-1111-4222-8333-444455556666\nkey ');
-    expect(userError(() => parseRecord(tooMany)).line()).toMatch(/^record:20: more than 16 containers/);
+    expect(userErrorOf(() => parseRecord(tooMany)).line()).toMatch(/^record:20: more than 16 containers/);
   });
 });
 
@@ -120,25 +111,25 @@ describe('escrow made by openssl cms -encrypt (the installer command)', () => {
     const other = path.join(t.dir, 'other');
     execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:3072', '-nodes', '-keyout', `${other}.key`, '-out', `${other}.crt`, '-subj', '/CN=another fleet', '-days', '30'], { stdio: 'pipe' });
     const foreign = readFileSync(installerEscrow(renderRecord(RECORD), `${other}.crt`, 'foreign'));
-    const e = userError(() => openEscrow(foreign, pair, 'foreign.cms'));
+    const e = userErrorOf(() => openEscrow(foreign, pair, 'foreign.cms'));
     expect(e.line()).toBe("foreign.cms: not encrypted to this fleet's recovery certificate [LAMA_E_ESCROW_RECIPIENT]");
     const v15 = readFileSync(installerEscrow(renderRecord(RECORD), cert, 'v15', { keyopts: [] }));
-    expect(userError(() => openEscrow(v15, pair, 'v15.cms')).line()).toMatch(/^v15\.cms@\d+: .*PKCS#1 v1\.5; escrows use RSA-OAEP.*\[LAMA_E_ESCROW\]$/);
+    expect(userErrorOf(() => openEscrow(v15, pair, 'v15.cms')).line()).toMatch(/^v15\.cms@\d+: .*PKCS#1 v1\.5; escrows use RSA-OAEP.*\[LAMA_E_ESCROW\]$/);
   });
 
   it('a record the recovery key opens but that is not valid is refused on its line', () => {
     const bad = readFileSync(installerEscrow(renderRecord(RECORD).replace('machine-id 4f', 'machine-id 4F'), cert, 'badrecord'));
-    expect(userError(() => openEscrow(bad, pair, 'bad.cms')).line()).toMatch(/^bad\.cms record:3: machine-id .*\[LAMA_E_RECOVERY_RECORD\]$/);
+    expect(userErrorOf(() => openEscrow(bad, pair, 'bad.cms')).line()).toMatch(/^bad\.cms record:3: machine-id .*\[LAMA_E_RECOVERY_RECORD\]$/);
   });
 
   it('every truncation is a one-line UserError naming a byte offset', () => {
     for (let n = 0; n < escrow.length; n++) {
-      const e = userError(() => openEscrow(escrow.subarray(0, n), pair, 'cut.cms'));
+      const e = userErrorOf(() => openEscrow(escrow.subarray(0, n), pair, 'cut.cms'));
       expect(e.code, `length ${n}`).toBe('LAMA_E_ESCROW');
       expect(e.where, `length ${n}`).toMatch(/^cut\.cms@\d+$/);
       expect(e.line()).not.toContain('\n');
     }
-    expect(userError(() => openEscrow(Buffer.concat([escrow, Buffer.from([0])]), pair, 'long.cms')).line()).toBe(`long.cms@${escrow.length}: 1 bytes follow the CMS structure [LAMA_E_ESCROW]`);
+    expect(userErrorOf(() => openEscrow(Buffer.concat([escrow, Buffer.from([0])]), pair, 'long.cms')).line()).toBe(`long.cms@${escrow.length}: 1 bytes follow the CMS structure [LAMA_E_ESCROW]`);
   });
 
   it('200 seeded single-byte edits are each refused with a one-line UserError', () => {
@@ -148,7 +139,7 @@ describe('escrow made by openssl cms -encrypt (the installer command)', () => {
       const bad = Buffer.from(escrow);
       const at = rng.int(bad.length);
       bad[at] = ((bad[at] as number) ^ (1 + rng.int(255))) & 0xff;
-      const e = userError(() => openEscrow(bad, pair, 'edit.cms'));
+      const e = userErrorOf(() => openEscrow(bad, pair, 'edit.cms'));
       expect(e.line(), `byte ${at}`).not.toContain('\n');
       expect(e.line()).not.toContain(KEY.slice(0, 8));
       codes.set(e.code, (codes.get(e.code) ?? 0) + 1);

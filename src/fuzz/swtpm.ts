@@ -1,0 +1,150 @@
+/**
+ * A software TPM 2.0 (swtpm) driven with tpm2-tools, for the quotes that attestation tests and the
+ * quote fuzz target start from: real TPM output, made the way the device's agent makes it.
+ */
+import { promises as fs } from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { missingTool, run, type RunResult } from '../util/proc.js';
+
+export interface Swtpm {
+  /** TPM2TOOLS_TCTI value reaching this TPM. */
+  tcti: string;
+  /** Run a tpm2-tools command against this TPM (transient objects are flushed afterwards). */
+  tool(cmd: string, args: readonly string[]): Promise<RunResult>;
+  /** Power-cycle the TPM: PCRs start again from zero, persistent keys stay. */
+  reboot(): Promise<void>;
+  close(): Promise<void>;
+}
+
+function portsFree(port: number): Promise<boolean> {
+  const one = (p: number): Promise<boolean> =>
+    new Promise((resolve) => {
+      const s = net.createServer();
+      s.once('error', () => resolve(false));
+      s.listen(p, '127.0.0.1', () => s.close(() => resolve(true)));
+    });
+  return one(port).then((a) => a && one(port + 1));
+}
+
+async function connectable(port: number, child: ChildProcess, ms: number): Promise<void> {
+  const until = Date.now() + ms;
+  for (;;) {
+    if (child.exitCode !== null) throw new Error(`swtpm exited with ${child.exitCode}`);
+    const ok = await new Promise<boolean>((resolve) => {
+      const c = net.connect(port, '127.0.0.1', () => c.end(() => resolve(true)));
+      c.once('error', () => resolve(false));
+    });
+    if (ok) return;
+    if (Date.now() > until) throw new Error(`swtpm did not listen on ${port} within ${ms} ms`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/**
+ * Start swtpm (TPM 2.0, state in `dir/state`) on two consecutive TCP ports, as tpm2-tools' swtpm
+ * TCTI expects: commands on the port, control on the next one.
+ */
+export async function startSwtpm(dir: string): Promise<Swtpm> {
+  const state = path.join(dir, 'state');
+  await fs.mkdir(state, { recursive: true });
+  for (let attempt = 0; ; attempt++) {
+    const port = 20000 + Math.floor(Math.random() * 20000) * 2;
+    if (!(await portsFree(port))) continue;
+    const child = spawn(
+      'swtpm',
+      [
+        'socket', '--tpm2', '--tpmstate', `dir=${state}`,
+        '--server', `type=tcp,port=${port},bindaddr=127.0.0.1`,
+        '--ctrl', `type=tcp,port=${port + 1},bindaddr=127.0.0.1`,
+        '--flags', 'not-need-init,startup-clear',
+      ],
+      { stdio: 'ignore' },
+    );
+    const spawned = new Promise<never>((_, reject) => child.once('error', (e: NodeJS.ErrnoException) => reject(e.code === 'ENOENT' ? missingTool('swtpm') : e)));
+    try {
+      await Promise.race([connectable(port, child, 10_000), spawned]);
+    } catch (err) {
+      // swtpm exits at once when another process took a port between the check and its bind.
+      const lostPort = child.exitCode !== null;
+      child.kill('SIGKILL');
+      if (lostPort && attempt < 5) continue;
+      throw err;
+    }
+    const tcti = `swtpm:host=127.0.0.1,port=${port}`;
+    const env = { ...process.env, TPM2TOOLS_TCTI: tcti };
+    // Without a resource manager every transient object stays loaded; swtpm holds only three.
+    const tool = async (cmd: string, args: readonly string[]): Promise<RunResult> => {
+      try {
+        return await run(cmd, args, { env, cwd: dir });
+      } finally {
+        await run('tpm2_flushcontext', ['-t'], { env, allowFailure: true });
+      }
+    };
+    return {
+      tcti,
+      tool,
+      async reboot() {
+        // An orderly shutdown first: a TPM reset without one counts against dictionary-attack lockout.
+        await tool('tpm2_shutdown', ['-c']);
+        // swtpm's control channel: CMD_INIT (2) with no flags resets the TPM as a power cycle would.
+        const answer = await new Promise<Buffer>((resolve, reject) => {
+          const c = net.connect(port + 1, '127.0.0.1', () => c.write(Buffer.from([0, 0, 0, 2, 0, 0, 0, 0])));
+          c.once('data', (d) => {
+            c.end();
+            resolve(d);
+          });
+          c.once('error', reject);
+        });
+        if (answer.length < 4 || answer.readUInt32BE(0) !== 0) throw new Error(`swtpm CMD_INIT answered ${answer.toString('hex')}`);
+        await tool('tpm2_startup', ['-c']);
+      },
+      close: () =>
+        new Promise<void>((resolve) => {
+          if (child.exitCode !== null) return resolve();
+          child.once('exit', () => resolve());
+          child.kill('SIGTERM');
+        }),
+    };
+  }
+}
+
+export type AkKind = 'ecdsa' | 'rsassa' | 'rsapss';
+
+/**
+ * An attestation key under the endorsement hierarchy (`tpm2_createek` + `tpm2_createak`, as the
+ * device's agent makes it), made persistent at `handle` so it outlives reboots. Returns the handle
+ * to quote with and the TPM2B_PUBLIC.
+ */
+export async function createAk(tpm: Swtpm, dir: string, kind: AkKind, handle: number): Promise<{ context: string; public: Buffer }> {
+  const name = `ak-${handle.toString(16)}`;
+  const ek = path.join(dir, `${name}-ek.ctx`);
+  const context = path.join(dir, `${name}.ctx`);
+  const pub = path.join(dir, `${name}.pub`);
+  await tpm.tool('tpm2_createek', ['-c', ek, '-G', kind === 'ecdsa' ? 'ecc' : 'rsa']);
+  await tpm.tool('tpm2_createak', ['-C', ek, '-c', context, '-G', kind === 'ecdsa' ? 'ecc' : 'rsa', '-g', 'sha256', '-s', kind, '-u', pub]);
+  const persistent = `0x${handle.toString(16)}`;
+  await tpm.tool('tpm2_evictcontrol', ['-C', 'o', '-c', context, persistent]);
+  return { context: persistent, public: await fs.readFile(pub) };
+}
+
+/**
+ * `tpm2_quote -g sha256 -l sha256:<pcrs>` with `nonce`: the TPMS_ATTEST, the TPMT_SIGNATURE and the
+ * PCR values it covers. `scheme` must be the AK's own when it has one (tpm2_quote defaults RSA to RSASSA).
+ */
+export async function quote(tpm: Swtpm, dir: string, ak: string, nonce: Buffer, pcrs: readonly number[], scheme?: AkKind): Promise<{ quote: Buffer; signature: Buffer; pcrs: Record<number, Buffer> }> {
+  const msg = path.join(dir, 'quote.msg');
+  const sig = path.join(dir, 'quote.sig');
+  // The PCR values are printed only when they are also written out (-o).
+  const out = path.join(dir, 'quote.pcrs');
+  const r = await tpm.tool('tpm2_quote', ['-c', ak, '-g', 'sha256', '-l', `sha256:${pcrs.join(',')}`, '-q', nonce.toString('hex'), '-m', msg, '-s', sig, '-o', out, ...(scheme ? [`--scheme=${scheme}`] : [])]);
+  const values: Record<number, Buffer> = {};
+  for (const m of r.stdout.matchAll(/^\s+(\d+)\s*: 0x([0-9A-Fa-f]{64})$/gm)) values[Number(m[1])] = Buffer.from(m[2] as string, 'hex');
+  return { quote: await fs.readFile(msg), signature: await fs.readFile(sig), pcrs: values };
+}
+
+/** Extend `pcr` of the SHA-256 bank with `digest`. */
+export async function extendPcr(tpm: Swtpm, pcr: number, digest: Buffer): Promise<void> {
+  await tpm.tool('tpm2_pcrextend', [`${pcr}:sha256=${digest.toString('hex')}`]);
+}

@@ -34,6 +34,8 @@ import { planRange, startServer } from '../server/index.js';
 import { multipartPlan } from '../server/range.js';
 import { EFI_STUBS, buildUki } from '../uki/index.js';
 import { run } from '../util/proc.js';
+import { verifyQuote } from '../attestation/index.js';
+import { createAk, extendPcr, quote, startSwtpm } from './swtpm.js';
 import { Rng, jsonText, mutateBytes, mutateJson, mutateText, mutateYaml, type Regions } from './mutate.js';
 
 /** One fuzz case as the target sees it. */
@@ -1063,6 +1065,64 @@ const ukiPatch: FuzzTarget = {
   },
 };
 
+const tpmQuote: FuzzTarget = {
+  name: 'tpm2-quote',
+  parser: 'TPM2 quote, signature and attestation key (src/attestation verifyQuote, the server\'s attestation endpoint)',
+  timeoutMs: 2000,
+  async prepare(dir) {
+    const tpm = await startSwtpm(dir);
+    type Set = { pub: string; msg: string; sig: string; pcrs: string; nonce: Buffer; pcrValues: Record<number, Buffer> };
+    const sets: Set[] = [];
+    try {
+      await extendPcr(tpm, 10, pseudoRandom(32, 21));
+      for (const [i, kind] of (['ecdsa', 'rsassa'] as const).entries()) {
+        const ak = await createAk(tpm, dir, kind, 0x81010001 + i);
+        const nonce = pseudoRandom(32, 22 + i);
+        const q = await quote(tpm, dir, ak.context, nonce, [7, 10, 11], kind);
+        const f = (name: string): string => path.join(dir, `${kind}.${name}`);
+        await fs.writeFile(f('pub'), ak.public);
+        await fs.writeFile(f('msg'), q.quote);
+        await fs.writeFile(f('sig'), q.signature);
+        await fs.rename(path.join(dir, 'quote.pcrs'), f('pcrs'));
+        sets.push({ pub: f('pub'), msg: f('msg'), sig: f('sig'), pcrs: f('pcrs'), nonce, pcrValues: q.pcrs });
+      }
+    } finally {
+      await tpm.close();
+    }
+    const roles = [
+      { role: 'msg', set: 0, name: 'tpm2_quote -m (ECDSA AK)' },
+      { role: 'sig', set: 0, name: 'tpm2_quote -s (ECDSA)' },
+      { role: 'pub', set: 0, name: 'tpm2_createak -u (ECC)' },
+      { role: 'sig', set: 1, name: 'tpm2_quote -s (RSASSA)' },
+      { role: 'pub', set: 1, name: 'tpm2_createak -u (RSA)' },
+    ] as const;
+    const files = (seed: number, file: string): Set => {
+      const r = roles[seed] as (typeof roles)[number];
+      return { ...(sets[r.set] as Set), [r.role]: file };
+    };
+    return {
+      seeds: await Promise.all(roles.map(async (r) => ({ name: r.name, data: await fs.readFile((sets[r.set] as Set)[r.role]) }))),
+      run: async (_ctx, c) => {
+        const f = files(c.seed, c.file);
+        verifyQuote({
+          quote: await fs.readFile(f.msg),
+          signature: await fs.readFile(f.sig),
+          akPublic: await fs.readFile(f.pub),
+          nonce: f.nonce,
+          pcrs: f.pcrValues,
+        });
+      },
+      peer: {
+        name: 'tpm2_checkquote',
+        accepts: (file, c) => {
+          const f = files(c.seed, file);
+          return exitsZero('tpm2_checkquote', ['-u', f.pub, '-m', f.msg, '-s', f.sig, '-f', f.pcrs, '-g', 'sha256', '-q', f.nonce.toString('hex')]);
+        },
+      },
+    };
+  },
+};
+
 /** Every target, in report order. */
 export const TARGETS: readonly FuzzTarget[] = [
   gpt,
@@ -1071,6 +1131,7 @@ export const TARGETS: readonly FuzzTarget[] = [
   manifest,
   cms,
   recovery,
+  tpmQuote,
   uki,
   ukiPatch,
   verity,

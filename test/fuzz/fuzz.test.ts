@@ -77,6 +77,7 @@ describe('fixed-seed fuzz run (the fast subset of npm run fuzz)', () => {
       'rauc-manifest',
       'cms',
       'recovery-escrow',
+      'tpm2-quote',
       'pe-uki',
       'uki-patch',
       'verity',

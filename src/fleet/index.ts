@@ -159,6 +159,8 @@ export class FleetClient {
     successThreshold?: number;
     errorThreshold?: number;
     start?: boolean;
+    /** Offer the release only to attested devices; the others are held back. */
+    requireAttestation?: boolean;
   }): Promise<RolloutView> {
     const q = this.opts.tenant ? `?tenant=${encodeURIComponent(this.opts.tenant)}` : '';
     return this.request('POST', `/api/v1/rollouts${q}`, { json: input });

@@ -43,12 +43,22 @@ async function deviceKeys(keys: string): Promise<string[]> {
  * device key of the key directory that is one of its recipients.
  */
 export async function openRelease(bundle: string, o: { keys: string; bundleKey?: string }): Promise<OpenRelease> {
-  const keyring = await keyPath(o.keys, 'rauc-ca-cert');
+  return unpackRelease(bundle, {
+    keyring: await keyPath(o.keys, 'rauc-ca-cert'),
+    candidates: o.bundleKey ? [o.bundleKey] : [undefined, ...(await deviceKeys(o.keys))],
+  });
+}
+
+/**
+ * `openRelease` with the keyring and the keys to try on a crypt bundle given directly (`undefined`
+ * tries without one): what the update server has instead of a key directory.
+ */
+export async function unpackRelease(bundle: string, o: { keyring: string; candidates: readonly (string | undefined)[] }): Promise<OpenRelease> {
+  const { keyring, candidates } = o;
   const tmp = await makeTempDir('lamadist-release-open-');
   try {
     const dir = path.join(tmp.dir, 'bundle');
     let info: BundleInfo | undefined;
-    const candidates = o.bundleKey ? [o.bundleKey] : [undefined, ...(await deviceKeys(o.keys))];
     for (const key of candidates) {
       try {
         info = await extractBundle(bundle, dir, { keyring, ...(key && { deviceKey: key }) });

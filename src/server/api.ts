@@ -2,6 +2,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { Readable } from 'node:stream';
 import { BSPS } from '../bsp/index.js';
 import { UserError } from '../errors.js';
+import { attestationCounts, type AttestationService, type Pcr11Prediction } from './attestation.js';
 import { parseAuthorization, tokenMatches } from './auth.js';
 import type { FleetService } from './service.js';
 import { BLOCK_SIZE, type ArtifactStore } from './store.js';
@@ -13,6 +14,8 @@ export interface VerifiedBundle {
   version: string;
   format: string;
   signer: string;
+  /** PCR 11 values the release's UKIs leave, per host and slot (none for a bundle without UKIs). */
+  pcr11?: Pcr11Prediction[];
 }
 
 /** Verifies an uploaded bundle against the server's keyring; throws a UserError to refuse it. */
@@ -60,7 +63,7 @@ const waveSchema = {
  * The management API under /api/v1 (admin token as `Authorization: Bearer …`): devices, releases,
  * rollouts, audit log, overview; plus Prometheus metrics at /metrics behind the same token.
  */
-export function registerApi(app: FastifyInstance, svc: FleetService, store: ArtifactStore, opts: ApiOptions): void {
+export function registerApi(app: FastifyInstance, svc: FleetService, store: ArtifactStore, att: AttestationService, opts: ApiOptions): void {
   const admin = async (req: FastifyRequest, reply: FastifyReply): Promise<void> => {
     const auth = parseAuthorization(req.headers.authorization);
     if (!auth || auth.scheme !== 'bearer' || !tokenMatches(auth.token, opts.adminTokenHash)) {
@@ -123,6 +126,14 @@ export function registerApi(app: FastifyInstance, svc: FleetService, store: Arti
     api.post('/api/v1/devices/:controllerId/token', { schema: { tags: ['devices'], summary: 'replace the TargetToken', params: cidParam, querystring: tenantQuery } }, async (req) => ({
       token: await svc.rotateDeviceToken(tenantOf(req), (req.params as { controllerId: string }).controllerId, actor(req)),
     }));
+    api.delete(
+      '/api/v1/devices/:controllerId/attestation-key',
+      { schema: { tags: ['devices'], summary: 'release the pinned attestation key (a replaced TPM); the device registers its new one', params: cidParam, querystring: tenantQuery } },
+      async (req, reply) => {
+        await att.releaseKey(tenantOf(req), (req.params as { controllerId: string }).controllerId, actor(req));
+        return reply.code(204).send();
+      },
+    );
     api.post(
       '/api/v1/tenants/:tenant/gateway-token',
       { schema: { tags: ['devices'], summary: 'create or replace the tenant GatewayToken', params: { type: 'object', properties: { tenant: str }, required: ['tenant'] } } },
@@ -171,9 +182,11 @@ export function registerApi(app: FastifyInstance, svc: FleetService, store: Arti
           }
           const filename = checkFilename(wanted ?? `${meta.compatible}-${meta.version}.raucb`);
           await store.commit(pending);
+          const { pcr11, ...fields } = meta;
           const result = await svc.addRelease(
-            { ...meta, filename, sha256: pending.sha256, sha1: pending.sha1, md5: pending.md5, size: pending.size },
+            { ...fields, filename, sha256: pending.sha256, sha1: pending.sha1, md5: pending.md5, size: pending.size },
             actor(req),
+            pcr11,
           );
           svc.counters.uploadsAccepted++;
           reply.code(result.created ? 201 : 200);
@@ -209,6 +222,7 @@ export function registerApi(app: FastifyInstance, svc: FleetService, store: Arti
               successThreshold: { type: 'number', minimum: 0, maximum: 100 },
               errorThreshold: { type: 'number', minimum: 0, maximum: 100 },
               start: { type: 'boolean' },
+              requireAttestation: { type: 'boolean' },
             },
           },
         },
@@ -222,6 +236,7 @@ export function registerApi(app: FastifyInstance, svc: FleetService, store: Arti
           successThreshold?: number;
           errorThreshold?: number;
           start?: boolean;
+          requireAttestation?: boolean;
         };
         reply.code(201);
         return svc.createRollout(
@@ -234,6 +249,7 @@ export function registerApi(app: FastifyInstance, svc: FleetService, store: Arti
             successThreshold: b.successThreshold ?? 100,
             errorThreshold: b.errorThreshold ?? 0,
             start: b.start ?? true,
+            requireAttestation: b.requireAttestation ?? false,
           },
           actor(req),
         );
@@ -265,6 +281,7 @@ export function registerApi(app: FastifyInstance, svc: FleetService, store: Arti
 
     api.get('/metrics', { schema: { tags: ['metrics'], summary: 'Prometheus metrics' } }, async (_req, reply) => {
       const g = await svc.gauges();
+      const attestation = await attestationCounts(svc.db);
       const c = svc.counters;
       const metric = (name: string, type: 'gauge' | 'counter', help: string, samples: [string, number][]): string[] => [
         `# HELP ${name} ${help}`,
@@ -277,6 +294,8 @@ export function registerApi(app: FastifyInstance, svc: FleetService, store: Arti
         ...metric('lamadist_actions', 'gauge', 'Update actions by state.', by('state', g.actions)),
         ...metric('lamadist_rollouts', 'gauge', 'Rollouts by status.', by('status', g.rollouts)),
         ...metric('lamadist_releases', 'gauge', 'Stored releases.', [['', g.releases]]),
+        ...metric('lamadist_devices_attestation', 'gauge', 'Devices by the verdict on their last TPM quote.', by('state', attestation)),
+        ...metric('lamadist_quotes_total', 'counter', 'TPM quotes judged, by verdict.', by('result', { attested: c.quotesAttested, failed: c.quotesFailed })),
         ...metric('lamadist_polls_total', 'counter', 'Device base polls served.', [['', c.polls]]),
         ...metric('lamadist_feedback_total', 'counter', 'Device feedback messages received.', [['', c.feedback]]),
         ...metric('lamadist_artifact_requests_total', 'counter', 'Artifact GET/HEAD requests (including ranges).', [['', c.artifactRequests]]),

@@ -50,6 +50,37 @@ export interface Database {
     current_wave: number;
     created_at: number;
     updated_at: number;
+    /** 1: offered only to devices attested when their wave starts (0002). */
+    require_attestation: Generated<number>;
+    /** JSON list of controller ids held back for not being attested (0002). */
+    held_back: Generated<string>;
+  };
+  /** One row per device that ever spoke the attestation extension (0002). */
+  attestations: {
+    device_id: number;
+    /** TPMT_PUBLIC of the pinned attestation key (hex), and its TPM name. */
+    ak_public: string;
+    ak_name: string;
+    /** machine-id the device named with its key, pinned with it: selects its UKIs' PCR 11 values. */
+    machine_id: string | null;
+    registered_at: number;
+    /** The one outstanding nonce (hex) and when it stops being accepted. */
+    nonce: string | null;
+    nonce_expires: number | null;
+    state: string;
+    reason: string;
+    /** JSON list of per-PCR checks of the last quote. */
+    checks: string;
+    checked_at: number | null;
+  };
+  /** PCR 11 values a release's UKI leaves, per host and slot (0002). */
+  release_pcr11: {
+    id: Generated<number>;
+    release_id: number;
+    machine_id: string;
+    slot: string;
+    /** JSON list of hex values: at hand-over from systemd-stub and after each boot phase. */
+    pcr11: string;
   };
   actions: {
     id: Generated<number>;
@@ -174,6 +205,33 @@ function migrations(dialect: Dialect): Record<string, Migration> {
           .addColumn('action', 'text', (c) => c.notNull())
           .addColumn('target', 'text', (c) => c.notNull())
           .addColumn('details', 'text', (c) => c.notNull())
+          .execute();
+      },
+    },
+    '0002_attestation': {
+      async up(db: Db) {
+        await db.schema.alterTable('rollouts').addColumn('require_attestation', 'integer', (c) => c.notNull().defaultTo(0)).execute();
+        await db.schema.alterTable('rollouts').addColumn('held_back', 'text', (c) => c.notNull().defaultTo('[]')).execute();
+        await db.schema
+          .createTable('attestations')
+          .addColumn('device_id', 'bigint', (c) => c.primaryKey().references('devices.id'))
+          .addColumn('ak_public', 'text', (c) => c.notNull())
+          .addColumn('ak_name', 'text', (c) => c.notNull())
+          .addColumn('machine_id', 'text')
+          .addColumn('registered_at', 'bigint', (c) => c.notNull())
+          .addColumn('nonce', 'text')
+          .addColumn('nonce_expires', 'bigint')
+          .addColumn('state', 'text', (c) => c.notNull())
+          .addColumn('reason', 'text', (c) => c.notNull())
+          .addColumn('checks', 'text', (c) => c.notNull())
+          .addColumn('checked_at', 'bigint')
+          .execute();
+        await id(db, 'release_pcr11')
+          .addColumn('release_id', 'bigint', (c) => c.notNull().references('releases.id'))
+          .addColumn('machine_id', 'text', (c) => c.notNull())
+          .addColumn('slot', 'text', (c) => c.notNull())
+          .addColumn('pcr11', 'text', (c) => c.notNull())
+          .addUniqueConstraint('release_pcr11_host_slot', ['release_id', 'machine_id', 'slot'])
           .execute();
       },
     },

@@ -4,6 +4,7 @@ import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { sendArtifact, type ServedArtifact } from './artifact.js';
+import { registerAttestationRoutes, type AttestationService } from './attestation.js';
 import { parseAuthorization } from './auth.js';
 import { formatSleep } from './rollout.js';
 import { parseFeedback, type DeviceRow, type FleetService, type ReleaseRow } from './service.js';
@@ -36,8 +37,11 @@ function clientCertCn(socket: Socket): string | undefined {
   return typeof cn === 'string' ? cn : Array.isArray(cn) ? cn[0] : undefined;
 }
 
-/** Register the DDI routes. `publicUrl` overrides the scheme://host used in `_links`. */
-export function registerDdi(app: FastifyInstance, svc: FleetService, store: ArtifactStore, opts: { publicUrl?: string }): void {
+/**
+ * Register the DDI routes and LamaDist's attestation extension under them. `publicUrl` overrides
+ * the scheme://host used in `_links`.
+ */
+export function registerDdi(app: FastifyInstance, svc: FleetService, store: ArtifactStore, att: AttestationService, opts: { publicUrl?: string }): void {
   const base = (req: FastifyRequest): string => {
     const p = req.params as DdiParams;
     const origin = opts.publicUrl ?? `${req.protocol}://${req.host}`;
@@ -66,6 +70,7 @@ export function registerDdi(app: FastifyInstance, svc: FleetService, store: Arti
   const prefix = '/:tenant/controller/v1/:controllerId';
   app.register(async (ddi) => {
     ddi.addHook('preHandler', authenticate);
+    registerAttestationRoutes(ddi, att);
 
     ddi.get(prefix, async (req) => {
       const answer = await svc.poll(req.device as DeviceRow);

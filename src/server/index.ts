@@ -8,7 +8,9 @@ import swagger from '@fastify/swagger';
 import { BSPS } from '../bsp/index.js';
 import { UserError, isErrno } from '../errors.js';
 import { readUserFile } from '../util/fsx.js';
+import { keyPath } from '../keys/index.js';
 import { registerApi, type BundleVerifier } from './api.js';
+import { AttestationService } from './attestation.js';
 import { hashToken, newToken } from './auth.js';
 import { registerDashboard } from './dashboard.js';
 import { openDatabase } from './db.js';
@@ -66,6 +68,13 @@ export interface ServerOptions {
   /** Recipient key (and cert) of the server itself, to verify crypt bundles encrypted for it too. */
   bundleKey?: string;
   bundleCert?: string;
+  /**
+   * The fleet's key directory (`keys init`): its Secure Boot PK, KEK and db signature lists are what
+   * an attested device's PCR 7 must show. Without it no device can be attested.
+   */
+  keys?: string;
+  /** How long an attestation nonce is accepted (default 5 minutes). */
+  nonceTtlMs?: number;
   /** Replace bundle verification (the default runs the RAUC bundle inspector against `keyring`). */
   verifyBundle?: BundleVerifier;
   /** Request logging (pino JSON to stderr). */
@@ -195,6 +204,8 @@ function statusFor(err: UserError): number {
   if (err.code === 'LAMA_E_SERVER_TOO_LARGE') return 413;
   if (err.code.startsWith('LAMA_E_BUNDLE_')) return 422;
   if (err.code === 'LAMA_E_ROLLOUT_STATE') return 409;
+  if (err.code === 'LAMA_E_ATTEST_AK_PINNED' || err.code === 'LAMA_E_ATTEST_NO_KEY') return 409;
+  if (err.code.startsWith('LAMA_E_ATTEST_') && err.code !== 'LAMA_E_ATTEST_REQUEST') return 422;
   return 400;
 }
 
@@ -218,6 +229,11 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   });
   await service.recoverRollouts();
   const admin = await adminToken(storeDir, options.adminToken);
+  const esl = async (p: 'secureboot-pk-esl' | 'secureboot-kek-esl' | 'secureboot-db-esl'): Promise<Buffer> => readUserFile(await keyPath(options.keys as string, p), 'Secure Boot signature list');
+  const attestation = new AttestationService(service, {
+    ...(options.keys && { secureBoot: { pk: await esl('secureboot-pk-esl'), kek: await esl('secureboot-kek-esl'), db: await esl('secureboot-db-esl') } }),
+    ...(options.nonceTtlMs !== undefined && { nonceTtlMs: options.nonceTtlMs }),
+  });
 
   let https: { cert: Buffer; key: Buffer; ca?: Buffer; requestCert?: boolean; rejectUnauthorized?: boolean } | undefined;
   if (options.tlsCert || options.tlsKey) {
@@ -290,14 +306,14 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       keyring,
       options.bundleKey ? { key: options.bundleKey, ...(options.bundleCert ? { cert: options.bundleCert } : {}) } : undefined,
     );
-  registerApi(app, service, store, {
+  registerApi(app, service, store, attestation, {
     adminTokenHash: hashToken(admin.token),
     defaultTenant: options.tenant ?? 'DEFAULT',
     maxBundleBytes: options.maxBundleBytes ?? 8 * 1024 ** 3,
     verifyBundle,
     compatibles: options.compatibles ?? BSPS.map((b) => b.compatible),
   });
-  registerDdi(app, service, store, publicUrl !== undefined ? { publicUrl } : {});
+  registerDdi(app, service, store, attestation, publicUrl !== undefined ? { publicUrl } : {});
   registerDashboard(app);
 
   const { host, port } = parseListen(options.listen ?? '127.0.0.1:8080');
@@ -339,4 +355,5 @@ export { parseWaves, planWaveSizes, decideWave, matchesFilter } from './rollout.
 export { hashToken, newToken } from './auth.js';
 export type { BundleVerifier, VerifiedBundle } from './api.js';
 export type { DeviceView, ReleaseView, RolloutView, ActionView } from './service.js';
+export type { AttestationState, AttestationView, Pcr11Prediction } from './attestation.js';
 export type { TargetFilter, WaveSpec } from './rollout.js';

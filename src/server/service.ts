@@ -1,6 +1,7 @@
 import type { CompiledQuery, Kysely, Transaction } from 'kysely';
 import { BSPS } from '../bsp/index.js';
 import { UserError, type ErrorCode } from '../errors.js';
+import { UNATTESTED, attestationViews, savePcr11, type AttestationView, type Pcr11Prediction } from './attestation.js';
 import { hashToken, newToken, tokenMatches } from './auth.js';
 import { nowMs, sql, type Database, type OpenDb, type ReleaseFields } from './db.js';
 import {
@@ -45,6 +46,8 @@ export interface DeviceView {
   lastSeen: string | null;
   status: DeviceStatus;
   hasToken: boolean;
+  /** Remote attestation: the verdict on the device's last TPM quote (LamaDist extension). */
+  attestation: AttestationView;
 }
 
 export interface ReleaseView extends ReleaseFields {
@@ -63,6 +66,10 @@ export interface RolloutView {
   errorThreshold: number;
   status: string;
   currentWave: number;
+  /** Offered only to devices attested when their wave starts. */
+  requireAttestation: boolean;
+  /** Devices left out for not being attested: not offered the release, not counted as failures. */
+  heldBack: string[];
   /** Per wave: device count and counts by action state. */
   progress: { wave: number; size: number; states: WaveCounts }[];
   createdAt: string;
@@ -180,7 +187,7 @@ export class FleetService {
   private downloadCache = new Map<string, { release: ReleaseRow; at: number }>();
   /** Serialises rollout decisions within this process (the conditional UPDATE guards across processes). */
   private rolloutLock: Promise<unknown> = Promise.resolve();
-  readonly counters = { polls: 0, feedback: 0, artifactRequests: 0, artifactBytes: 0, uploadsAccepted: 0, uploadsRefused: 0, authFailures: 0 };
+  readonly counters = { polls: 0, feedback: 0, artifactRequests: 0, artifactBytes: 0, uploadsAccepted: 0, uploadsRefused: 0, authFailures: 0, quotesAttested: 0, quotesFailed: 0 };
 
   private readonly pollQuery: CompiledQuery;
 
@@ -258,7 +265,7 @@ export class FleetService {
 
   // ---- devices ----
 
-  private view(row: DeviceRow, now = nowMs()): DeviceView {
+  private view(row: DeviceRow, attestation: AttestationView = UNATTESTED, now = nowMs()): DeviceView {
     const lastSeen = this.seen.get(row.id) ?? row.last_seen;
     const status: DeviceStatus = lastSeen === null ? 'registered' : now - lastSeen > 2 * this.opts.pollSeconds * 1000 ? 'overdue' : 'online';
     return {
@@ -272,7 +279,12 @@ export class FleetService {
       lastSeen: iso(lastSeen),
       status,
       hasToken: row.token_hash !== null,
+      attestation,
     };
+  }
+
+  private async viewOne(row: DeviceRow): Promise<DeviceView> {
+    return this.view(row, (await attestationViews(this.db, [row.id])).get(row.id));
   }
 
   private async insertDevice(
@@ -377,14 +389,15 @@ export class FleetService {
       return this.deviceRow(trx, tenant, controllerId);
     });
     this.forgetDevice(tenant, controllerId);
-    return this.view(row);
+    return this.viewOne(row);
   }
 
   /** All devices of a tenant, by controller id. */
   async listDevices(tenant: string): Promise<DeviceView[]> {
     const rows = await this.db.selectFrom('devices').selectAll().where('tenant', '=', tenant).orderBy('controller_id').execute();
     const now = nowMs();
-    return rows.map((r) => this.view(r as DeviceRow, now));
+    const att = await attestationViews(this.db, rows.map((r) => r.id as number));
+    return rows.map((r) => this.view(r as DeviceRow, att.get(r.id as number), now));
   }
 
   /** One device with its action history, newest first. */
@@ -403,7 +416,7 @@ export class FleetService {
       ? await this.db.selectFrom('action_status').selectAll().where('action_id', 'in', ids).orderBy('id').execute()
       : [];
     return {
-      ...this.view(row),
+      ...(await this.viewOne(row)),
       actions: actions.map((a) => ({
         id: a.id,
         releaseId: a.release_id,
@@ -679,12 +692,14 @@ export class FleetService {
   async addRelease(
     meta: Omit<ReleaseView, 'id' | 'createdAt'>,
     actor: string,
+    pcr11: readonly Pcr11Prediction[] = [],
   ): Promise<{ release: ReleaseView; created: boolean }> {
     return this.db.transaction().execute(async (trx) => {
       const existing = await trx.selectFrom('releases').selectAll().where('sha256', '=', meta.sha256).executeTakeFirst();
       if (existing) return { release: this.releaseView(existing as ReleaseRow), created: false };
       await trx.insertInto('releases').values({ ...meta, created_at: nowMs() }).execute();
       const row = (await trx.selectFrom('releases').selectAll().where('sha256', '=', meta.sha256).executeTakeFirstOrThrow()) as ReleaseRow;
+      await savePcr11(trx, row.id, pcr11);
       await this.audit(trx, actor, 'release.upload', `release/${row.id}`, { version: meta.version, compatible: meta.compatible, sha256: meta.sha256 });
       return { release: this.releaseView(row), created: true };
     });
@@ -720,6 +735,7 @@ export class FleetService {
       successThreshold: number;
       errorThreshold: number;
       start: boolean;
+      requireAttestation?: boolean;
     },
     actor: string,
   ): Promise<RolloutView> {
@@ -739,7 +755,10 @@ export class FleetService {
           return c === undefined || c === release.compatible;
         });
       if (targets.length === 0) throw new UserError('LAMA_E_ROLLOUT_NO_TARGETS', 'no registered device matches the filter and the release compatible');
-      const groups = assignWaves(targets, planWaveSizes(targets.length, input.waves));
+      const attested = input.requireAttestation ? await this.attestedIds(trx, targets.map((t) => t.row.id)) : undefined;
+      const offered = attested ? targets.filter((t) => attested.has(t.row.id)) : targets;
+      const heldBack = targets.filter((t) => !offered.includes(t)).map((t) => t.controllerId).sort();
+      const groups = assignWaves(offered, planWaveSizes(offered.length, input.waves));
       const now = nowMs();
       const rollout = await trx
         .insertInto('rollouts')
@@ -754,6 +773,8 @@ export class FleetService {
           current_wave: 0,
           created_at: now,
           updated_at: now,
+          require_attestation: input.requireAttestation ? 1 : 0,
+          held_back: JSON.stringify(heldBack),
         })
         .returning('id')
         .executeTakeFirstOrThrow();
@@ -776,6 +797,7 @@ export class FleetService {
         release: release.id,
         filter: input.filter,
         waves: groups.map((g) => g.length),
+        ...(input.requireAttestation && { heldBack }),
       });
       return rollout.id;
     });
@@ -798,9 +820,7 @@ export class FleetService {
         if (!r) throw new UserError('LAMA_E_SERVER_NOT_FOUND', `rollout ${id} does not exist`);
         if (!rule.from.includes(r.status)) throw new UserError('LAMA_E_ROLLOUT_STATE', `cannot ${op} rollout ${id}: it is ${r.status}`);
         await trx.updateTable('rollouts').set({ status: rule.to, updated_at: nowMs() }).where('id', '=', id).execute();
-        if (op === 'start') {
-          await trx.updateTable('actions').set({ state: 'pending', updated_at: nowMs() }).where('rollout_id', '=', id).where('wave', '=', 0).where('state', '=', 'scheduled').execute();
-        }
+        if (op === 'start') await this.startWave(trx, id, 0);
         if (op === 'cancel') {
           await trx.updateTable('actions').set({ state: 'canceled', updated_at: nowMs() }).where('rollout_id', '=', id).where('state', '=', 'scheduled').execute();
           await trx.updateTable('actions').set({ state: 'canceling', updated_at: nowMs() }).where('rollout_id', '=', id).where('state', 'in', ['pending', 'running']).execute();
@@ -810,6 +830,44 @@ export class FleetService {
     );
     if (op === 'start' || op === 'resume') await this.advanceRollout(id, false);
     return this.getRollout(id);
+  }
+
+  /** Devices among `ids` whose last quote attested them. */
+  private async attestedIds(db: Db, ids: readonly number[]): Promise<Set<number>> {
+    const out = new Set<number>();
+    for (let i = 0; i < ids.length; i += 500) {
+      const rows = await db.selectFrom('attestations').select('device_id').where('device_id', 'in', ids.slice(i, i + 500)).where('state', '=', 'attested').execute();
+      for (const r of rows) out.add(r.device_id);
+    }
+    return out;
+  }
+
+  /**
+   * Offer a wave: its scheduled actions become pending. A rollout that requires attestation first
+   * holds back the wave's devices that are not attested now (their actions go, their ids join the
+   * held-back list), so a device that failed attestation after the rollout was made is not offered.
+   */
+  private async startWave(trx: Db, rolloutId: number, wave: number): Promise<void> {
+    const r = await trx.selectFrom('rollouts').select(['require_attestation', 'held_back']).where('id', '=', rolloutId).executeTakeFirstOrThrow();
+    if (r.require_attestation) {
+      const members = await trx
+        .selectFrom('actions')
+        .innerJoin('devices', 'devices.id', 'actions.device_id')
+        .select(['actions.id', 'actions.device_id', 'devices.controller_id'])
+        .where('actions.rollout_id', '=', rolloutId)
+        .where('actions.wave', '=', wave)
+        .where('actions.state', '=', 'scheduled')
+        .execute();
+      const attested = await this.attestedIds(trx, members.map((m) => m.device_id));
+      const hold = members.filter((m) => !attested.has(m.device_id));
+      if (hold.length) {
+        await trx.deleteFrom('actions').where('id', 'in', hold.map((m) => m.id)).execute();
+        const held = [...new Set([...parseJson<string[]>(r.held_back), ...hold.map((m) => m.controller_id)])].sort();
+        await trx.updateTable('rollouts').set({ held_back: JSON.stringify(held) }).where('id', '=', rolloutId).execute();
+        await this.audit(trx, 'server', 'rollout.held-back', `rollout/${rolloutId}`, { wave, devices: hold.map((m) => m.controller_id) });
+      }
+    }
+    await trx.updateTable('actions').set({ state: 'pending', updated_at: nowMs() }).where('rollout_id', '=', rolloutId).where('wave', '=', wave).where('state', '=', 'scheduled').execute();
   }
 
   private withRolloutLock<T>(fn: () => Promise<T>): Promise<T> {
@@ -856,7 +914,7 @@ export class FleetService {
             .where('current_wave', '=', r.current_wave)
             .executeTakeFirst();
           if (Number(res.numUpdatedRows) !== 1) return false;
-          await trx.updateTable('actions').set({ state: 'pending', updated_at: nowMs() }).where('rollout_id', '=', id).where('wave', '=', next).where('state', '=', 'scheduled').execute();
+          await this.startWave(trx, id, next);
           await this.audit(trx, 'server', 'rollout.wave', `rollout/${id}`, { wave: next });
           return true;
         });
@@ -921,6 +979,8 @@ export class FleetService {
       errorThreshold: r.error_threshold,
       status: r.status,
       currentWave: r.current_wave,
+      requireAttestation: r.require_attestation === 1,
+      heldBack: parseJson<string[]>(r.held_back),
       progress,
       createdAt: new Date(r.created_at).toISOString(),
     };

@@ -63,9 +63,10 @@ export async function fleetDevices(ctx: Context, c: FleetClient): Promise<void> 
   );
 }
 
-function rolloutLine(r: { id: number; name: string; releaseVersion: string; status: string; currentWave: number; progress: { size: number; states: Record<string, number> }[] }): string {
+function rolloutLine(r: { id: number; name: string; releaseVersion: string; status: string; currentWave: number; heldBack: string[]; progress: { size: number; states: Record<string, number> }[] }): string {
   const waves = r.progress.map((w) => `${w.states.success ?? 0}/${w.size}`).join(' ');
-  return `#${r.id} ${r.name} → ${r.releaseVersion}: ${r.status}, wave ${r.currentWave + 1}/${r.progress.length} [${waves}]`;
+  const held = r.heldBack.length ? `; held back (not attested): ${r.heldBack.join(', ')}` : '';
+  return `#${r.id} ${r.name} → ${r.releaseVersion}: ${r.status}, wave ${r.currentWave + 1}/${r.progress.length} [${waves}]${held}`;
 }
 
 export function configure(cmd: Command): void {
@@ -111,6 +112,7 @@ export function configure(cmd: Command): void {
         ctx.result(d, () =>
           [
             `${d.controllerId} (${d.name}) ${d.bsp ?? ''} version ${d.version ?? 'unknown'}, ${d.status}, last seen ${d.lastSeen ?? 'never'}`,
+            `  attestation: ${d.attestation.state}${d.attestation.checkedAt ? ` (checked ${d.attestation.checkedAt})` : ''}${d.attestation.reason ? `: ${d.attestation.reason}` : ''}`,
             ...d.actions.map((a) => `  action #${a.id} ${a.releaseVersion} ${a.state}${a.rolloutId ? ` (rollout #${a.rolloutId})` : ''}`),
           ].join('\n'),
         );
@@ -184,6 +186,7 @@ export function configure(cmd: Command): void {
     .option('--success-threshold <pct>', 'percent of a wave that must succeed to start the next (default 100)', intOption('--success-threshold'))
     .option('--error-threshold <pct>', 'percent of a wave that may fail before the rollout pauses (default 0)', intOption('--error-threshold'))
     .option('--no-start', 'create without starting')
+    .option('--require-attestation', 'offer the release only to devices attested when their wave starts; the others are held back, not failed')
     .action(
       act<{
         release: string;
@@ -196,6 +199,7 @@ export function configure(cmd: Command): void {
         successThreshold?: number;
         errorThreshold?: number;
         start: boolean;
+        requireAttestation?: boolean;
       }>(async (ctx, _a, o, c) => {
         const attributes = parseAttrs(o.attr);
         const filter: TargetFilter = {
@@ -210,6 +214,7 @@ export function configure(cmd: Command): void {
           releaseId,
           filter,
           start: o.start,
+          ...(o.requireAttestation ? { requireAttestation: true } : {}),
           ...(o.name ? { name: o.name } : {}),
           ...(o.waves ? { waves: parseWaves(o.waves) } : {}),
           ...(o.successThreshold !== undefined ? { successThreshold: o.successThreshold } : {}),

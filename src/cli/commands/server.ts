@@ -24,6 +24,7 @@ export interface ServerCliOptions {
   cacheMib?: number;
   versionAttribute?: string;
   bootIdAttribute?: string;
+  keys?: string;
   log?: boolean;
 }
 
@@ -56,6 +57,7 @@ export async function serve(ctx: Context, o: ServerCliOptions): Promise<RunningS
     ...(o.cacheMib !== undefined ? { cacheMiB: o.cacheMib } : {}),
     ...(o.versionAttribute ? { versionAttribute: o.versionAttribute } : {}),
     ...(o.bootIdAttribute ? { bootIdAttribute: o.bootIdAttribute } : {}),
+    ...(o.keys ? { keys: o.keys } : {}),
     ...(o.log ? { log: true } : {}),
   };
   const server = await startServer(options);
@@ -88,6 +90,7 @@ export function configure(cmd: Command): void {
     .option('--cache-mib <MiB>', 'memory for bundle blocks served to streaming devices (default: 1/8 of RAM, at most 1024; idle blocks are freed after 5 minutes; 0 = off)', intOption('--cache-mib'))
     .option('--version-attribute <name>', 'configData attribute with the running version (default version)')
     .option('--boot-id-attribute <name>', 'configData attribute with the kernel boot id (default boot_id)')
+    .option('--keys <dir>', "fleet key directory: its Secure Boot PK/KEK/db are what attested devices' PCR 7 must show (docs/attestation.md)")
     .option('--log', 'log every request (JSON) to stderr')
     .action(
       act<ServerCliOptions>(async (ctx, _args, opts) => {

@@ -73,6 +73,8 @@ describe('fleet dashboard in headless Chromium', () => {
     expect(await page.textContent('#total-devices')).toBe('5');
     const row = page.locator('tr[data-device="rack-1"]');
     expect(await row.textContent()).toMatch(/1\.0\.0.*online/);
+    // No device here speaks the attestation extension: each shows the verdict unknown.
+    expect(await row.locator('td.attest-unknown').textContent()).toBe('unknown');
     expect(await page.locator('tr[data-device="never-seen"]').textContent()).toMatch(/registered/);
     const rollout = await page.locator('tr[data-rollout]').first().textContent();
     expect(rollout).toMatch(/spring/);

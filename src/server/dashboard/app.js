@@ -62,7 +62,13 @@ function rolloutTable(rollouts) {
       el('td', {}, r.progress.map((w) => el('div', { class: 'wave' },
         el('span', { class: 'muted' }, `wave ${w.wave + 1}: `),
         Object.entries(w.states).map(([s, n]) => el('span', { class: 'state-' + s }, `${s} ${n} `)),
-        progressBar(w.states, w.size)))))));
+        progressBar(w.states, w.size))),
+        r.heldBack.length ? el('div', { class: 'muted' }, 'held back (not attested): ' + r.heldBack.join(', ')) : []))));
+}
+
+/** A device's attestation verdict; the reason (which PCR, why) on hover and in the detail view. */
+function attestation(a) {
+  return el('td', { class: 'attest-' + a.state, title: a.reason }, a.state);
 }
 
 async function overview(view) {
@@ -75,12 +81,13 @@ async function overview(view) {
     el('h2', {}, 'Rollouts'), rolloutTable(rollouts.slice(0, 5)),
     el('h2', {}, 'Overdue devices'), ov.overdue.length ? el('p', {}, ov.overdue.join(', ')) : el('p', { class: 'muted' }, 'none'),
     el('h2', {}, 'Devices'),
-    table(['Device', 'BSP', 'Version', 'Status', 'Tags', 'Last seen'], devices.map((d) =>
+    table(['Device', 'BSP', 'Version', 'Status', 'Attestation', 'Tags', 'Last seen'], devices.map((d) =>
       el('tr', { 'data-device': d.controllerId },
         el('td', {}, el('a', { href: '#/device/' + encodeURIComponent(d.controllerId) }, d.controllerId)),
         el('td', {}, d.bsp || ''),
         el('td', {}, d.version || 'unknown'),
         el('td', { class: 'status-' + d.status }, d.status),
+        attestation(d.attestation),
         el('td', {}, d.tags.join(', ')),
         el('td', {}, when(d.lastSeen))))));
 }
@@ -92,6 +99,10 @@ async function device(view, id) {
     table(['Name', 'BSP', 'Version', 'Status', 'Last seen'], [el('tr', {},
       el('td', {}, d.name), el('td', {}, d.bsp || ''), el('td', {}, d.version || 'unknown'),
       el('td', { class: 'status-' + d.status }, d.status), el('td', {}, when(d.lastSeen)))]),
+    el('h2', {}, 'Attestation'),
+    table(['Verdict', 'Checked', 'Attestation key', 'Reason'], [el('tr', {},
+      attestation(d.attestation), el('td', {}, when(d.attestation.checkedAt)),
+      el('td', { class: 'muted' }, d.attestation.akName || 'none'), el('td', {}, d.attestation.reason))]),
     el('h2', {}, 'Attributes'),
     table(['Name', 'Value'], Object.entries(d.attributes).map(([k, v]) => el('tr', {}, el('td', {}, k), el('td', {}, v)))),
     el('h2', {}, 'Action history'),

@@ -8,6 +8,7 @@ const BENCHES: Record<string, () => Promise<{ run: () => Promise<void> }>> = {
   boot: () => import('./boot.js'),
   check: () => import('./check.js'),
   disk: () => import('./disk.js'),
+  ota: () => import('./ota.js'),
   rauc: () => import('./rauc.js'),
   server: () => import('./server.js'),
   vm: () => import('./vm.js'),

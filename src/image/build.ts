@@ -12,7 +12,7 @@ import { LUKS2_DATA_OFFSET, encryptPayload, planLuks2 } from '../luks/index.js';
 import { signPe } from '../secureboot/index.js';
 import { EFI_STUBS, buildUki, inspectUki } from '../uki/index.js';
 import { AtomicFile, makeTempDir, readUserFile } from '../util/fsx.js';
-import { formatVerity, readVeritySuperblock, verifyVerity } from '../verity/index.js';
+import { formatVerity, productSalt, readVeritySuperblock, verifyVerity } from '../verity/index.js';
 import { buildVarExt4 } from './ext4.js';
 import { loadLayout, withSizes } from './layout.js';
 import {
@@ -236,7 +236,7 @@ export async function buildImage(o: BuildImageOptions): Promise<ImagePlan> {
         dataPath: erofsFile,
         dataBlocks: erofs.bytes / 4096,
         hashPath: verityFile,
-        salt: random('verity:salt', 32),
+        salt: productSalt(bsp.compatible),
         uuid: randomUuid(random, 'verity:uuid'),
       });
     }

@@ -52,6 +52,11 @@ export interface CreateBundleOptions {
   contentTime?: Date;
   /** dm-verity salt; default: derived from the manifest so identical inputs give identical bundles. */
   salt?: Buffer;
+  /**
+   * squashfs block size (mksquashfs -b; default its 128 KiB). A streamed install fetches whole
+   * squashfs blocks, so a bundle read a few blocks at a time wants small ones.
+   */
+  squashfsBlockSize?: number;
   /** Crypt bundles: envelope the signature for these recipient certificates (PEM texts) right away. */
   recipients?: string[];
   force?: boolean;
@@ -210,7 +215,7 @@ export async function createBundle(o: CreateBundleOptions): Promise<CreatedBundl
     await fs.chmod(path.join(staging.dir, 'manifest.raucm'), 0o644);
     return await withAtomicFile(o.out, { force: o.force ?? false }, async (out) => {
       step('creating squashfs payload');
-      await makeSquashfs(staging.dir, out.temp, (o.contentTime?.getTime() ?? 0) / 1000);
+      await makeSquashfs(staging.dir, out.temp, (o.contentTime?.getTime() ?? 0) / 1000, o.squashfsBlockSize ? ['-b', String(o.squashfsBlockSize)] : []);
       await staging.remove();
       let payloadSize = (await out.fd.stat()).size;
       if (payloadSize % BLOCK !== 0) throw new Error(`mksquashfs produced ${payloadSize} bytes, not a multiple of ${BLOCK}`);

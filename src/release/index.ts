@@ -10,9 +10,11 @@
  *   hosts/<machine-id>/cmdline-<slot>    the host's command line for the slot (the install check reads it)
  *   hosts/<machine-id>/uki-<slot>.map    patch map (text)
  *   hosts/<machine-id>/uki-<slot>.bin    patch data
+ *   uki-blocks/lamadist-<slot>.blocks    SHA-256 of each 4 KiB block of the slot's template UKI
  *
  * Public API:
  * - `planHostCmdlines(...)` → the template's and every host's command line per slot (pure)
+ * - `blockIndex(data)` → SHA-256 of each 4 KiB block (pure)
  * - `releaseBootFiles(...)` → the template UKIs and every host's payload files
  * - `systemConfClasses(family)` → the slot classes of meta-lamadist's system.conf
  * - `createRelease(...)` → the bundle (rootfs, verity, efi templates, host patches, install check)
@@ -20,6 +22,7 @@
  * - `openRelease(bundle, { keys, bundleKey? })` → the verified, unpacked release; `releaseUki`,
  *   `describeRelease` (open.ts)
  */
+import { createHash } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -33,11 +36,11 @@ import { EFI_STUBS, buildUki, setUkiCmdline, type Input } from '../uki/index.js'
 import { makeTempDir } from '../util/fsx.js';
 import { run } from '../util/proc.js';
 import { verifyVerity } from '../verity/index.js';
-import { HOSTS_DIR } from './layout.js';
+import { HOSTS_DIR, UKI_BLOCKS_DIR } from './layout.js';
 import { diffUki, renderPatch } from './patch.js';
 
 export { applyUkiPatch, diffUki, parsePatch, renderPatch, MAX_PATCH_BYTES, type PatchWrite, type UkiPatch } from './patch.js';
-export { HOSTS_DIR } from './layout.js';
+export { HOSTS_DIR, UKI_BLOCKS_DIR } from './layout.js';
 export { describeRelease, openRelease, releaseUki, type OpenRelease } from './open.js';
 
 const SLOTS = ['a', 'b'] as const;
@@ -58,6 +61,13 @@ export async function systemConfClasses(family: string): Promise<string[] | unde
     throw err;
   }
 }
+
+/**
+ * squashfs block size of release bundles. A device streams the bundle and reads only the blocks it
+ * lacks, each costing its whole squashfs block: 16 KiB instead of mksquashfs's 128 KiB keeps a
+ * version bump's download near the changed blocks, for a few KiB more metadata.
+ */
+export const RELEASE_SQUASHFS_BLOCK = 16384;
 
 /** A host as a release sees it: its machine-id names its files, `args` follow the release's own arguments. */
 export interface ReleaseHost {
@@ -132,6 +142,17 @@ export async function releaseBootFiles(o: ReleaseBootInput): Promise<ReleaseBoot
   return { templates, hosts };
 }
 
+/** SHA-256 of each 4 KiB block of `data`, the last one zero-padded: what the bundle hook seeds a UKI by. Pure. */
+export function blockIndex(data: Buffer): Buffer {
+  const out = Buffer.alloc(Math.ceil(data.length / 4096) * 32);
+  for (let i = 0; i * 4096 < data.length; i++) {
+    const block = Buffer.alloc(4096);
+    data.copy(block, 0, i * 4096, Math.min(data.length, (i + 1) * 4096));
+    createHash('sha256').update(block).digest().copy(out, i * 32);
+  }
+  return out;
+}
+
 /** Everything `createRelease` needs besides the boot inputs. */
 export interface CreateReleaseOptions extends ReleaseBootInput {
   out: string;
@@ -157,9 +178,10 @@ export interface CreatedRelease extends CreatedBundle {
 }
 
 /**
- * Build the release bundle: rootfs and verity (adaptive), the efi image (a tar of the two
- * template UKIs, installed by the bundle hook), every host's patch files, and the install check
- * that refuses the bundle on a host it does not carry.
+ * Build the release bundle: the verity image (adaptive), the rootfs and efi images (installed by
+ * the bundle hook from the blocks the device already has: the running slot's root image, whose
+ * tree tells which blocks changed, and the running UKI, by the templates' block indexes), every
+ * host's patch files, and the install check that refuses the bundle on a host it does not carry.
  */
 export async function createRelease(o: CreateReleaseOptions): Promise<CreatedRelease> {
   if (o.hosts.length === 0) throw new UserError('LAMA_E_RELEASE_INPUT', 'a release needs at least one host (its inventory is empty)');
@@ -176,13 +198,15 @@ export async function createRelease(o: CreateReleaseOptions): Promise<CreatedRel
     const efi = path.join(tmp.dir, 'efi.tar');
     await run('tar', ['--sort=name', '--owner=0', '--group=0', '--numeric-owner', '--mtime=@0', '-cf', efi, '-C', tmp.dir, 'lamadist-a.efi', 'lamadist-b.efi']);
     const payloadFiles: { name: string; from: string }[] = [];
+    const put = async (name: string, data: Buffer): Promise<void> => {
+      const from = path.join(tmp.dir, 'payload', name);
+      await fs.mkdir(path.dirname(from), { recursive: true });
+      await fs.writeFile(from, data);
+      payloadFiles.push({ name, from });
+    };
+    for (const slot of SLOTS) await put(`${UKI_BLOCKS_DIR}/lamadist-${slot}.blocks`, blockIndex(boot.templates[slot]));
     for (const h of boot.hosts) {
-      for (const [name, data] of Object.entries(h.files)) {
-        const from = path.join(tmp.dir, 'payload', name);
-        await fs.mkdir(path.dirname(from), { recursive: true });
-        await fs.writeFile(from, data);
-        payloadFiles.push({ name, from });
-      }
+      for (const [name, data] of Object.entries(h.files)) await put(name, data);
     }
     const slotClasses = await systemConfClasses(o.bsp.raucFamily);
     const created = await createBundle({
@@ -191,13 +215,16 @@ export async function createRelease(o: CreateReleaseOptions): Promise<CreatedRel
       version: o.version,
       ...(o.build !== undefined && { build: o.build }),
       ...(o.description !== undefined && { description: o.description }),
+      // The verity image first: RAUC installs in manifest order, and the rootfs install hook reads
+      // the new tree from the target's verity slot to learn which blocks it must fetch.
       images: [
-        { slotClass: 'rootfs', path: o.rootfs, adaptive: true },
         { slotClass: 'verity', path: o.verity, adaptive: true },
+        { slotClass: 'rootfs', path: o.rootfs, hooks: ['install'] },
         { slotClass: 'efi', path: efi, hooks: ['install'] },
       ],
       ...(slotClasses && { slotClasses }),
       hookScript: BUNDLE_HOOK,
+      squashfsBlockSize: RELEASE_SQUASHFS_BLOCK,
       installCheck: true,
       payloadFiles,
       format: o.format ?? 'verity',

@@ -51,6 +51,15 @@ export const UKI_SECTIONS = ['.osrel', '.cmdline', '.splash', '.uname', '.initrd
  */
 export const CMDLINE_AREA = 4096;
 
+/**
+ * Bytes set aside for `.osrel` and `.uname`. With these areas fixed, a release that changes only
+ * the version keeps `.initrd` and `.linux` at the file offsets of the last one, so an update copies
+ * them block for block from the UKI already on the ESP (meta-lamadist's bundle hook) instead of
+ * downloading them again. A larger os-release takes whole 4 KiB blocks.
+ */
+export const OSREL_AREA = 4096;
+export const UNAME_AREA = 256;
+
 async function load(input: Input, what: string, code: `LAMA_E_${string}` = 'LAMA_E_NOT_FOUND'): Promise<Buffer> {
   if (Buffer.isBuffer(input)) return input;
   try {
@@ -83,13 +92,17 @@ export function kernelVersion(kernel: Buffer): string | undefined {
 export function planUki(parts: { kernel: Buffer; initrd?: Buffer; cmdline: string; osrel?: Buffer; uname?: string; splash?: Buffer }): NewSection[] {
   if (/[\0\n]/.test(parts.cmdline)) throw new UserError('LAMA_E_CMDLINE', 'kernel command line must be a single line without NUL bytes');
   const out: NewSection[] = [];
-  if (parts.osrel) out.push({ name: '.osrel', data: parts.osrel });
+  if (parts.osrel) out.push({ name: '.osrel', data: parts.osrel, reserve: Math.ceil(Math.max(parts.osrel.length, 1) / OSREL_AREA) * OSREL_AREA });
   const cmdline = Buffer.from(parts.cmdline, 'utf8');
   if (cmdline.length > CMDLINE_AREA) throw new UserError('LAMA_E_CMDLINE', `kernel command line is ${cmdline.length} bytes, more than the ${CMDLINE_AREA} a UKI sets aside`);
   out.push({ name: '.cmdline', data: cmdline, reserve: CMDLINE_AREA });
   if (parts.splash) out.push({ name: '.splash', data: parts.splash });
   const uname = parts.uname ?? kernelVersion(parts.kernel);
-  if (uname) out.push({ name: '.uname', data: Buffer.from(uname, 'utf8') });
+  if (uname) {
+    const data = Buffer.from(uname, 'utf8');
+    if (data.length > UNAME_AREA) throw new UserError('LAMA_E_UKI_UNAME', `kernel release '${uname}' is ${data.length} bytes, more than the ${UNAME_AREA} a UKI sets aside`);
+    out.push({ name: '.uname', data, reserve: UNAME_AREA });
+  }
   if (parts.initrd && parts.initrd.length > 0) out.push({ name: '.initrd', data: parts.initrd });
   out.push({ name: '.linux', data: parts.kernel });
   return out;

@@ -28,6 +28,7 @@ import { hashBlocks, openReadWrite, type HashJob } from './hasher.js';
  *   the first bad block and its byte offset (LAMA_E_VERITY_TRUNCATED when a device is too short).
  * - `readVeritySuperblock(file, offset)` → the superblock, or undefined.
  * - `planVerity(params)` (pure geometry), `encodeVeritySuperblock`, `decodeVeritySuperblock`.
+ * - `productSalt(product)` → the salt every release of one product shares.
  */
 
 export {
@@ -116,6 +117,15 @@ function packHashBlocks(digests: Buffer, count: number, g: VerityGeometry, hashB
     digests.copy(out, block * hashBlockSize + slot * g.digestSlot, i * g.digestSize, (i + 1) * g.digestSize);
   }
   return out;
+}
+
+/**
+ * The salt of a product's hash trees: fixed per product (its RAUC compatible), never per build, so
+ * successive releases share every hash block whose data blocks did not change and an update moves
+ * only the tree blocks on the paths of changed data. Products stay apart.
+ */
+export function productSalt(product: string): Buffer {
+  return createHash('sha256').update(`lamadist:verity:${product}`).digest();
 }
 
 function hashOne(algorithm: string, salt: Buffer, block: Buffer): Buffer {

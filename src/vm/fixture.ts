@@ -59,6 +59,8 @@ export const FIXTURE_PROGRAMS: readonly { from: string; to: string; mode: number
   { from: 'src/vm/fixture/lamadist-ddi-client.service', to: '/usr/lib/systemd/system/lamadist-ddi-client.service', mode: 0o644 },
 ];
 
+const MASKED_GENERATORS = ['systemd-veritysetup-generator', 'systemd-getty-generator'];
+
 /** Units the fixture enables (what the recipes' SYSTEMD_SERVICE enables in a Yocto image). */
 const FIXTURE_UNITS = [
   'lamadist-health.service', 'lamadist-boot-entries.service', 'lamadist-fixture-report.service', 'lamadist-fixture-slots.service',
@@ -140,6 +142,14 @@ const FIXTURE_FILES: Record<string, { data: string; mode: number }> = {
       'r secure_boot "$(cat $v/SecureBoot-$g 2>/dev/null | tail -c 1 | od -An -tu1 | tr -d \' \')"',
       'r setup_mode "$(cat $v/SetupMode-$g 2>/dev/null | tail -c 1 | od -An -tu1 | tr -d \' \')"',
       'for n in PK-$g KEK-$g db-d719b2cb-3d3a-4596-a3bc-dad00e67656f; do r "esl_${n%%-*}" "$(cat $v/$n 2>/dev/null | tail -c +5 | sha256sum | cut -c1-64)"; done',
+      '# What the booted slot holds, to compare with the release byte for byte: the root image (as many',
+      '# blocks as its tree covers), the tree (superblock block and every level) and the UKI.',
+      's=$(sed -n "s/.*lamadist\\.slot=\\([ab]\\).*/\\1/p" /proc/cmdline); vd=/dev/disk/by-partlabel/verity_$s',
+      'n=$(veritysetup dump $vd 2>/dev/null | sed -n "s/^Data blocks:[[:space:]]*//p"); n=${n:-0}',
+      't=0; l=$(((n + 127) / 128)); while [ $l -gt 1 ]; do t=$((t + l)); l=$(((l + 127) / 128)); done; t=$((t + l + 1))',
+      'r slot_rootfs_sha256 "$(head -c $((n * 4096)) /dev/mapper/rootfs_$s | sha256sum | cut -c1-64)"',
+      'r slot_verity_sha256 "$(head -c $((t * 4096)) $vd | sha256sum | cut -c1-64)"',
+      'r slot_uki_sha256 "$(sha256sum /boot/EFI/Linux/lamadist-$s.efi | cut -c1-64)"',
       'echo LAMADIST-SLOTS-END',
       '',
     ].join('\n'),
@@ -361,7 +371,7 @@ export async function fixtureRootfs(opts: { keyring?: string; log?: (m: string) 
   const keyring = opts.keyring ? await fs.readFile(opts.keyring) : undefined;
   const rauc = await streamingRauc({ log });
   const raucBinary = await fs.readFile(rauc.binary);
-  const key = sha([path.basename(base), 'mask-veritysetup-generator', 'root-0755', raucBinary, FIXTURE_VERSION, ...FIXTURE_UNITS, JSON.stringify(FIXTURE_FILES), ...PRUNED_MODULE_DIRS, ...PRUNED_PATHS, ...contents, keyring ?? '']);
+  const key = sha([path.basename(base), ...MASKED_GENERATORS, 'root-0755', raucBinary, FIXTURE_VERSION, ...FIXTURE_UNITS, JSON.stringify(FIXTURE_FILES), ...PRUNED_MODULE_DIRS, ...PRUNED_PATHS, ...contents, keyring ?? '']);
   const final = path.join(cacheRoot(), 'rootfs', `fixture-${key}`);
   if (await cachedTree(final)) return { dir: final, kernel };
 
@@ -395,11 +405,13 @@ export async function fixtureRootfs(opts: { keyring?: string; log?: (m: string) 
     if (keyring) await put('/etc/rauc/keyring.pem', keyring, 0o644);
     // Debian's rauc has no streaming; the same release built with it replaces the binary.
     await put('/usr/bin/rauc', raucBinary, 0o755);
-    // lamadist-init opens dm-verity itself; systemd's generator would see roothash= and wait 90 s
-    // for a verity data device of its own. Masked (a link to /dev/null), as a Yocto image leaves it out.
+    // Masked generators (links to /dev/null). lamadist-init opens dm-verity itself; systemd's
+    // generator would see roothash= and wait 90 s for a verity data device of its own, and a Yocto
+    // image leaves it out. No test logs in on the serial console, and a getty there hangs the line
+    // up as it starts: a journal line forwarded to ttyS0 at that moment is lost, report lines with it.
     const generators = path.join(tmp, 'etc/systemd/system-generators');
     await fs.mkdir(generators, { recursive: true });
-    await fs.symlink('/dev/null', path.join(generators, 'systemd-veritysetup-generator'));
+    for (const g of MASKED_GENERATORS) await fs.symlink('/dev/null', path.join(generators, g));
     await fs.writeFile(path.join(tmp, 'etc/machine-id'), '');
     await fs.writeFile(path.join(tmp, 'etc/hostname'), 'lamadist\n');
     for (const u of FIXTURE_UNITS) await enable(tmp, u);
@@ -417,9 +429,10 @@ export async function fixtureRootfs(opts: { keyring?: string; log?: (m: string) 
 
 /**
  * The fixture's initramfs: meta-lamadist's lamadist-init as /init, lamadist-enroll, and the
- * cryptsetup/veritysetup/systemd-cryptenroll/TPM2 pieces and kernel modules they call.
+ * cryptsetup/veritysetup/systemd-cryptenroll/TPM2 pieces and kernel modules they call. `build`
+ * names another build of it.
  */
-export async function fixtureInitramfs(kernel: DebianKernel, out: string): Promise<string> {
+export async function fixtureInitramfs(kernel: DebianKernel, out: string, build?: string): Promise<string> {
   const repo = repoRoot();
   const init = await fs.readFile(path.join(repo, INIT_FILE), 'utf8');
   const enroll = await fs.readFile(path.join(repo, 'meta-lamadist/recipes-core/lamadist-boot/files/lamadist-enroll'));
@@ -428,7 +441,12 @@ export async function fixtureInitramfs(kernel: DebianKernel, out: string): Promi
     binaries: INITRAMFS_BINARIES,
     modules: INITRAMFS_MODULES,
     modulesDir: kernel.modulesDir,
-    files: { '/usr/lib/lamadist/lamadist-enroll': { data: enroll, mode: 0o755 } },
+    files: {
+      '/usr/lib/lamadist/lamadist-enroll': { data: enroll, mode: 0o755 },
+      // Another build of the initramfs (an update that changes it): first in the archive, so the
+      // whole compressed stream differs, as a rebuilt one does.
+      ...(build !== undefined && { '/.lamadist-initramfs-build': { data: Buffer.from(`${build}\n`), mode: 0o644 } }),
+    },
     out,
   });
 }

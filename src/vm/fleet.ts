@@ -86,11 +86,15 @@ export async function fleetRelease(o: {
   out: string;
   recipients: string[];
   failHealth?: boolean;
+  /** See VariantSpec. */
+  payload?: string;
+  /** Another build of the initramfs (fixtureInitramfs). */
+  initramfsBuild?: string;
   log?: (m: string) => void;
 }): Promise<FixtureRelease> {
   const inv = await loadInventory(o.inventory);
   const fixture = await fixtureRootfs({ keyring: await keyPath(o.keys, 'rauc-ca-cert'), ...(o.log && { log: o.log }) });
-  const initrd = await fixtureInitramfs(fixture.kernel, path.join(o.dir, 'initrd.gz'));
+  const initrd = await fixtureInitramfs(fixture.kernel, path.join(o.dir, `initrd-${o.version}.gz`), o.initramfsBuild);
   // Encrypted to every device of the key directory, as a fleet's releases are: a host a release
   // leaves out can still open it, and its install check is what refuses it.
   const devices = (await readManifest(o.keys)).files.filter((f) => f.purpose === 'device-cert' && f.device).map((f) => f.device as string);
@@ -103,6 +107,7 @@ export async function fleetRelease(o: {
     recipients: [...new Set([...deviceCerts, ...o.recipients].map((f) => path.resolve(f)))],
     version: o.version,
     ...(o.failHealth && { failHealth: true }),
+    ...(o.payload !== undefined && { payload: o.payload }),
     out: o.out,
     ...(o.log && { log: o.log }),
   });

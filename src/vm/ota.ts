@@ -1,4 +1,4 @@
-import { createHash, randomBytes, randomUUID } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { getBsp } from '../bsp/index.js';
@@ -13,7 +13,7 @@ import { createRelease, type ReleaseHost } from '../release/index.js';
 import { startServer, type RunningServer } from '../server/index.js';
 import { makeTempDir } from '../util/fsx.js';
 import { run } from '../util/proc.js';
-import { formatVerity } from '../verity/index.js';
+import { formatVerity, productSalt } from '../verity/index.js';
 import { bootDevice, prepareDevice, type BootableDevice, type Device } from './device.js';
 import { cachedTree, fixtureRootfs, pruneTrees } from './fixture.js';
 import { cacheRoot } from './kernel.js';
@@ -24,17 +24,32 @@ import type { QemuResult } from './qemu.js';
 export const FAILING_HEALTH_CHECK = '/etc/lamadist/health.d/50-fixture-fails';
 
 
-/** What a fixture release changes in the root tree: its version, and optionally a failing health check. */
+/** Where a variant with a `payload` carries it: a package-sized file an update may change. */
+export const PAYLOAD_FILE = '/usr/share/lamadist-fixture/payload.bin';
+const PAYLOAD_BYTES = 1 << 20;
+
+/**
+ * What a fixture release changes in the root tree: its version, optionally a failing health check,
+ * and optionally a 1 MiB file whose bytes follow from `payload` (a package another release updates).
+ */
 export interface VariantSpec {
   version: string;
   failHealth?: boolean;
+  payload?: string;
+}
+
+/** 1 MiB of bytes determined by `seed` (SHA-256 in counter mode): incompressible, like a packed binary. Pure. */
+export function payloadBytes(seed: string): Buffer {
+  const out = Buffer.alloc(PAYLOAD_BYTES);
+  for (let i = 0; i * 32 < PAYLOAD_BYTES; i++) createHash('sha256').update(`${seed}\0${i}`).digest().copy(out, i * 32);
+  return out;
 }
 
 /** The files a variant replaces or adds, by path in the tree, from the base tree's os-release. Pure. */
-export function planVariant(osRelease: string, spec: VariantSpec): Record<string, { data: string; mode: number }> {
+export function planVariant(osRelease: string, spec: VariantSpec): Record<string, { data: string | Buffer; mode: number }> {
   if (!/^[0-9A-Za-z][0-9A-Za-z.+~-]*$/.test(spec.version)) throw new UserError('LAMA_E_VM_INPUT', `version '${spec.version}' must be letters, digits and . + ~ -`);
   const lines = osRelease.split('\n').filter((l) => l !== '' && !l.startsWith('IMAGE_VERSION='));
-  const files: Record<string, { data: string; mode: number }> = {
+  const files: Record<string, { data: string | Buffer; mode: number }> = {
     'usr/lib/os-release': { data: [...lines, `IMAGE_VERSION=${spec.version}`, ''].join('\n'), mode: 0o644 },
   };
   if (spec.failHealth) {
@@ -43,6 +58,7 @@ export function planVariant(osRelease: string, spec: VariantSpec): Record<string
       mode: 0o755,
     };
   }
+  if (spec.payload !== undefined) files[PAYLOAD_FILE.slice(1)] = { data: payloadBytes(spec.payload), mode: 0o644 };
   return files;
 }
 
@@ -54,7 +70,9 @@ export function planVariant(osRelease: string, spec: VariantSpec): Record<string
 export async function fixtureVariant(base: string, spec: VariantSpec): Promise<string> {
   const osRelease = await fs.readFile(path.join(base, 'usr/lib/os-release'), 'utf8');
   const files = planVariant(osRelease, spec);
-  const key = createHash('sha256').update(path.basename(base)).update(JSON.stringify(files)).digest('hex').slice(0, 16);
+  const h = createHash('sha256').update(path.basename(base));
+  for (const [rel, f] of Object.entries(files)) h.update(`\0${rel}\0${f.mode}\0`).update(f.data);
+  const key = h.digest('hex').slice(0, 16);
   const final = path.join(cacheRoot(), 'rootfs', `variant-${key}`);
   if (await cachedTree(final)) return final;
   const tmp = `${final}.tmp-${process.pid}`;
@@ -105,6 +123,8 @@ export async function fixtureRelease(opts: {
   recipients: string[];
   version: string;
   failHealth?: boolean;
+  /** See VariantSpec. */
+  payload?: string;
   out: string;
   /** Bytes a slot holds for the root image (checked before the bundle is made). */
   slotRoom?: number;
@@ -114,7 +134,7 @@ export async function fixtureRelease(opts: {
   const bsp = getBsp('x86_64');
   const fixture = await fixtureRootfs({ keyring: await keyPath(opts.keys, 'rauc-ca-cert'), log });
   log(`root tree of version ${opts.version}`);
-  const tree = await fixtureVariant(fixture.dir, { version: opts.version, ...(opts.failHealth && { failHealth: true }) });
+  const tree = await fixtureVariant(fixture.dir, { version: opts.version, ...(opts.failHealth && { failHealth: true }), ...(opts.payload !== undefined && { payload: opts.payload }) });
   const tmp = await makeTempDir('lamadist-release-');
   try {
     log('EROFS root image');
@@ -124,7 +144,7 @@ export async function fixtureRelease(opts: {
     if (sb.bytes > room) throw new UserError('LAMA_E_VM_INPUT', `root image of version ${opts.version} (${sb.bytes} bytes) does not fit the ${room}-byte slot`);
     log('dm-verity hash tree');
     const verity = path.join(tmp.dir, 'verity.img');
-    const v = await formatVerity({ dataPath: rootfs, dataBlocks: sb.bytes / 4096, hashPath: verity, salt: randomBytes(32), uuid: randomUUID() });
+    const v = await formatVerity({ dataPath: rootfs, dataBlocks: sb.bytes / 4096, hashPath: verity, salt: productSalt(bsp.compatible), uuid: randomUUID() });
     const rootHash = v.rootHash.toString('hex');
     log('RAUC crypt bundle: template UKIs and per-host patches, signed with the fleet keys');
     const created = await createRelease({

@@ -10,7 +10,7 @@ import { UserError } from '../../src/errors.js';
 import { addHost } from '../../src/host/index.js';
 import { initKeys, keyPath } from '../../src/keys/index.js';
 import { inspectBundle } from '../../src/rauc/index.js';
-import { BUNDLE_HOOK, applyUkiPatch, createRelease, diffUki, parsePatch, planHostCmdlines, releaseBootFiles, renderPatch, type ReleaseBoot, type ReleaseHost } from '../../src/release/index.js';
+import { BUNDLE_HOOK, UKI_BLOCKS_DIR, applyUkiPatch, blockIndex, createRelease, diffUki, parsePatch, planHostCmdlines, releaseBootFiles, renderPatch, type ReleaseBoot, type ReleaseHost } from '../../src/release/index.js';
 import { buildUki, inspectUki, setUkiCmdline } from '../../src/uki/index.js';
 import { formatVerity } from '../../src/verity/index.js';
 import { runCli } from '../helpers/cli.js';
@@ -122,6 +122,18 @@ describe('per-host UKIs as patches of one template', () => {
   });
 });
 
+/** Byte offset of a tar member's data (ustar headers: name at 0, octal size at 124). */
+function tarMemberOffset(tar: Buffer, name: string): number {
+  for (let off = 0; off + 512 <= tar.length; ) {
+    const n = tar.toString('latin1', off, off + 100).replace(/\0.*$/s, '');
+    if (!n) break;
+    const size = parseInt(tar.toString('latin1', off + 124, off + 136).replace(/[^0-7]/g, ''), 8);
+    if (n === name) return off + 512;
+    off += 512 + Math.ceil(size / 512) * 512;
+  }
+  throw new Error(`${name} is not in the tar`);
+}
+
 describe("meta-lamadist's bundle hook on a release's files", () => {
   let mount: string;
   let tar: string;
@@ -138,7 +150,11 @@ describe("meta-lamadist's bundle hook on a release's files", () => {
         await fs.writeFile(path.join(mount, name), data);
       }
     }
-    for (const slot of ['a', 'b'] as const) await fs.writeFile(path.join(tmp, `lamadist-${slot}.efi`), boot.templates[slot]);
+    await fs.mkdir(path.join(mount, UKI_BLOCKS_DIR), { recursive: true });
+    for (const slot of ['a', 'b'] as const) {
+      await fs.writeFile(path.join(tmp, `lamadist-${slot}.efi`), boot.templates[slot]);
+      await fs.writeFile(path.join(mount, UKI_BLOCKS_DIR, `lamadist-${slot}.blocks`), blockIndex(boot.templates[slot]));
+    }
     // RAUC runs the hook as hook.sh from the bundle's root, which is how the hook finds the bundle.
     hook = path.join(mount, 'hook.sh');
     await fs.copyFile(BUNDLE_HOOK, hook);
@@ -191,7 +207,9 @@ describe("meta-lamadist's bundle hook on a release's files", () => {
     const inNs = (script: string, e: NodeJS.ProcessEnv): { code: number; out: string } =>
       sh('unshare', ['--mount', 'sh', '-c', `mount -t tmpfs tmpfs '${esp}' && ${script}; rc=$?; rm -rf '${out}'; cp -a '${esp}' '${out}'; exit $rc`], e);
     const r = inNs(`'${hook}' slot-install`, env);
-    expect(r).toEqual({ code: 0, out: '' });
+    // No UKI on the ESP to copy from: every block comes from the bundle.
+    const blocks = Math.ceil(boot.templates.b.length / 4096);
+    expect(r).toEqual({ code: 0, out: `lamadist-bundle-hook: UKI of slot b: ${blocks} of ${blocks} blocks from the bundle, the rest from ${esp}/EFI/Linux/lamadist-a.efi\n` });
     expect((await fs.readFile(path.join(out, 'EFI/Linux/lamadist-b.efi'))).equals(h.ukis.b)).toBe(true);
     expect(existsSync(path.join(out, 'EFI/Linux/lamadist-a.efi'))).toBe(false);
     expect(sh('sbverify', ['--cert', path.join(keys, 'db.crt'), path.join(out, 'EFI/Linux/lamadist-b.efi')]).out).toMatch(/Signature verification OK/);
@@ -206,12 +224,38 @@ describe("meta-lamadist's bundle hook on a release's files", () => {
       const seeded = `mkdir -p '${esp}/EFI/Linux' && echo OLD > '${esp}/EFI/Linux/lamadist-b.efi' && '${hook}' slot-install`;
       const c = inNs(seeded, env);
       expect(c.code).toBe(1);
-      expect(c.out).toBe('lamadist-bundle-hook: the rebuilt UKI of slot b does not have the hash the release promises\n');
+      expect(c.out).toMatch(/\nlamadist-bundle-hook: the rebuilt UKI of slot b does not have the hash the release promises\n$/);
       expect(await fs.readFile(path.join(out, 'EFI/Linux/lamadist-b.efi'), 'utf8')).toBe('OLD\n');
       expect(await fs.readdir(path.join(out, 'EFI/Linux'))).toEqual(['lamadist-b.efi']);
     } finally {
       await fs.writeFile(bin, good);
     }
+
+    // The running slot A has the last release's UKI: same kernel and initrd, another version and
+    // root hash. Only the blocks that differ are read from the bundle. Proof: the template's
+    // kernel blocks in the efi image are overwritten, and the result is still the release's UKI.
+    const last = await releaseBootFiles({ bsp, rootHash: 'cd'.repeat(32), stub: STUB, kernel, initrd: [initrd], osrel: Buffer.from('ID=lamadist\nVERSION_ID=0.9\n'), hosts, db });
+    const lastA = last.hosts[0]?.ukis.a as Buffer;
+    const info = inspectUki(boot.templates.b);
+    const linux = info.sections.find((x) => x.name === '.linux');
+    expect(linux?.fileOffset).toBeGreaterThan(0);
+    expect(linux?.fileOffset).toBe(inspectUki(lastA).sections.find((x) => x.name === '.linux')?.fileOffset);
+    const spoiled = path.join(tmp, 'spoiled.tar');
+    await fs.copyFile(tar, spoiled);
+    const member = tarMemberOffset(await fs.readFile(spoiled), 'lamadist-b.efi');
+    const fh = await fs.open(spoiled, 'r+');
+    await fh.write(Buffer.alloc(1 << 20, 0xee), 0, 1 << 20, member + (linux?.fileOffset ?? 0) + 8192);
+    await fh.close();
+    const seed = path.join(tmp, 'seed-a.efi');
+    await fs.writeFile(seed, lastA);
+    const s2 = inNs(`mkdir -p '${esp}/EFI/Linux' && cp '${seed}' '${esp}/EFI/Linux/lamadist-a.efi' && '${hook}' slot-install`, { ...env, RAUC_IMAGE_NAME: spoiled });
+    expect(s2.code, s2.out).toBe(0);
+    const fetched = Number(/: (\d+) of \d+ blocks from the bundle/.exec(s2.out)?.[1]);
+    expect(fetched).toBeGreaterThan(0);
+    expect(fetched).toBeLessThanOrEqual(4);
+    expect((await fs.readFile(path.join(out, 'EFI/Linux/lamadist-b.efi'))).equals(h.ukis.b)).toBe(true);
+    expect((await fs.readFile(path.join(out, 'EFI/Linux/lamadist-a.efi'))).equals(lastA)).toBe(true);
+
     const unknown = inNs(`'${hook}' slot-install`, { ...env, RAUC_SLOT_NAME: 'efi.7' });
     expect(unknown.out).toMatch(/unknown efi slot efi\.7/);
     expect(sh(hook, ['slot-install'], env).out).toMatch(/the ESP is not mounted/);

@@ -6,6 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { planGpt, readGpt, writeGpt } from '../../src/disk/index.js';
 import { buildEsp } from '../../src/fat/index.js';
 import { keyPath, signingPair } from '../../src/keys/index.js';
+import { openRelease, releaseUki } from '../../src/release/index.js';
 import { signPe, stripSignature } from '../../src/secureboot/index.js';
 import {
   blankMachine,
@@ -19,6 +20,7 @@ import {
   startFleetServer,
   watchDevice,
   type DeviceWatch,
+  type FixtureRelease,
   type FleetMachine,
 } from '../../src/vm/index.js';
 import type { RunningServer } from '../../src/server/index.js';
@@ -71,6 +73,21 @@ describe('issue 13: a fleet from blank machines through provision --installer, o
     outputs: { token: string; installer: string; recoveryEscrow: string; ukis: Record<'a' | 'b', string> };
   }[];
   const machines: Record<string, FleetMachine> = {};
+  let v1: FixtureRelease;
+
+  /** What a slot holds after a release is installed into it: the SHA-256 the slots report prints. */
+  const slotDigests = async (bundle: string, machineId: string, slot: 'a' | 'b'): Promise<Record<string, string>> => {
+    const r = await openRelease(bundle, { keys });
+    try {
+      return {
+        slot_rootfs_sha256: await sha256(r.rootfs),
+        slot_verity_sha256: await sha256(r.verity),
+        slot_uki_sha256: createHash('sha256').update(await releaseUki(r, machineId, slot)).digest('hex'),
+      };
+    } finally {
+      await r.close();
+    }
+  };
 
   beforeAll(async () => {
     dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vm-fleet-'));
@@ -83,7 +100,7 @@ describe('issue 13: a fleet from blank machines through provision --installer, o
       expect(r.code, r.stderr).toBe(0);
     }
     ({ server, fleet, serverCert } = await startFleetServer(dir, keys, 5, () => undefined));
-    const v1 = await fleetRelease({ dir, keys, inventory, version: '1', out: path.join(dir, 'release-1.raucb'), recipients: [serverCert] });
+    v1 = await fleetRelease({ dir, keys, inventory, version: '1', out: path.join(dir, 'release-1.raucb'), recipients: [serverCert] });
     const tokenFile = server.adminTokenFile as string;
     const r = await runCli(
       [
@@ -176,8 +193,11 @@ describe('issue 13: a fleet from blank machines through provision --installer, o
 
       const v2 = await fleetRelease({ dir, keys, inventory, version: '2', out: path.join(dir, 'release-2.raucb'), recipients: [serverCert] });
       const up2 = await fleet.uploadRelease(v2.bundle);
+      const before = server.service.counters.artifactBytes;
       await fleet.createRollout({ releaseId: up2.release.id, name: 'fleet v2', filter: { tags: ['fleet'] }, start: true });
       await Promise.all(HOSTS.map((h) => ws[h.name].waitFor(/lamadist-ddi: reported version 2 slot B/)));
+      // Sizes are the benchmark's (npm run bench ota); this bound only catches whole-image downloads.
+      expect(server.service.counters.artifactBytes - before).toBeLessThan(0.25 * v2.size * HOSTS.length);
       const esl = async (v: 'pk' | 'kek' | 'db'): Promise<string> => sha256(await keyPath(keys, `secureboot-${v}-esl`));
       for (const h of HOSTS) {
         const serial = ws[h.name].serial();
@@ -196,11 +216,14 @@ describe('issue 13: a fleet from blank machines through provision --installer, o
         const first = parseSlots(serial);
         const after = parseSlots(serial.slice(matchAfter(serial, /installed version 2; rebooting/)));
         for (const s of [first, after]) {
-          expect(s?.facts.hostname).toBe(h.name);
+          expect(s?.facts.hostname, `${h.name}: ${JSON.stringify(s?.facts)}`).toBe(h.name);
           expect(s?.facts.machine_id).toBe(p?.machineId);
           // Secure Boot enforcing, user mode, exactly the fleet's PK, KEK and db.
           expect(s?.facts).toMatchObject({ secure_boot: '1', setup_mode: '0', esl_PK: await esl('pk'), esl_KEK: await esl('kek'), esl_db: await esl('db') });
         }
+        // Slot A as the stick wrote it, slot B as the update wrote it: byte for byte the releases'.
+        expect(first?.facts).toMatchObject(await slotDigests(v1.bundle, p?.machineId ?? '', 'a'));
+        expect(after?.facts).toMatchObject(await slotDigests(v2.bundle, p?.machineId ?? '', 'b'));
         if (h.name === 'fleet-static') expect(after?.facts.ipv4?.trim()).toBe('10.0.2.20/24');
         expect(after?.var_marker).toMatch(/^boot-[0-9a-f-]{36}$/);
         expect(after?.var_marker).toBe(first?.var_marker);

@@ -8,6 +8,8 @@ hosts/<machine-id>/:
                    kernel arguments (what the bundle hook's install check compares)
   uki-<slot>.map   a patch (text) that turns the template into the host's signed UKI
   uki-<slot>.bin   the patch's data
+and under uki-blocks/ lamadist-<slot>.blocks, the SHA-256 of each 4 KiB block of the slot's
+template (the last one zero-padded): the hook copies every block the running UKI already has.
 The host's UKI is the template with its command line written into the fixed .cmdline area
 (lamadist.uki.set_cmdline), signed with the Secure Boot db key by sbsign. The patch format is the
 toolkit's (src/release/patch.ts); the device applies it with dd (lamadist-bundle-hook).
@@ -28,6 +30,8 @@ from lamadist import uki
 
 SLOTS = ("a", "b")
 HOSTS_DIR = "hosts"
+UKI_BLOCKS_DIR = "uki-blocks"
+BLOCK = 4096
 PATCH_MAGIC = "lamadist-uki-patch 1"
 # Equal runs shorter than this between two differences are written anyway: fewer dd calls.
 MERGE_GAP = 64
@@ -351,9 +355,16 @@ def sign(pe, db_key, db_cert, sbsign, workdir):
         return f.read()
 
 
+def block_index(data):
+    """SHA-256 of each 4 KiB block of data, the last one zero-padded (the toolkit's blockIndex)."""
+    return b"".join(hashlib.sha256(data[i:i + BLOCK].ljust(BLOCK, b"\0")).digest()
+                    for i in range(0, len(data), BLOCK))
+
+
 def write_release(efi_image, hosts_yaml, db_key, db_cert, out, sbsign="sbsign", ukis=None):
     """Write out/hosts/<machine-id>/{cmdline,uki}-<slot>* for every host of hosts_yaml, from the
-    templates of efi_image (read_templates); with ukis, also every host's signed UKIs as
+    templates of efi_image (read_templates), and out/uki-blocks/lamadist-<slot>.blocks; with ukis,
+    also every host's signed UKIs as
     ukis/<host>/lamadist-<slot>.efi. Returns [(name, machine-id, patch bytes)]. Nothing is left
     behind on failure; an existing out/hosts is replaced."""
     for f in (db_key, db_cert):
@@ -396,10 +407,15 @@ def write_release(efi_image, hosts_yaml, db_key, db_cert, out, sbsign="sbsign", 
             report.append((name, mid, patch_bytes))
         for f in ("unsigned.efi", "signed.efi"):
             os.unlink(os.path.join(work, f))
-        target = os.path.join(out, HOSTS_DIR)
-        if os.path.lexists(target):
-            shutil.rmtree(target)
-        os.rename(staged, target)
+        os.makedirs(os.path.join(work, UKI_BLOCKS_DIR))
+        for slot in SLOTS:
+            with open(os.path.join(work, UKI_BLOCKS_DIR, "lamadist-%s.blocks" % slot), "wb") as f:
+                f.write(block_index(templates[slot]))
+        for name in (HOSTS_DIR, UKI_BLOCKS_DIR):
+            target = os.path.join(out, name)
+            if os.path.lexists(target):
+                shutil.rmtree(target)
+            os.rename(os.path.join(work, name), target)
         if ukis:
             if os.path.lexists(ukis):
                 shutil.rmtree(ukis)

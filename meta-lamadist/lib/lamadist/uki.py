@@ -7,7 +7,10 @@ the same placement rules as the toolkit's src/pe and src/uki, so that a Yocto bu
 lay out a UKI identically from the same inputs. `.cmdline` always occupies a fixed CMDLINE_AREA,
 whatever the command line's length: the sections after it keep their offsets, and two UKIs of one
 release that differ in the command line (one per host) differ only in that area and a few header
-fields, which is what a release's per-host patches rely on (lamadist.release). Usable from
+fields, which is what a release's per-host patches rely on (lamadist.release). `.osrel` and
+`.uname` have fixed areas too (OSREL_AREA, UNAME_AREA), so a release that changes only the version
+keeps `.initrd` and `.linux` where the last one had them, and the bundle hook copies their blocks
+from the UKI already on the ESP instead of downloading them. Usable from
 BitBake (lamadist-uki.bbclass) and as a command line tool for tests: python3 -m lamadist.uki --help.
 """
 
@@ -23,6 +26,9 @@ SECTION_ORDER = (".osrel", ".cmdline", ".splash", ".dtb", ".uname", ".initrd", "
 
 # More than the kernel's COMMAND_LINE_SIZE (2048 on x86-64 and arm64); the toolkit's CMDLINE_AREA.
 CMDLINE_AREA = 4096
+# The toolkit's OSREL_AREA (a larger os-release takes whole multiples of it) and UNAME_AREA.
+OSREL_AREA = 4096
+UNAME_AREA = 256
 
 # IMAGE_SCN_CNT_INITIALIZED_DATA | IMAGE_SCN_MEM_READ
 SCN_READONLY_DATA = 0x40000040
@@ -120,8 +126,8 @@ def plan_sections(layout, sizes):
     in SECTION_ORDER, the SizeOfImage and the file length.
 
     layout is parse_pe of the stub plus "file_length" (the stub without its COFF symbol table);
-    sizes maps section name to byte size. `.cmdline` spans CMDLINE_AREA in the file and in memory
-    while its VirtualSize stays the command line's length.
+    sizes maps section name to byte size. `.cmdline`, `.osrel` and `.uname` span their fixed areas
+    in the file and in memory while their VirtualSize stays their contents' length.
     """
     unknown = sorted(set(sizes) - set(SECTION_ORDER))
     if unknown:
@@ -134,6 +140,9 @@ def plan_sections(layout, sizes):
     if sizes.get(".cmdline", 0) > CMDLINE_AREA:
         raise UkiError("kernel command line is %d bytes, more than the %d a UKI sets aside"
                        % (sizes[".cmdline"], CMDLINE_AREA))
+    if sizes.get(".uname", 0) > UNAME_AREA:
+        raise UkiError("kernel release is %d bytes, more than the %d a UKI sets aside"
+                       % (sizes[".uname"], UNAME_AREA))
     names = [n for n in SECTION_ORDER if n in sizes]
     sections = layout["sections"]
     table_end = layout["section_table"] + (len(sections) + len(names)) * SECTION_HEADER
@@ -148,7 +157,13 @@ def plan_sections(layout, sizes):
     end = next_va
     for name in names:
         size = sizes[name]
-        span = max(size, CMDLINE_AREA) if name == ".cmdline" else size
+        span = size
+        if name == ".cmdline":
+            span = CMDLINE_AREA
+        elif name == ".osrel":
+            span = _align(max(size, 1), OSREL_AREA)
+        elif name == ".uname":
+            span = UNAME_AREA
         raw = _align(span, falign)
         out.append((name, next_va, size, next_raw, raw))
         end = next_va + max(span, 1)

@@ -43,9 +43,12 @@ RDEPENDS:${PN}-security = " \
 SUMMARY:${PN}-update = "RAUC A/B updates with the post-boot health check, and the fleet installer"
 # lamadist-installer is in every image: an installer stick boots the release itself and runs the
 # release's own lamadist-install.
+# The bundle hook builds the new slot from the blocks the device has: veritysetup hashes and
+# reads trees, cmp compares block hashes, truncate sizes the UKI (the bundle carries only the script).
 RDEPENDS:${PN}-update = " \
     ${@lamadist_if_layer(d, 'rauc', 'rauc lamadist-health')} \
     lamadist-installer \
+    cryptsetup diffutils coreutils \
 "
 
 SUMMARY:${PN}-k3s = "k3s (server) confined by SELinux"

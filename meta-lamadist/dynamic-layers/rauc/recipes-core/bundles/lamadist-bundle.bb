@@ -1,4 +1,4 @@
-SUMMARY = "LamaDist RAUC update bundle (verity format, adaptive block-hash-index)"
+SUMMARY = "LamaDist RAUC update bundle (verity format; only changed blocks are fetched)"
 DESCRIPTION = "Updates the inactive slot: the EROFS root (to /dev/mapper/rootfs_<x>), its dm-verity \
 hash tree (verity_<x>) and its UKI on the ESP. One bundle serves every host of the inventory \
 (LAMADIST_HOSTS): the efi image holds the template UKIs, hosts/<machine-id>/ the patch to each \
@@ -14,20 +14,26 @@ RAUC_BUNDLE_COMPATIBLE = "${RAUC_COMPATIBLE}"
 RAUC_BUNDLE_VERSION = "${DISTRO_VERSION}"
 RAUC_BUNDLE_DESCRIPTION = "${DISTRO_NAME} ${DISTRO_VERSION} for ${MACHINE}"
 RAUC_BUNDLE_FORMAT = "verity"
+# A device streams the bundle and fetches whole squashfs blocks: 16 KiB ones (the toolkit's
+# RELEASE_SQUASHFS_BLOCK) keep an update's download near the blocks that changed.
+BUNDLE_ARGS += ' --mksquashfs-args="-b 16384" '
 
 RAUC_BUNDLE_HOOKS[file] = "lamadist-bundle-hook"
 # Refuses the bundle on a host it does not carry, or whose identity it would drop.
 RAUC_BUNDLE_HOOKS[hooks] = "install-check"
 
-RAUC_BUNDLE_SLOTS = "rootfs verity efi"
-
-RAUC_SLOT_rootfs = "lama-image-base"
-RAUC_SLOT_rootfs[fstype] = "${LAMADIST_EROFS_TYPE}"
-RAUC_SLOT_rootfs[adaptive] = "${LAMADIST_RAUC_ADAPTIVE}"
+# verity first: RAUC installs in manifest order, and the rootfs install hook reads the new tree
+# from the target's verity slot to fetch only the root image blocks whose hash changed (the tree
+# is the block index, so the root image needs no adaptive index of its own).
+RAUC_BUNDLE_SLOTS = "verity rootfs efi"
 
 RAUC_SLOT_verity = "lama-image-base"
 RAUC_SLOT_verity[fstype] = "verity"
 RAUC_SLOT_verity[adaptive] = "${LAMADIST_RAUC_ADAPTIVE}"
+
+RAUC_SLOT_rootfs = "lama-image-base"
+RAUC_SLOT_rootfs[fstype] = "${LAMADIST_EROFS_TYPE}"
+RAUC_SLOT_rootfs[hooks] = "install"
 
 # The template UKIs; the hook rebuilds the host's signed UKI of the target slot from its patch.
 RAUC_SLOT_efi = "lama-image-base"
@@ -50,8 +56,8 @@ do_bundle[prefuncs] += "lamadist_require_signing_dir"
 LAMADIST_HOSTS ??= ""
 LAMADIST_BUNDLE_EFI_IMAGE = "${DEPLOY_DIR_IMAGE}/${RAUC_SLOT_efi}${IMAGE_MACHINE_SUFFIX}${IMAGE_NAME_SUFFIX}.ukis.tar"
 
-# hosts/ is written to S, where meta-rauc looks for extra files after DEPLOY_DIR_IMAGE.
-RAUC_BUNDLE_EXTRA_FILES += "hosts"
+# hosts/ and uki-blocks/ are written to S, where meta-rauc looks for extra files after DEPLOY_DIR_IMAGE.
+RAUC_BUNDLE_EXTRA_FILES += "hosts uki-blocks"
 DEPENDS += "sbsigntool-native"
 
 python do_lamadist_hosts () {
@@ -61,9 +67,10 @@ python do_lamadist_hosts () {
     if not hosts:
         bb.fatal("LAMADIST_HOSTS is not set: export the fleet's host inventory (hosts.yaml, `lamadist host add`); "
                  "a release bundle without hosts would be refused by every device")
-    shadow = os.path.join(d.getVar('DEPLOY_DIR_IMAGE'), 'hosts')
-    if os.path.exists(shadow):
-        bb.fatal("%s exists and meta-rauc would put it into the bundle instead of this release's hosts/; remove it" % shadow)
+    for extra in ('hosts', 'uki-blocks'):
+        shadow = os.path.join(d.getVar('DEPLOY_DIR_IMAGE'), extra)
+        if os.path.exists(shadow):
+            bb.fatal("%s exists and meta-rauc would put it into the bundle instead of this release's %s/; remove it" % (shadow, extra))
     keydir = d.getVar('LAMADIST_SIGNING_DIR')
     try:
         report = lamadist.release.write_release(

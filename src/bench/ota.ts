@@ -1,0 +1,131 @@
+import { promises as fs } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { addHost, loadInventory } from '../host/index.js';
+import { initKeys } from '../keys/index.js';
+import { provisionHosts } from '../provision/index.js';
+import { openRelease, releaseUki, type OpenRelease } from '../release/index.js';
+import { blankMachine, fleetRelease, installFromStick, startFleetServer, watchDevice, type DeviceWatch } from '../vm/index.js';
+import { casyncFetch, changedBlocks } from './casync.js';
+
+/**
+ * Bytes an over-the-air update moves, on the emulated device installed the operator's way (fleet
+ * keys, update server, installer stick), streaming each release from the server after version 1:
+ * (a) only the version changes; (b) a 1 MiB file changes too; (c) the initramfs is rebuilt, which
+ * also moves the kernel inside the UKI, so the device holds none of either at their new offsets.
+ * Per update it prints what the device fetched (the server's artifact byte counter), the floor (the
+ * 4 KiB blocks that differ between the running slot and the new one: root image, dm-verity tree,
+ * the host's UKI), the bundle a full download moves, RAUC's casync mode on the same images (the
+ * real casync over HTTP, the running slot as seed: `casyncFetch`), and the install time, from the
+ * device taking the deployment to the slot written. QEMU runs under TCG, so times are far above
+ * real hardware. LAMADIST_BENCH_SCALE does not apply.
+ */
+
+const HOST = { name: 'bench-ota', smbiosUuid: '4c414d41-4245-4e43-8000-000000000001' };
+const SIZES = { esp: 300, rootfs_a: 640, verity_a: 16, rootfs_b: 640, verity_b: 16, var: 600 };
+const TIMEOUT_MS = 3_600_000;
+
+interface Case {
+  name: string;
+  version: string;
+  payload: string;
+  initramfsBuild?: string;
+}
+
+const CASES: Case[] = [
+  { name: '(a) version only', version: '1.1', payload: 'one' },
+  { name: '(b) + one 1 MiB file', version: '1.2', payload: 'two' },
+  { name: '(c) + kernel and initramfs', version: '1.3', payload: 'two', initramfsBuild: 'c' },
+];
+
+/** The images of one slot as a release puts them there. */
+interface SlotImages {
+  rootfs: string;
+  verity: string;
+  uki: string;
+}
+
+async function slotImages(r: OpenRelease, machineId: string, slot: 'a' | 'b', dir: string): Promise<SlotImages> {
+  const uki = path.join(dir, `uki-${r.version}-${slot}.efi`);
+  await fs.writeFile(uki, await releaseUki(r, machineId, slot));
+  return { rootfs: r.rootfs, verity: r.verity, uki };
+}
+
+const mib = (n: number): string => `${(n / 2 ** 20).toFixed(2)} MiB`;
+
+export async function run(): Promise<void> {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'lamadist-bench-ota-'));
+  const keys = path.join(dir, 'keys');
+  const inventory = path.join(dir, 'hosts.yaml');
+  const stick = path.join(dir, 'installer.img');
+  const log = (): void => undefined;
+  const opened: OpenRelease[] = [];
+  let watch: DeviceWatch | undefined;
+  const server = await (async () => {
+    await initKeys(keys);
+    await addHost(inventory, { name: HOST.name, ip: 'dhcp', smbiosUuid: HOST.smbiosUuid });
+    return startFleetServer(dir, keys, 5, log);
+  })();
+  try {
+    const release = (c: { version: string; payload: string; initramfsBuild?: string }) =>
+      fleetRelease({ dir, keys, inventory, ...c, out: path.join(dir, `release-${c.version}.raucb`), recipients: [server.serverCert], log });
+    const v1 = await release({ version: '1', payload: 'one' });
+    const [host] = await provisionHosts({
+      release: v1.bundle,
+      keys,
+      hosts: (await loadInventory(inventory)).hosts,
+      out: path.join(dir, 'provision'),
+      fleet: server.fleet,
+      tags: ['bench'],
+      deviceServer: `10.0.2.2:${server.server.port}`,
+      installer: stick,
+      sizes: SIZES,
+      log,
+    });
+    const machineId = host?.machineId as string;
+    const machine = await blankMachine({ dir, name: HOST.name, smbiosUuid: HOST.smbiosUuid, diskBytes: 3 * 1024 ** 3 });
+    const installed = await installFromStick(machine, stick, { timeoutMs: TIMEOUT_MS, serialLog: path.join(dir, 'install.log') });
+    if (!installed.installed) throw new Error(`the installer did not install the bench machine: ${installed.error ?? ''}; see ${path.join(dir, 'install.log')}`);
+    watch = watchDevice(machine, { timeoutMs: TIMEOUT_MS, serialLog: path.join(dir, 'console.log') });
+    let at = await watch.waitFor(/lamadist-ddi: reported version 1 slot A/);
+    let running = await openRelease(v1.bundle, { keys });
+    opened.push(running);
+    let slot: 'a' | 'b' = 'a';
+    process.stdout.write(`ota: ${'update'.padEnd(28)} ${'fetched'.padStart(11)} ${'floor'.padStart(11)} ${'ratio'.padStart(6)} ${'full'.padStart(11)} ${'casync'.padStart(11)} ${'install'.padStart(8)}\n`);
+    for (const c of CASES) {
+      const next: 'a' | 'b' = slot === 'a' ? 'b' : 'a';
+      const created = await release(c);
+      const uploaded = await server.fleet.uploadRelease(created.bundle);
+      const before = server.server.service.counters.artifactBytes;
+      await server.fleet.createRollout({ releaseId: uploaded.release.id, name: c.name, filter: { tags: ['bench'] }, start: true });
+      const esc = c.version.replaceAll('.', '\\.');
+      at = await watch.waitFor(new RegExp(`lamadist-ddi: deployment \\d+: version ${esc}`), at);
+      const taken = Date.now();
+      at = await watch.waitFor(new RegExp(`lamadist-ddi: installed version ${esc}; rebooting`), at);
+      const seconds = (Date.now() - taken) / 1000;
+      const fetched = server.server.service.counters.artifactBytes - before;
+      at = await watch.waitFor(new RegExp(`lamadist-ddi: reported version ${esc} slot ${next.toUpperCase()}`), at);
+
+      const target = await openRelease(created.bundle, { keys });
+      opened.push(target);
+      const from = await slotImages(running, machineId, slot, dir);
+      const to = await slotImages(target, machineId, next, dir);
+      let floor = 0;
+      let peer = 0;
+      for (const k of ['rootfs', 'verity', 'uki'] as const) {
+        floor += (await changedBlocks(from[k], to[k])).bytes;
+        peer += (await casyncFetch({ seed: from[k], image: to[k], workDir: dir })).fetchedBytes;
+      }
+      process.stdout.write(
+        `ota: ${c.name.padEnd(28)} ${mib(fetched).padStart(11)} ${mib(floor).padStart(11)} ${(fetched / floor).toFixed(2).padStart(5)}x ${mib(created.size).padStart(11)} ${mib(peer).padStart(11)} ${`${seconds.toFixed(0)} s`.padStart(8)}\n`,
+      );
+      running = target;
+      slot = next;
+    }
+  } finally {
+    await watch?.stop();
+    await server.server.close();
+    for (const r of opened) await r.close();
+    await fs.rm(dir, { recursive: true, force: true });
+  }
+}

@@ -78,6 +78,20 @@ describe('per-host UKIs as patches of one template', () => {
     for (const n of ['.uname', '.initrd', '.linux']) if (short.sections.some((s) => s.name === n)) expect(at(long, n)).toEqual(at(short, n));
   });
 
+  it('.initrd and .linux keep their offsets whatever the os-release and kernel release (fixed areas); a longer os-release takes whole 4 KiB', async () => {
+    const uki = async (osrel: string, uname: string): Promise<ReturnType<typeof inspectUki>> =>
+      inspectUki(await buildUki({ stub: STUB, kernel, initrd: [initrd], cmdline: 'a', osrel: Buffer.from(osrel), uname }));
+    const one = await uki('ID=lamadist\nVERSION_ID=1\n', '6.1.0-47-amd64');
+    const two = await uki(`ID=lamadist\nVERSION_ID=2.0.1\nBUILD_ID=${'x'.repeat(3000)}\n`, '6.1.0-47-amd64+lamadist.1');
+    const offset = (i: typeof one, n: string): number | undefined => i.sections.find((x) => x.name === n)?.fileOffset;
+    for (const n of ['.cmdline', '.uname', '.initrd', '.linux']) expect(offset(two, n), n).toBe(offset(one, n));
+    expect(two.osrel?.VERSION_ID).toBe('2.0.1');
+    expect(two.uname).toBe('6.1.0-47-amd64+lamadist.1');
+    const big = await uki(`ID=lamadist\nX=${'y'.repeat(5000)}\n`, '6.1.0-47-amd64');
+    expect((offset(big, '.linux') ?? 0) - (offset(one, '.linux') ?? 0)).toBe(4096);
+    await expect(uki('ID=lamadist\n', 'v'.repeat(257))).rejects.toThrow(/more than the 256 a UKI sets aside/);
+  });
+
   it('each host patch rebuilds its signed UKI byte for byte, sbverify accepts it, and it is small', async () => {
     for (const h of boot.hosts) {
       for (const slot of ['a', 'b'] as const) {

@@ -84,6 +84,15 @@ describe('lamadist server and lamadist fleet', () => {
     expect(bad.stderr).toMatch(/cannot resume rollout 1: it is running \[LAMA_E_ROLLOUT_STATE\]/);
   });
 
+  it('shows a device\'s attestation and holds back devices that are not attested', async () => {
+    const show = await fleet(['device', 'show', 'edge-1']);
+    expect(show.code, show.stderr).toBe(0);
+    expect(show.stdout).toMatch(/^ {2}attestation: unknown$/m);
+    const ro = await fleet(['rollout', 'create', '--release', '1', '--device', 'edge-1', '--require-attestation', '--no-start']);
+    expect(ro.code, ro.stderr).toBe(0);
+    expect(ro.stdout).toMatch(/: ready, wave 1\/0 \[\]; held back \(not attested\): edge-1$/m);
+  });
+
   it('refuses a wrong admin token, a bad wave list and bad server flags with one line and exit 2', async () => {
     await fs.writeFile(path.join(dir, 'wrong.token'), 'wrong\n');
     const r = await runCli(['fleet', '--token-file', path.join(dir, 'wrong.token'), 'devices'], { env });

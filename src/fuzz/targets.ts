@@ -933,6 +933,31 @@ const ddi: FuzzTarget = {
         },
       },
     ];
+    // The attestation extension's bodies, from a real TPM: a key pinned for dev1 and a quote over its nonce.
+    const tpmDir = path.join(dir, 'tpm');
+    const tpm = await startSwtpm(tpmDir);
+    try {
+      const ak = await createAk(tpm, tpmDir, 'ecdsa', 0x81010001);
+      const keyBody = { akPublic: ak.public.toString('base64'), machineId: 'f'.repeat(32) };
+      await server.app.inject({ method: 'POST', url: `${base}/attestation/key`, headers: device, payload: keyBody });
+      const n = await server.app.inject({ method: 'POST', url: `${base}/attestation/nonce`, headers: device });
+      const q = await quote(tpm, tpmDir, ak.context, Buffer.from((n.json() as { nonce: string }).nonce, 'base64'), [7, 10, 11]);
+      routes.push({ method: 'POST', url: `${base}/attestation/key`, admin: false, body: keyBody });
+      routes.push({
+        method: 'POST',
+        url: `${base}/attestation/quote`,
+        admin: false,
+        body: {
+          quote: q.quote.toString('base64'),
+          signature: q.signature.toString('base64'),
+          pcrs: Object.fromEntries(Object.entries(q.pcrs).map(([k, v]) => [k, v.toString('hex')])),
+          imaLog: '',
+          eventLog: '',
+        },
+      });
+    } finally {
+      await tpm.close();
+    }
     return {
       seeds: routes.map((r) => ({ name: `${r.method} ${r.url}`, data: Buffer.from(JSON.stringify(r.body)) })),
       mutate: (rng, seed) => {

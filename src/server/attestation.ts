@@ -128,14 +128,9 @@ export class AttestationService {
     const machineId = body.machineId === undefined ? null : String(body.machineId);
     if (machineId !== null && !MACHINE_ID.test(machineId)) throw new UserError('LAMA_E_ATTEST_REQUEST', 'machineId must be 32 lower-case hex digits');
     const hex = ak.tpmt.toString('hex');
-    const existing = await this.row(device.id);
-    if (existing) {
-      if (existing.ak_public !== hex || existing.machine_id !== machineId) {
-        throw new UserError('LAMA_E_ATTEST_AK_PINNED', `device already pinned attestation key ${existing.ak_name}${existing.machine_id ? ` for machine-id ${existing.machine_id}` : ''}; an operator must release it first`);
-      }
-      return { akName: existing.ak_name, created: false };
-    }
-    await this.db
+    // Insert-if-absent, then compare: of two first registrations racing, one pins and the other is
+    // judged against what was pinned.
+    const inserted = await this.db
       .insertInto('attestations')
       .values({
         device_id: device.id,
@@ -150,7 +145,15 @@ export class AttestationService {
         checks: '[]',
         checked_at: null,
       })
-      .execute();
+      .onConflict((oc) => oc.column('device_id').doNothing())
+      .executeTakeFirst();
+    if (Number(inserted.numInsertedOrUpdatedRows ?? 0) !== 1) {
+      const pinned = (await this.row(device.id)) as Row;
+      if (pinned.ak_public !== hex || pinned.machine_id !== machineId) {
+        throw new UserError('LAMA_E_ATTEST_AK_PINNED', `device already pinned attestation key ${pinned.ak_name}${pinned.machine_id ? ` for machine-id ${pinned.machine_id}` : ''}; an operator must release it first`);
+      }
+      return { akName: pinned.ak_name, created: false };
+    }
     await this.audit(device, 'attestation.key', { akName: ak.name, machineId });
     return { akName: ak.name, created: true };
   }

@@ -2,6 +2,8 @@ import { existsSync, promises as fs } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import { afterAll, beforeAll } from 'vitest';
+import { dropPostgresSchema, randomSchemaName } from '../../src/server/index.js';
 import { run } from '../../src/util/proc.js';
 
 /** A PostgreSQL server for one test file. */
@@ -78,4 +80,24 @@ export async function startTestPostgres(): Promise<TestPostgres> {
     await fs.rm(dir, { recursive: true, force: true });
     throw err;
   }
+}
+
+/**
+ * A throwaway cluster for the calling test file (or $LAMADIST_TEST_PG), started before its tests
+ * and stopped after them, and a function giving one fresh schema per call, so parallel runs
+ * against a shared server and earlier leftovers never collide.
+ */
+export function postgresSchemas(prefix: string): () => Promise<{ url: string; drop: () => Promise<void> }> {
+  let pg: TestPostgres | undefined;
+  beforeAll(async () => {
+    pg = await startTestPostgres();
+  }, 120_000);
+  afterAll(async () => {
+    await pg?.stop();
+  });
+  return async () => {
+    const base = (pg as TestPostgres).url;
+    const url = `${base}${base.includes('?') ? '&' : '?'}schema=${randomSchemaName(prefix)}`;
+    return { url, drop: () => dropPostgresSchema(url) };
+  };
 }

@@ -5,7 +5,6 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { getBsp } from '../../src/bsp/index.js';
-import { buildErofs } from '../../src/erofs/index.js';
 import { FleetClient } from '../../src/fleet/index.js';
 import { addHost, loadInventory } from '../../src/host/index.js';
 import { addDeviceKey, initKeys, keyPath } from '../../src/keys/index.js';
@@ -13,8 +12,8 @@ import { createRelease, releaseHosts } from '../../src/release/index.js';
 import { startServer, type RunningServer } from '../../src/server/index.js';
 import { checkInstallable } from '../../src/installer/index.js';
 import { inspectUki } from '../../src/uki/index.js';
-import { formatVerity } from '../../src/verity/index.js';
 import { runCli } from '../helpers/cli.js';
+import { tinyRoot } from '../helpers/root.js';
 import { STUB } from '../uki/helpers.js';
 
 const bsp = getBsp('x86_64');
@@ -43,20 +42,14 @@ beforeAll(async () => {
   await addHost(inventory, { name: 'node2', ip: 'dhcp' });
   await addHost(inventory, { name: 'late' });
   await addHost(inventory, { name: 'board', bsp: 'rk1' });
-  const tree = path.join(tmp, 'tree');
-  await fs.mkdir(path.join(tree, 'usr/lib'), { recursive: true });
-  await fs.writeFile(path.join(tree, 'usr/lib/os-release'), 'ID=lamadist\nIMAGE_VERSION=1\n');
-  const rootfs = path.join(tmp, 'rootfs.img');
-  const sb = await buildErofs({ source: tree, out: rootfs, uuid: '6a1d2e8c-5a4f-4b1e-9c3d-1f2e3d4c5b6a', timestamp: 0 });
-  const verity = path.join(tmp, 'verity.img');
-  const v = await formatVerity({ dataPath: rootfs, dataBlocks: sb.bytes / 4096, hashPath: verity, salt: Buffer.alloc(32, 5) });
+  const { rootfs, verity, rootHash: releaseRoot } = await tinyRoot(tmp, { osRelease: 'ID=lamadist\nIMAGE_VERSION=1\n', salt: 5 });
   // The release carries node1 and node2; "late" joins the inventory after it was made.
   const inv = await loadInventory(inventory);
   release = path.join(tmp, 'release-1.raucb');
   await createRelease({
     out: release,
     bsp,
-    rootHash: v.rootHash.toString('hex'),
+    rootHash: releaseRoot,
     stub: STUB,
     kernel: randomBytes(2 << 20),
     initrd: [randomBytes(1 << 20)],

@@ -5,7 +5,6 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { EV_EFI_VARIABLE_DRIVER_CONFIG, EV_SEPARATOR, predictPcr11Values } from '../../src/attestation/index.js';
 import { getBsp } from '../../src/bsp/index.js';
-import { buildErofs } from '../../src/erofs/index.js';
 import { createAk, extendPcr, quote, startSwtpm, type Swtpm } from '../../src/fuzz/swtpm.js';
 import { initKeys, keyPath, signingPair } from '../../src/keys/index.js';
 import { predictPcr11 } from '../../src/measure/index.js';
@@ -14,8 +13,8 @@ import { GUID } from '../../src/secureboot/efivars.js';
 import { signPe, stripSignature } from '../../src/secureboot/index.js';
 import { startServer, type RunningServer } from '../../src/server/index.js';
 import { setUkiCmdline } from '../../src/uki/index.js';
-import { formatVerity } from '../../src/verity/index.js';
 import { eventLog, imaRecord, variableEventData, type LogEvent } from '../attestation/logs.js';
+import { tinyRoot } from '../helpers/root.js';
 import { STUB } from '../uki/helpers.js';
 
 const bsp = getBsp('x86_64');
@@ -89,18 +88,12 @@ export function attestationFlows(label: string, db: () => Promise<{ url: string;
       db: await fs.readFile(await keyPath(keys, 'secureboot-db-esl')),
     };
     // A small but real release: EROFS root with its dm-verity tree, one host, both slots' UKIs.
-    const tree = path.join(dir, 'tree');
-    await fs.mkdir(path.join(tree, 'usr/lib'), { recursive: true });
-    await fs.writeFile(path.join(tree, 'usr/lib/os-release'), 'ID=lamadist\nVERSION_ID=1\n');
-    const rootfs = path.join(dir, 'rootfs.img');
-    const sb = await buildErofs({ source: tree, out: rootfs, uuid: '6a1d2e8c-5a4f-4b1e-9c3d-1f2e3d4c5b6a', timestamp: 0 });
-    const verity = path.join(dir, 'verity.img');
-    const vr = await formatVerity({ dataPath: rootfs, dataBlocks: sb.bytes / 4096, hashPath: verity, salt: Buffer.alloc(32, 7), uuid: '1b2c3d4e-5f60-4172-8394-a5b6c7d8e9f0' });
+    const { rootfs, verity, rootHash } = await tinyRoot(dir, { osRelease: 'ID=lamadist\nVERSION_ID=1\n', salt: 7 });
     bundle = path.join(dir, 'release.raucb');
     await createRelease({
       out: bundle,
       bsp,
-      rootHash: vr.rootHash.toString('hex'),
+      rootHash,
       stub: STUB,
       kernel: randomBytes(256 * 1024),
       initrd: [randomBytes(64 * 1024)],

@@ -6,11 +6,10 @@ import { promises as fs } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { spawn, type ChildProcess } from 'node:child_process';
+import { onCleanup } from '../util/cleanup.js';
 import { missingTool, run, type RunResult } from '../util/proc.js';
 
 export interface Swtpm {
-  /** TPM2TOOLS_TCTI value reaching this TPM. */
-  tcti: string;
   /** Run a tpm2-tools command against this TPM (transient objects are flushed afterwards). */
   tool(cmd: string, args: readonly string[]): Promise<RunResult>;
   /** Power-cycle the TPM: PCRs start again from zero, persistent keys stay. */
@@ -49,9 +48,12 @@ async function connectable(port: number, child: ChildProcess, ms: number): Promi
 export async function startSwtpm(dir: string): Promise<Swtpm> {
   const state = path.join(dir, 'state');
   await fs.mkdir(state, { recursive: true });
-  for (let attempt = 0; ; attempt++) {
+  for (let attempt = 1; ; attempt++) {
     const port = 20000 + Math.floor(Math.random() * 20000) * 2;
-    if (!(await portsFree(port))) continue;
+    if (!(await portsFree(port))) {
+      if (attempt === 20) throw new Error('no two consecutive free TCP ports found for swtpm');
+      continue;
+    }
     const child = spawn(
       'swtpm',
       [
@@ -62,6 +64,10 @@ export async function startSwtpm(dir: string): Promise<Swtpm> {
       ],
       { stdio: 'ignore' },
     );
+    // Killed with lamadist (or the test run) if nobody closes it.
+    const unregister = onCleanup(() => {
+      if (child.exitCode === null) child.kill('SIGKILL');
+    });
     const spawned = new Promise<never>((_, reject) => child.once('error', (e: NodeJS.ErrnoException) => reject(e.code === 'ENOENT' ? missingTool('swtpm') : e)));
     try {
       await Promise.race([connectable(port, child, 10_000), spawned]);
@@ -69,7 +75,8 @@ export async function startSwtpm(dir: string): Promise<Swtpm> {
       // swtpm exits at once when another process took a port between the check and its bind.
       const lostPort = child.exitCode !== null;
       child.kill('SIGKILL');
-      if (lostPort && attempt < 5) continue;
+      unregister();
+      if (lostPort && attempt < 20) continue;
       throw err;
     }
     const tcti = `swtpm:host=127.0.0.1,port=${port}`;
@@ -83,7 +90,6 @@ export async function startSwtpm(dir: string): Promise<Swtpm> {
       }
     };
     return {
-      tcti,
       tool,
       async reboot() {
         // An orderly shutdown first: a TPM reset without one counts against dictionary-attack lockout.
@@ -102,6 +108,7 @@ export async function startSwtpm(dir: string): Promise<Swtpm> {
       },
       close: () =>
         new Promise<void>((resolve) => {
+          unregister();
           if (child.exitCode !== null) return resolve();
           child.once('exit', () => resolve());
           child.kill('SIGTERM');

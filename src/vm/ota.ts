@@ -309,8 +309,13 @@ export function matchAfter(text: string, re: RegExp, from = 0): number {
 /** One step of an over-the-air update as the device's console shows it, in order. */
 export interface OtaMilestone {
   title: string;
-  /** Console line that ends the step (searched after the previous milestone). */
+  /** Console line that ends the step (searched after the previous milestone, or after milestone `since`). */
   marker: RegExp;
+  /**
+   * Index of the milestone after which `marker` is searched, when it may come before the previous
+   * one: the new slot's report to the server and its slot report come in either order.
+   */
+  since?: number;
 }
 
 /**
@@ -324,7 +329,7 @@ export function otaMilestones(from: string, to: string, fromSlot: 'A' | 'B' = 'A
     { title: `slot ${fromSlot} runs version ${from} and reports it to the server`, marker: new RegExp(`lamadist-ddi: reported version ${esc(from)} slot ${fromSlot}`) },
     { title: `RAUC streams version ${to} from the server into slot ${toSlot}`, marker: new RegExp(`lamadist-ddi: installed version ${esc(to)}; rebooting`) },
     { title: `reboot into slot ${toSlot} (BootNext); the health check marks it good`, marker: /LAMADIST-SLOTS-END/ },
-    { title: `slot ${toSlot} reports version ${to}: the server closes the action`, marker: new RegExp(`lamadist-ddi: reported version ${esc(to)} slot ${toSlot}`) },
+    { title: `slot ${toSlot} reports version ${to}: the server closes the action`, marker: new RegExp(`lamadist-ddi: reported version ${esc(to)} slot ${toSlot}`), since: 1 },
   ];
 }
 

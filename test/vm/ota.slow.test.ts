@@ -35,7 +35,8 @@ describe('rollback of a failing release to the slot that ran before', () => {
     const r = await bootDevice(fd.device, {
       timeoutMs: 1_500_000,
       serialLog: path.join(dir, 'rollback.log'),
-      until: (s) => inOrder(s, /unhealthy trial boot/, /lamadist-ddi: reported version 1 slot A/),
+      // A's report to the server and its slot report come in either order.
+      until: (s) => inOrder(s, /unhealthy trial boot/, /lamadist-ddi: reported version 1 slot A/) && inOrder(s, /unhealthy trial boot/, /LAMADIST-SLOTS-END/),
     });
     const tail = r.serial.slice(-6000);
     expect(r.matched, tail).toBe(true);

@@ -141,7 +141,7 @@ const DEMO_HOST = { name: 'lamadist-demo', smbiosUuid: '4c414d41-4445-4d4f-8000-
 const DEMO_SIZES = { esp: 300, rootfs_a: 640, verity_a: 16, rootfs_b: 640, verity_b: 16, var: 600 };
 
 /** The demo's steps in order: the operator's path, then the device's console milestones of the update. Pure. */
-export function demoSteps(): { title: string; marker?: RegExp }[] {
+export function demoSteps(): { title: string; marker?: RegExp; since?: number }[] {
   return [
     { title: `keys init, host add ${DEMO_HOST.name} (by SMBIOS UUID), the update server` },
     { title: 'release 1, then provision --installer: the host registered and tagged, its installer stick' },
@@ -159,6 +159,8 @@ interface DemoState {
   machine?: FleetMachine;
   watch?: DeviceWatch;
   at: number;
+  /** Where each console milestone ended, in order (OtaMilestone `since` indexes these). */
+  marks: number[];
   bundleBytes: number;
   releaseId: number;
 }
@@ -178,7 +180,7 @@ export async function vmDemo(ctx: Context, opts: { dir?: string; timeout?: numbe
   // Every run starts from nothing but the caches: a demo is the path from zero.
   await fs.rm(dir, { recursive: true, force: true });
   await fs.mkdir(dir, { recursive: true });
-  const state: DemoState = { keys: path.join(dir, 'keys'), inventory: path.join(dir, 'hosts.yaml'), stick: path.join(dir, 'installer.img'), at: 0, bundleBytes: 0, releaseId: 0 };
+  const state: DemoState = { keys: path.join(dir, 'keys'), inventory: path.join(dir, 'hosts.yaml'), stick: path.join(dir, 'installer.img'), at: 0, marks: [], bundleBytes: 0, releaseId: 0 };
   const started = Date.now();
   const release = (s: DemoState, version: string) =>
     fleetRelease({ dir, keys: s.keys, inventory: s.inventory, version, out: path.join(dir, `release-${version}.raucb`), recipients: [(s.server as { serverCert: string }).serverCert], log: detail });
@@ -227,7 +229,11 @@ export async function vmDemo(ctx: Context, opts: { dir?: string; timeout?: numbe
         run: async (s: DemoState) => {
           const step = run[i];
           if (step) await step(s);
-          else if (st.marker) s.at = await (s.watch as DeviceWatch).waitFor(st.marker, s.at);
+          else if (st.marker) {
+            const end = await (s.watch as DeviceWatch).waitFor(st.marker, st.since === undefined ? s.at : s.marks[st.since]);
+            s.marks.push(end);
+            s.at = Math.max(s.at, end);
+          }
         },
       })),
       state,

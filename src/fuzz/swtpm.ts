@@ -10,6 +10,8 @@ import { onCleanup } from '../util/cleanup.js';
 import { missingTool, run, type RunResult } from '../util/proc.js';
 
 export interface Swtpm {
+  /** TPM2TOOLS_TCTI for programs that talk to this TPM themselves (the device's agent in tests). */
+  tcti: string;
   /** Run a tpm2-tools command against this TPM (transient objects are flushed afterwards). */
   tool(cmd: string, args: readonly string[]): Promise<RunResult>;
   /** Power-cycle the TPM: PCRs start again from zero, persistent keys stay. */
@@ -90,6 +92,7 @@ export async function startSwtpm(dir: string): Promise<Swtpm> {
       }
     };
     return {
+      tcti,
       tool,
       async reboot() {
         // An orderly shutdown first: a TPM reset without one counts against dictionary-attack lockout.

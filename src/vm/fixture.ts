@@ -48,6 +48,9 @@ export const ON_TARGET_FILES: readonly { from: string; to: string; mode: number 
   { from: 'meta-lamadist/recipes-core/rauc/files/efi/system.conf', to: '/etc/rauc/system.conf', mode: 0o644 },
   { from: 'meta-lamadist/recipes-core/lamadist-installer/files/lamadist-install', to: '/usr/sbin/lamadist-install', mode: 0o755 },
   { from: 'meta-lamadist/recipes-core/lamadist-installer/files/lamadist-secureboot-enroll', to: '/usr/sbin/lamadist-secureboot-enroll', mode: 0o755 },
+  { from: 'meta-lamadist/recipes-core/lamadist-attest/files/lamadist-attest', to: '/usr/libexec/lamadist/lamadist-attest', mode: 0o755 },
+  { from: 'meta-lamadist/recipes-core/lamadist-attest/files/lamadist-attest.service', to: '/usr/lib/systemd/system/lamadist-attest.service', mode: 0o644 },
+  { from: 'meta-lamadist/recipes-core/lamadist-attest/files/lamadist-attest.timer', to: '/usr/lib/systemd/system/lamadist-attest.timer', mode: 0o644 },
 ];
 
 /**
@@ -64,7 +67,7 @@ const MASKED_GENERATORS = ['systemd-veritysetup-generator', 'systemd-getty-gener
 /** Units the fixture enables (what the recipes' SYSTEMD_SERVICE enables in a Yocto image). */
 const FIXTURE_UNITS = [
   'lamadist-health.service', 'lamadist-boot-entries.service', 'lamadist-fixture-report.service', 'lamadist-fixture-slots.service',
-  'lamadist-ddi-client.service',
+  'lamadist-ddi-client.service', 'lamadist-attest.timer',
 ];
 
 /** The version a fixture root file system reports (IMAGE_VERSION in os-release) unless a variant says otherwise. */

@@ -84,6 +84,7 @@ describe('on-target scripts', () => {
     'recipes-core/lamadist-installer/files/lamadist-install',
     'recipes-core/lamadist-installer/files/lamadist-secureboot-enroll',
     'recipes-core/lamadist-grow-var/files/lamadist-grow-var',
+    'recipes-core/lamadist-attest/files/lamadist-attest',
     'dynamic-layers/rauc/recipes-core/bundles/files/lamadist-bundle-hook',
   ];
   const shells = [

@@ -1,24 +1,14 @@
-import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { EV_EFI_VARIABLE_DRIVER_CONFIG, EV_SEPARATOR, predictPcr11Values } from '../../src/attestation/index.js';
-import { getBsp } from '../../src/bsp/index.js';
-import { createAk, extendPcr, quote, startSwtpm, type Swtpm } from '../../src/fuzz/swtpm.js';
-import { initKeys, keyPath, signingPair } from '../../src/keys/index.js';
-import { predictPcr11 } from '../../src/measure/index.js';
-import { createRelease, openRelease, releaseUki } from '../../src/release/index.js';
-import { GUID } from '../../src/secureboot/efivars.js';
+import { predictPcr11Values } from '../../src/attestation/index.js';
+import { createAk, quote, startSwtpm, type Swtpm } from '../../src/fuzz/swtpm.js';
+import { keyPath, signingPair } from '../../src/keys/index.js';
 import { signPe, stripSignature } from '../../src/secureboot/index.js';
 import { startServer, type RunningServer } from '../../src/server/index.js';
 import { setUkiCmdline } from '../../src/uki/index.js';
-import { eventLog, imaRecord, variableEventData, type LogEvent } from '../attestation/logs.js';
-import { tinyRoot } from '../helpers/root.js';
-import { STUB } from '../uki/helpers.js';
-
-const bsp = getBsp('x86_64');
-const MID = 'c0ffee'.padEnd(32, '0');
+import { attestationRelease, bootSwtpm, MID, type SecureBootLists } from '../attestation/boot.js';
 
 /**
  * The attestation extension end to end against one database: a real release, a software TPM that
@@ -33,7 +23,7 @@ export function attestationFlows(label: string, db: () => Promise<{ url: string;
   let admin: string;
   let bundle: string;
   let uki: Buffer;
-  let esl: { pk: Buffer; kek: Buffer; db: Buffer };
+  let esl: SecureBootLists;
   const tokens: Record<string, string> = {};
   let ak: { context: string; public: Buffer };
 
@@ -51,21 +41,9 @@ export function attestationFlows(label: string, db: () => Promise<{ url: string;
     });
   const ddi = (device: string, rest = ''): string => `/DEFAULT/controller/v1/${device}${rest}`;
 
-  /** PCR 7 as OVMF measures Secure Boot; PCR 11 as systemd-stub measures `image`; PCR 10 as IMA. */
+  /** Boot `image` on the software TPM (Secure Boot as given), ask for a nonce and quote. */
   async function bootAndQuote(o: { image: Buffer; secureBoot?: number }): Promise<{ quote: string; signature: string; pcrs: Record<string, string>; imaLog: string; eventLog: string }> {
-    await tpm.reboot();
-    const v = (guid: string, name: string, data: Buffer): LogEvent => ({ pcr: 7, type: EV_EFI_VARIABLE_DRIVER_CONFIG, data: variableEventData(guid, name, data) });
-    const log = eventLog([
-      v(GUID.globalVariable, 'SecureBoot', Buffer.from([o.secureBoot ?? 1])),
-      v(GUID.globalVariable, 'PK', esl.pk),
-      v(GUID.globalVariable, 'KEK', esl.kek),
-      v(GUID.imageSecurityDatabase, 'db', esl.db),
-      { pcr: 7, type: EV_SEPARATOR, data: Buffer.alloc(4) },
-    ]);
-    for (const e of log.extends) await extendPcr(tpm, e.pcr, e.digest);
-    const ima = [imaRecord({ path: 'boot_aggregate', fileDigest: randomBytes(32) }), imaRecord({ path: '/usr/bin/rauc', fileDigest: randomBytes(32) })];
-    for (const r of ima) await extendPcr(tpm, 10, r.extend);
-    for (const step of predictPcr11(o.image).steps) await extendPcr(tpm, 11, Buffer.from(step.digest, 'hex'));
+    const logs = await bootSwtpm(tpm, { esl, ...o });
     const n = await inject('POST', ddi('dev1', '/attestation/nonce'), { device: 'dev1' });
     expect(n.statusCode, n.body).toBe(200);
     const q = await quote(tpm, dir, ak.context, Buffer.from(n.json<{ nonce: string }>().nonce, 'base64'), [7, 10, 11]);
@@ -73,43 +51,15 @@ export function attestationFlows(label: string, db: () => Promise<{ url: string;
       quote: q.quote.toString('base64'),
       signature: q.signature.toString('base64'),
       pcrs: Object.fromEntries(Object.entries(q.pcrs).map(([k, b]) => [k, b.toString('hex')])),
-      imaLog: Buffer.concat(ima.map((r) => r.binary)).toString('base64'),
-      eventLog: log.log.toString('base64'),
+      imaLog: logs.imaLog.toString('base64'),
+      eventLog: logs.eventLog.toString('base64'),
     };
   }
 
   beforeAll(async () => {
     dir = await fs.mkdtemp(path.join(os.tmpdir(), 'lamadist-attest-server-'));
-    keys = path.join(dir, 'keys');
-    await initKeys(keys, { commonName: 'attest' });
-    esl = {
-      pk: await fs.readFile(await keyPath(keys, 'secureboot-pk-esl')),
-      kek: await fs.readFile(await keyPath(keys, 'secureboot-kek-esl')),
-      db: await fs.readFile(await keyPath(keys, 'secureboot-db-esl')),
-    };
     // A small but real release: EROFS root with its dm-verity tree, one host, both slots' UKIs.
-    const { rootfs, verity, rootHash } = await tinyRoot(dir, { osRelease: 'ID=lamadist\nVERSION_ID=1\n', salt: 7 });
-    bundle = path.join(dir, 'release.raucb');
-    await createRelease({
-      out: bundle,
-      bsp,
-      rootHash,
-      stub: STUB,
-      kernel: randomBytes(256 * 1024),
-      initrd: [randomBytes(64 * 1024)],
-      hosts: [{ name: 'dev1', machineId: MID, args: ['systemd.hostname=dev1', `systemd.machine_id=${MID}`] }],
-      db: await signingPair(keys, 'secureboot-db'),
-      version: '2.0',
-      rootfs,
-      verity,
-      signer: await signingPair(keys, 'rauc-signing'),
-    });
-    const opened = await openRelease(bundle, { keys });
-    try {
-      uki = await releaseUki(opened, MID, 'a');
-    } finally {
-      await opened.close();
-    }
+    ({ keys, esl, bundle, uki } = await attestationRelease(dir));
     const database = await db();
     drop = database.drop;
     server = await startServer({ db: database.url, store: path.join(dir, 'store'), listen: '127.0.0.1:0', keyring: await keyPath(keys, 'rauc-ca-cert'), keys, adminToken: 'admin-token' });

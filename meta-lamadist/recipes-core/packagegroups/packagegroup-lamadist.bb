@@ -48,6 +48,7 @@ SUMMARY:${PN}-update = "RAUC A/B updates with the post-boot health check, and th
 RDEPENDS:${PN}-update = " \
     ${@lamadist_if_layer(d, 'rauc', 'rauc lamadist-health')} \
     lamadist-installer \
+    lamadist-attest \
     cryptsetup diffutils coreutils \
 "
 

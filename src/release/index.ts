@@ -10,11 +10,11 @@
  *   hosts/<machine-id>/cmdline-<slot>    the host's command line for the slot (the install check reads it)
  *   hosts/<machine-id>/uki-<slot>.map    patch map (text)
  *   hosts/<machine-id>/uki-<slot>.bin    patch data
- *   uki-blocks/lamadist-<slot>.blocks    SHA-256 of each 4 KiB block of the slot's template UKI
+ *   uki-blocks/lamadist-<slot>.blocks    SHA-256 of each 16 KiB block of the slot's template UKI
  *
  * Public API:
  * - `planHostCmdlines(...)` → the template's and every host's command line per slot (pure)
- * - `blockIndex(data)` → SHA-256 of each 4 KiB block (pure)
+ * - `blockIndex(data)` → SHA-256 of each UKI_BLOCK (16 KiB) block (pure)
  * - `releaseBootFiles(...)` → the template UKIs and every host's payload files
  * - `systemConfClasses(family)` → the slot classes of meta-lamadist's system.conf
  * - `createRelease(...)` → the bundle (rootfs, verity, efi templates, host patches, install check)
@@ -142,12 +142,18 @@ export async function releaseBootFiles(o: ReleaseBootInput): Promise<ReleaseBoot
   return { templates, hosts };
 }
 
-/** SHA-256 of each 4 KiB block of `data`, the last one zero-padded: what the bundle hook seeds a UKI by. Pure. */
+/**
+ * Block size of a template UKI's block index: the bundle's squashfs block size, so reading a block
+ * costs no more than the squashfs block it lies in, and the index is 32 bytes per 16 KiB.
+ */
+export const UKI_BLOCK = RELEASE_SQUASHFS_BLOCK;
+
+/** SHA-256 of each UKI_BLOCK block of `data`, the last one zero-padded: what the bundle hook seeds a UKI by. Pure. */
 export function blockIndex(data: Buffer): Buffer {
-  const out = Buffer.alloc(Math.ceil(data.length / 4096) * 32);
-  for (let i = 0; i * 4096 < data.length; i++) {
-    const block = Buffer.alloc(4096);
-    data.copy(block, 0, i * 4096, Math.min(data.length, (i + 1) * 4096));
+  const out = Buffer.alloc(Math.ceil(data.length / UKI_BLOCK) * 32);
+  for (let i = 0; i * UKI_BLOCK < data.length; i++) {
+    const block = Buffer.alloc(UKI_BLOCK);
+    data.copy(block, 0, i * UKI_BLOCK, Math.min(data.length, (i + 1) * UKI_BLOCK));
     createHash('sha256').update(block).digest().copy(out, i * 32);
   }
   return out;

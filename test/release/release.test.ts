@@ -10,7 +10,7 @@ import { UserError } from '../../src/errors.js';
 import { addHost } from '../../src/host/index.js';
 import { initKeys, keyPath } from '../../src/keys/index.js';
 import { inspectBundle } from '../../src/rauc/index.js';
-import { BUNDLE_HOOK, UKI_BLOCKS_DIR, applyUkiPatch, blockIndex, createRelease, diffUki, parsePatch, planHostCmdlines, releaseBootFiles, renderPatch, type ReleaseBoot, type ReleaseHost } from '../../src/release/index.js';
+import { BUNDLE_HOOK, UKI_BLOCK, UKI_BLOCKS_DIR, applyUkiPatch, blockIndex, createRelease, diffUki, parsePatch, planHostCmdlines, releaseBootFiles, renderPatch, type ReleaseBoot, type ReleaseHost } from '../../src/release/index.js';
 import { buildUki, inspectUki, setUkiCmdline } from '../../src/uki/index.js';
 import { formatVerity } from '../../src/verity/index.js';
 import { runCli } from '../helpers/cli.js';
@@ -222,7 +222,7 @@ describe("meta-lamadist's bundle hook on a release's files", () => {
       sh('unshare', ['--mount', 'sh', '-c', `mount -t tmpfs tmpfs '${esp}' && ${script}; rc=$?; rm -rf '${out}'; cp -a '${esp}' '${out}'; exit $rc`], e);
     const r = inNs(`'${hook}' slot-install`, env);
     // No UKI on the ESP to copy from: every block comes from the bundle.
-    const blocks = Math.ceil(boot.templates.b.length / 4096);
+    const blocks = Math.ceil(boot.templates.b.length / UKI_BLOCK);
     expect(r).toEqual({ code: 0, out: `lamadist-bundle-hook: UKI of slot b: ${blocks} of ${blocks} blocks from the bundle, the rest from ${esp}/EFI/Linux/lamadist-a.efi\n` });
     expect((await fs.readFile(path.join(out, 'EFI/Linux/lamadist-b.efi'))).equals(h.ukis.b)).toBe(true);
     expect(existsSync(path.join(out, 'EFI/Linux/lamadist-a.efi'))).toBe(false);

@@ -8,7 +8,7 @@ hosts/<machine-id>/:
                    kernel arguments (what the bundle hook's install check compares)
   uki-<slot>.map   a patch (text) that turns the template into the host's signed UKI
   uki-<slot>.bin   the patch's data
-and under uki-blocks/ lamadist-<slot>.blocks, the SHA-256 of each 4 KiB block of the slot's
+and under uki-blocks/ lamadist-<slot>.blocks, the SHA-256 of each 16 KiB block of the slot's
 template (the last one zero-padded): the hook copies every block the running UKI already has.
 The host's UKI is the template with its command line written into the fixed .cmdline area
 (lamadist.uki.set_cmdline), signed with the Secure Boot db key by sbsign. The patch format is the
@@ -31,7 +31,8 @@ from lamadist import uki
 SLOTS = ("a", "b")
 HOSTS_DIR = "hosts"
 UKI_BLOCKS_DIR = "uki-blocks"
-BLOCK = 4096
+# The toolkit's UKI_BLOCK: the bundle's squashfs block size (BUNDLE_ARGS in lamadist-bundle.bb).
+UKI_BLOCK = 16384
 PATCH_MAGIC = "lamadist-uki-patch 1"
 # Equal runs shorter than this between two differences are written anyway: fewer dd calls.
 MERGE_GAP = 64
@@ -356,9 +357,9 @@ def sign(pe, db_key, db_cert, sbsign, workdir):
 
 
 def block_index(data):
-    """SHA-256 of each 4 KiB block of data, the last one zero-padded (the toolkit's blockIndex)."""
-    return b"".join(hashlib.sha256(data[i:i + BLOCK].ljust(BLOCK, b"\0")).digest()
-                    for i in range(0, len(data), BLOCK))
+    """SHA-256 of each UKI_BLOCK block of data, the last one zero-padded (the toolkit's blockIndex)."""
+    return b"".join(hashlib.sha256(data[i:i + UKI_BLOCK].ljust(UKI_BLOCK, b"\0")).digest()
+                    for i in range(0, len(data), UKI_BLOCK))
 
 
 def write_release(efi_image, hosts_yaml, db_key, db_cert, out, sbsign="sbsign", ukis=None):

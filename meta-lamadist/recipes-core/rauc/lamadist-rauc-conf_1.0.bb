@@ -1,7 +1,8 @@
 SUMMARY = "RAUC system configuration and bundle keyring of LamaDist"
 DESCRIPTION = "system.conf of the machine's RAUC family (efi or uboot) with the machine's \
 compatible, the RAUC CA certificate as keyring, and for U-Boot machines the libubootenv \
-configuration pointing at uboot.env on the ESP."
+configuration pointing at uboot.env on the ESP, and dm-verity without hash-tree prefetch \
+clusters (a streamed bundle is a dm-verity device read over HTTP)."
 LICENSE = "Apache-2.0"
 LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/Apache-2.0;md5=89aea4e17d99a7cacdbeed46a0096b10"
 
@@ -16,6 +17,8 @@ RAUC_COMPATIBLE ??= "${MACHINE}"
 SRC_URI = " \
     file://${LAMADIST_RAUC_FAMILY}/system.conf \
     file://fw_env.config \
+    file://lamadist-verity.conf \
+    file://lamadist-verity-modprobe.conf \
 "
 S = "${WORKDIR}"
 
@@ -33,6 +36,9 @@ do_install() {
         install -m 0644 ${S}/fw_env.config ${D}${sysconfdir}/fw_env.config
     fi
     install -d -m 0700 ${D}${localstatedir}/lib/rauc
+    # Streamed bundles are dm-verity devices over HTTP: no hash-tree prefetch clusters.
+    install -D -m 0644 ${S}/lamadist-verity.conf ${D}${nonarch_libdir}/tmpfiles.d/lamadist-verity.conf
+    install -D -m 0644 ${S}/lamadist-verity-modprobe.conf ${D}${nonarch_libdir}/modprobe.d/lamadist-verity.conf
 }
 
 # A new CA certificate reinstalls the keyring (the key directory is outside the layer).
@@ -41,4 +47,4 @@ do_install[vardeps] += "RAUC_COMPATIBLE LAMADIST_RAUC_FAMILY"
 
 PACKAGE_ARCH = "${MACHINE_ARCH}"
 RPROVIDES:${PN} += "virtual-rauc-conf"
-FILES:${PN} = "${sysconfdir} ${localstatedir}/lib/rauc"
+FILES:${PN} = "${sysconfdir} ${localstatedir}/lib/rauc ${nonarch_libdir}/tmpfiles.d ${nonarch_libdir}/modprobe.d"

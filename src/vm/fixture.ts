@@ -48,6 +48,7 @@ export const ON_TARGET_FILES: readonly { from: string; to: string; mode: number 
   { from: 'meta-lamadist/recipes-core/rauc/files/efi/system.conf', to: '/etc/rauc/system.conf', mode: 0o644 },
   { from: 'meta-lamadist/recipes-core/rauc/files/lamadist-verity.conf', to: '/usr/lib/tmpfiles.d/lamadist-verity.conf', mode: 0o644 },
   { from: 'meta-lamadist/recipes-core/rauc/files/lamadist-verity-modprobe.conf', to: '/usr/lib/modprobe.d/lamadist-verity.conf', mode: 0o644 },
+  { from: 'meta-lamadist/recipes-core/rauc/files/lamadist-rauc-stream.rules', to: '/usr/lib/udev/rules.d/59-lamadist-rauc-stream.rules', mode: 0o644 },
   { from: 'meta-lamadist/recipes-core/lamadist-installer/files/lamadist-install', to: '/usr/sbin/lamadist-install', mode: 0o755 },
   { from: 'meta-lamadist/recipes-core/lamadist-installer/files/lamadist-secureboot-enroll', to: '/usr/sbin/lamadist-secureboot-enroll', mode: 0o755 },
   { from: 'meta-lamadist/recipes-core/lamadist-attest/files/lamadist-attest', to: '/usr/libexec/lamadist/lamadist-attest', mode: 0o755 },

@@ -1,8 +1,8 @@
 SUMMARY = "RAUC system configuration and bundle keyring of LamaDist"
 DESCRIPTION = "system.conf of the machine's RAUC family (efi or uboot) with the machine's \
 compatible, the RAUC CA certificate as keyring, and for U-Boot machines the libubootenv \
-configuration pointing at uboot.env on the ESP, and dm-verity without hash-tree prefetch \
-clusters (a streamed bundle is a dm-verity device read over HTTP)."
+configuration pointing at uboot.env on the ESP, and for streamed bundles (dm-verity over HTTP) \
+no hash-tree prefetch clusters, no udev probing and one squashfs block of read-ahead."
 LICENSE = "Apache-2.0"
 LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/Apache-2.0;md5=89aea4e17d99a7cacdbeed46a0096b10"
 
@@ -19,6 +19,7 @@ SRC_URI = " \
     file://fw_env.config \
     file://lamadist-verity.conf \
     file://lamadist-verity-modprobe.conf \
+    file://lamadist-rauc-stream.rules \
 "
 S = "${WORKDIR}"
 
@@ -39,6 +40,8 @@ do_install() {
     # Streamed bundles are dm-verity devices over HTTP: no hash-tree prefetch clusters.
     install -D -m 0644 ${S}/lamadist-verity.conf ${D}${nonarch_libdir}/tmpfiles.d/lamadist-verity.conf
     install -D -m 0644 ${S}/lamadist-verity-modprobe.conf ${D}${nonarch_libdir}/modprobe.d/lamadist-verity.conf
+    # ... and no udev probing or long read-ahead on the devices RAUC streams a bundle through.
+    install -D -m 0644 ${S}/lamadist-rauc-stream.rules ${D}${nonarch_base_libdir}/udev/rules.d/59-lamadist-rauc-stream.rules
 }
 
 # A new CA certificate reinstalls the keyring (the key directory is outside the layer).
@@ -47,4 +50,4 @@ do_install[vardeps] += "RAUC_COMPATIBLE LAMADIST_RAUC_FAMILY"
 
 PACKAGE_ARCH = "${MACHINE_ARCH}"
 RPROVIDES:${PN} += "virtual-rauc-conf"
-FILES:${PN} = "${sysconfdir} ${localstatedir}/lib/rauc ${nonarch_libdir}/tmpfiles.d ${nonarch_libdir}/modprobe.d"
+FILES:${PN} = "${sysconfdir} ${localstatedir}/lib/rauc ${nonarch_libdir}/tmpfiles.d ${nonarch_libdir}/modprobe.d ${nonarch_base_libdir}/udev/rules.d"

@@ -1,10 +1,12 @@
 import { promises as fs } from 'node:fs';
+import { deflateSync } from 'node:zlib';
 import os from 'node:os';
 import path from 'node:path';
 import { addHost, loadInventory } from '../host/index.js';
 import { initKeys } from '../keys/index.js';
 import { provisionHosts } from '../provision/index.js';
-import { openRelease, releaseUki, type OpenRelease } from '../release/index.js';
+import { RELEASE_SQUASHFS_BLOCK, openRelease, releaseUki, type OpenRelease } from '../release/index.js';
+import { inspectUki } from '../uki/index.js';
 import { blankMachine, fleetRelease, installFromStick, startFleetServer, watchDevice, type DeviceWatch } from '../vm/index.js';
 import { casyncFetch, changedBlocks } from './casync.js';
 
@@ -18,7 +20,8 @@ import { casyncFetch, changedBlocks } from './casync.js';
  * the host's UKI), the bundle a full download moves, RAUC's casync mode on the same images (the
  * real casync over HTTP, the running slot as seed: `casyncFetch`), and the install time, from the
  * device taking the deployment to the slot written. QEMU runs under TCG, so times are far above
- * real hardware. LAMADIST_BENCH_SCALE does not apply.
+ * real hardware. LAMADIST_BENCH_SCALE does not apply. For (c) it also prints what the new kernel and
+ * initramfs take in the bundle, the reference of that update.
  */
 
 const HOST = { name: 'bench-ota', smbiosUuid: '4c414d41-4245-4e43-8000-000000000001' };
@@ -52,6 +55,22 @@ async function slotImages(r: OpenRelease, machineId: string, slot: 'a' | 'b', di
 }
 
 const mib = (n: number): string => `${(n / 2 ** 20).toFixed(2)} MiB`;
+
+/**
+ * Bytes the UKI's kernel and initramfs take in the bundle: each squashfs block deflated (what
+ * mksquashfs's default gzip stores, or the block itself when that is not smaller).
+ */
+function kernelInitrdAsTheyTravel(uki: Buffer): number {
+  let bytes = 0;
+  for (const s of inspectUki(uki).sections.filter((x) => x.name === '.linux' || x.name === '.initrd')) {
+    const data = uki.subarray(s.fileOffset, s.fileOffset + s.virtualSize);
+    for (let at = 0; at < data.length; at += RELEASE_SQUASHFS_BLOCK) {
+      const block = data.subarray(at, at + RELEASE_SQUASHFS_BLOCK);
+      bytes += Math.min(block.length, deflateSync(block, { level: 9 }).length);
+    }
+  }
+  return bytes;
+}
 
 export async function run(): Promise<void> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'lamadist-bench-ota-'));
@@ -95,6 +114,15 @@ export async function run(): Promise<void> {
     for (const c of CASES) {
       const next: 'a' | 'b' = slot === 'a' ? 'b' : 'a';
       const created = await release(c);
+      const target = await openRelease(created.bundle, { keys });
+      opened.push(target);
+      const from = await slotImages(running, machineId, slot, dir);
+      const to = await slotImages(target, machineId, next, dir);
+      if (c.initramfsBuild !== undefined) {
+        const linux = async (f: string): Promise<number> => inspectUki(await fs.readFile(f)).sections.find((x) => x.name === '.linux')?.fileOffset ?? 0;
+        const moved = (await linux(to.uki)) - (await linux(from.uki));
+        if (moved % RELEASE_SQUASHFS_BLOCK === 0) throw new Error(`(c) left the kernel where it was (moved ${moved} bytes): the device holds its blocks`);
+      }
       const uploaded = await server.fleet.uploadRelease(created.bundle);
       const before = server.server.service.counters.artifactBytes;
       await server.fleet.createRollout({ releaseId: uploaded.release.id, name: c.name, filter: { tags: ['bench'] }, start: true });
@@ -106,10 +134,6 @@ export async function run(): Promise<void> {
       const fetched = server.server.service.counters.artifactBytes - before;
       at = await watch.waitFor(new RegExp(`lamadist-ddi: reported version ${esc} slot ${next.toUpperCase()}`), at);
 
-      const target = await openRelease(created.bundle, { keys });
-      opened.push(target);
-      const from = await slotImages(running, machineId, slot, dir);
-      const to = await slotImages(target, machineId, next, dir);
       let floor = 0;
       let peer = 0;
       for (const k of ['rootfs', 'verity', 'uki'] as const) {
@@ -121,6 +145,10 @@ export async function run(): Promise<void> {
       );
       running = target;
       slot = next;
+      if (c.initramfsBuild !== undefined) {
+        const travel = kernelInitrdAsTheyTravel(await fs.readFile(to.uki));
+        process.stdout.write(`ota: ${c.name}: the new kernel and initramfs take ${mib(travel)} in the bundle; fetched ${(fetched / travel).toFixed(2)}x that\n`);
+      }
     }
   } finally {
     await watch?.stop();

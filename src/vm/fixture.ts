@@ -438,6 +438,12 @@ export async function fixtureRootfs(opts: { keyring?: string; log?: (m: string) 
  * cryptsetup/veritysetup/systemd-cryptenroll/TPM2 pieces and kernel modules they call. `build`
  * names another build of it.
  */
+function buildStamp(build: string): Buffer {
+  const noise = Buffer.alloc(3000);
+  for (let i = 0; i * 32 < noise.length; i++) createHash('sha256').update(`${build}\0${i}`).digest().copy(noise, i * 32);
+  return Buffer.concat([Buffer.from(`${build}\n`), noise]);
+}
+
 export async function fixtureInitramfs(kernel: DebianKernel, out: string, build?: string): Promise<string> {
   const repo = repoRoot();
   const init = await fs.readFile(path.join(repo, INIT_FILE), 'utf8');
@@ -450,8 +456,9 @@ export async function fixtureInitramfs(kernel: DebianKernel, out: string, build?
     files: {
       '/usr/lib/lamadist/lamadist-enroll': { data: enroll, mode: 0o755 },
       // Another build of the initramfs (an update that changes it): first in the archive, so the
-      // whole compressed stream differs, as a rebuilt one does.
-      ...(build !== undefined && { '/.lamadist-initramfs-build': { data: Buffer.from(`${build}\n`), mode: 0o644 } }),
+      // whole compressed stream differs, as a rebuilt one does, and 3,000 incompressible bytes
+      // longer, so the kernel behind it in a UKI moves too, as a new kernel's bytes would all differ.
+      ...(build !== undefined && { '/.lamadist-initramfs-build': { data: buildStamp(build), mode: 0o644 } }),
     },
     out,
   });

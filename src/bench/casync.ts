@@ -1,9 +1,9 @@
 import { createHash } from 'node:crypto';
 import { createReadStream, promises as fs } from 'node:fs';
-import type { FileHandle } from 'node:fs/promises';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import path from 'node:path';
+import { readInto } from '../disk/io.js';
 import { parseCasyncIndex } from '../rauc/casync.js';
 import { run } from '../util/proc.js';
 
@@ -187,16 +187,6 @@ export interface ChangedBlocks {
   bytes: number;
 }
 
-async function readFull(h: FileHandle, buf: Buffer, pos: number): Promise<number> {
-  let got = 0;
-  while (got < buf.length) {
-    const { bytesRead } = await h.read(buf, got, buf.length - got, pos + got);
-    if (bytesRead === 0) break;
-    got += bytesRead;
-  }
-  return got;
-}
-
 /**
  * The blocks of `newFile` that differ from `oldFile` at the same offset: what a device holding the
  * old image must receive at the least, block by block. Reads both files in step, a window at a time.
@@ -218,9 +208,9 @@ export async function changedBlocks(
     try {
       const r: ChangedBlocks = { blocks: 0, changed: 0, bytes: 0 };
       for (let pos = 0; ; pos += window) {
-        const nb = await readFull(newH, b, pos);
+        const nb = await readInto(newH, b, 0, b.length, pos);
         if (nb === 0) return r;
-        const na = await readFull(oldH, a, pos);
+        const na = await readInto(oldH, a, 0, a.length, pos);
         for (let off = 0; off < nb; off += blockSize) {
           const len = Math.min(blockSize, nb - off);
           r.blocks++;

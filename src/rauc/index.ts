@@ -20,12 +20,12 @@
  * - `planBundle(...)` (pure manifest planning), `renderManifest`/`parseManifest` (RAUC's key-file
  *   manifest, byte-identical to RAUC's output), `slotClassesOf(systemConf)`,
  *   `digestImage(path, { blockIndex })` (SHA-256 and block-hash-index in one pass),
- *   `adaptiveFetchBytes(oldIndex, newIndex)`.
+ *   `adaptiveFetchBytes(oldIndex, newIndex)`, `blockHashes(data, blockSize?)`.
  */
 
 export { createBundle, encryptBundle, extractBundle, inspectBundle, planBundle } from './bundle.js';
 export type { BundleImageInput, BundleInfo, CreateBundleOptions, CreatedBundle, EncryptedBundle, InspectOptions } from './bundle.js';
 export { parseManifest, renderManifest, slotClassesOf } from './manifest.js';
 export type { BundleFormat, ImageHook, Manifest, ManifestImage } from './manifest.js';
-export { adaptiveFetchBytes, digestImage } from './payload.js';
+export { adaptiveFetchBytes, blockHashes, digestImage } from './payload.js';
 export type { CertSummary, SignerMaterial } from './cms.js';

@@ -50,17 +50,24 @@ export async function digestImage(file: string, options: { blockIndex?: boolean 
       if (bytesRead === 0) throw new UserError('LAMA_E_BUNDLE_IMAGE', `image shrank while being read at byte ${pos}`, { where: file });
       const data = buf.subarray(0, bytesRead);
       whole.update(data);
-      if (index) {
-        for (let off = 0; off < bytesRead; off += BLOCK) {
-          createHash('sha256').update(data.subarray(off, off + BLOCK)).digest().copy(index, ((pos + off) / BLOCK) * 32);
-        }
-      }
+      if (index) blockHashes(data).copy(index, (pos / BLOCK) * 32);
       pos += bytesRead;
     }
     return { size, sha256: whole.digest('hex'), ...(index && { blockHashIndex: index }) };
   } finally {
     await h.close();
   }
+}
+
+/** SHA-256 of each `blockSize` block of `data` (the last one zero-padded), concatenated. Pure. */
+export function blockHashes(data: Buffer, blockSize = BLOCK): Buffer {
+  const out = Buffer.alloc(Math.ceil(data.length / blockSize) * 32);
+  for (let off = 0; off < data.length; off += blockSize) {
+    const h = createHash('sha256').update(data.subarray(off, off + blockSize));
+    if (data.length - off < blockSize) h.update(Buffer.alloc(blockSize - (data.length - off)));
+    h.digest().copy(out, (off / blockSize) * 32);
+  }
+  return out;
 }
 
 /** Digest of the first `length` bytes of a file, streamed (a plain bundle's signed payload). */

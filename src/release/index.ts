@@ -22,7 +22,6 @@
  * - `openRelease(bundle, { keys, bundleKey? })` → the verified, unpacked release; `releaseUki`,
  *   `describeRelease` (open.ts)
  */
-import { createHash } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -30,7 +29,7 @@ import type { Bsp } from '../bsp/index.js';
 import { UserError, isErrno } from '../errors.js';
 import { hostArgs, isMachineId, type Host } from '../host/index.js';
 import { slotCmdline } from '../image/index.js';
-import { createBundle, slotClassesOf, type CreatedBundle, type SignerMaterial } from '../rauc/index.js';
+import { blockHashes, createBundle, slotClassesOf, type CreatedBundle, type SignerMaterial } from '../rauc/index.js';
 import { signPe, type SignerKeys } from '../secureboot/index.js';
 import { EFI_STUBS, buildUki, setUkiCmdline, type Input } from '../uki/index.js';
 import { makeTempDir } from '../util/fsx.js';
@@ -150,13 +149,7 @@ export const UKI_BLOCK = RELEASE_SQUASHFS_BLOCK;
 
 /** SHA-256 of each UKI_BLOCK block of `data`, the last one zero-padded: what the bundle hook seeds a UKI by. Pure. */
 export function blockIndex(data: Buffer): Buffer {
-  const out = Buffer.alloc(Math.ceil(data.length / UKI_BLOCK) * 32);
-  for (let i = 0; i * UKI_BLOCK < data.length; i++) {
-    const block = Buffer.alloc(UKI_BLOCK);
-    data.copy(block, 0, i * UKI_BLOCK, Math.min(data.length, (i + 1) * UKI_BLOCK));
-    createHash('sha256').update(block).digest().copy(out, i * 32);
-  }
-  return out;
+  return blockHashes(data, UKI_BLOCK);
 }
 
 /** Everything `createRelease` needs besides the boot inputs. */

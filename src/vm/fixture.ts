@@ -433,17 +433,18 @@ export async function fixtureRootfs(opts: { keyring?: string; log?: (m: string) 
   return { dir: final, kernel };
 }
 
+/** `length` bytes determined by `seed` (SHA-256 in counter mode): incompressible, like packed data. Pure. */
+export function seededBytes(seed: string, length: number): Buffer {
+  const out = Buffer.alloc(length);
+  for (let i = 0; i * 32 < length; i++) createHash('sha256').update(`${seed}\0${i}`).digest().copy(out, i * 32);
+  return out;
+}
+
 /**
  * The fixture's initramfs: meta-lamadist's lamadist-init as /init, lamadist-enroll, and the
  * cryptsetup/veritysetup/systemd-cryptenroll/TPM2 pieces and kernel modules they call. `build`
  * names another build of it.
  */
-function buildStamp(build: string): Buffer {
-  const noise = Buffer.alloc(3000);
-  for (let i = 0; i * 32 < noise.length; i++) createHash('sha256').update(`${build}\0${i}`).digest().copy(noise, i * 32);
-  return Buffer.concat([Buffer.from(`${build}\n`), noise]);
-}
-
 export async function fixtureInitramfs(kernel: DebianKernel, out: string, build?: string): Promise<string> {
   const repo = repoRoot();
   const init = await fs.readFile(path.join(repo, INIT_FILE), 'utf8');
@@ -458,7 +459,7 @@ export async function fixtureInitramfs(kernel: DebianKernel, out: string, build?
       // Another build of the initramfs (an update that changes it): first in the archive, so the
       // whole compressed stream differs, as a rebuilt one does, and 3,000 incompressible bytes
       // longer, so the kernel behind it in a UKI moves too, as a new kernel's bytes would all differ.
-      ...(build !== undefined && { '/.lamadist-initramfs-build': { data: buildStamp(build), mode: 0o644 } }),
+      ...(build !== undefined && { '/.lamadist-initramfs-build': { data: Buffer.concat([Buffer.from(`${build}\n`), seededBytes(build, 3000)]), mode: 0o644 } }),
     },
     out,
   });

@@ -15,7 +15,7 @@ import { makeTempDir } from '../util/fsx.js';
 import { run } from '../util/proc.js';
 import { formatVerity, productSalt } from '../verity/index.js';
 import { bootDevice, prepareDevice, type BootableDevice, type Device } from './device.js';
-import { cachedTree, fixtureRootfs, pruneTrees } from './fixture.js';
+import { cachedTree, fixtureRootfs, pruneTrees, seededBytes } from './fixture.js';
 import { cacheRoot } from './kernel.js';
 import type { DebianKernel } from './kernel.js';
 import type { QemuResult } from './qemu.js';
@@ -38,13 +38,6 @@ export interface VariantSpec {
   payload?: string;
 }
 
-/** 1 MiB of bytes determined by `seed` (SHA-256 in counter mode): incompressible, like a packed binary. Pure. */
-export function payloadBytes(seed: string): Buffer {
-  const out = Buffer.alloc(PAYLOAD_BYTES);
-  for (let i = 0; i * 32 < PAYLOAD_BYTES; i++) createHash('sha256').update(`${seed}\0${i}`).digest().copy(out, i * 32);
-  return out;
-}
-
 /** The files a variant replaces or adds, by path in the tree, from the base tree's os-release. Pure. */
 export function planVariant(osRelease: string, spec: VariantSpec): Record<string, { data: string | Buffer; mode: number }> {
   if (!/^[0-9A-Za-z][0-9A-Za-z.+~-]*$/.test(spec.version)) throw new UserError('LAMA_E_VM_INPUT', `version '${spec.version}' must be letters, digits and . + ~ -`);
@@ -58,7 +51,7 @@ export function planVariant(osRelease: string, spec: VariantSpec): Record<string
       mode: 0o755,
     };
   }
-  if (spec.payload !== undefined) files[PAYLOAD_FILE.slice(1)] = { data: payloadBytes(spec.payload), mode: 0o644 };
+  if (spec.payload !== undefined) files[PAYLOAD_FILE.slice(1)] = { data: seededBytes(spec.payload, PAYLOAD_BYTES), mode: 0o644 };
   return files;
 }
 

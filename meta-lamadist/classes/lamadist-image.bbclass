@@ -66,29 +66,26 @@ do_image_lamaverity[postfuncs] += "lamadist_image_ukis"
 
 python lamadist_image_ukis () {
     import os
-    import tarfile
+    import lamadist.release
     deploy = d.getVar('IMGDEPLOYDIR')
     with open(os.path.join(deploy, d.getVar('IMAGE_NAME') + '.roothash')) as f:
         roothash = f.read().strip()
     name = d.getVar('LAMADIST_UKI_NAME')
-    templates = []
+    templates = {}
     for slot in ('a', 'b'):
         template = os.path.join(d.getVar('T'), 'template-%s.efi' % slot)
         lamadist_build_uki(d, slot, roothash, template)
-        templates.append((template, 'lamadist-%s.efi' % slot))
+        with open(template, 'rb') as f:
+            templates[slot] = f.read()
         out = os.path.join(deploy, '%s-%s.efi' % (name, slot))
         lamadist_sign_uki(d, template, out)
         bb.note("UKI for slot %s: %s" % (slot, out))
-    # The RAUC efi slot image: the unsigned template UKIs under the names the bundle hook extracts;
-    # lamadist-bundle adds each host's patch to its own signed UKI.
+    # The RAUC efi slot image: the unsigned template UKIs under the names the bundle hook extracts,
+    # each on a 16 KiB boundary (lamadist.release.efi_tar_members); lamadist-bundle adds each
+    # host's patch to its own signed UKI.
     epoch = int(d.getVar('REPRODUCIBLE_TIMESTAMP_ROOTFS'))
     tarpath = os.path.join(deploy, d.getVar('IMAGE_NAME') + '.ukis.tar')
-    with tarfile.open(tarpath, 'w', format=tarfile.GNU_FORMAT) as tar:
-        for path, arcname in templates:
-            info = tar.gettarinfo(path, arcname)
-            info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = epoch, 0, 0, '', '', 0o644
-            with open(path, 'rb') as f:
-                tar.addfile(info, f)
+    lamadist.release.write_templates(tarpath, templates, epoch)
     link = os.path.join(deploy, d.getVar('IMAGE_LINK_NAME') + '.ukis.tar')
     if os.path.lexists(link):
         os.unlink(link)

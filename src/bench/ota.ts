@@ -1,5 +1,4 @@
 import { promises as fs } from 'node:fs';
-import { deflateSync } from 'node:zlib';
 import os from 'node:os';
 import path from 'node:path';
 import { addHost, loadInventory } from '../host/index.js';
@@ -56,20 +55,11 @@ async function slotImages(r: OpenRelease, machineId: string, slot: 'a' | 'b', di
 
 const mib = (n: number): string => `${(n / 2 ** 20).toFixed(2)} MiB`;
 
-/**
- * Bytes the UKI's kernel and initramfs take in the bundle: each squashfs block deflated (what
- * mksquashfs's default gzip stores, or the block itself when that is not smaller).
- */
+/** Bytes the UKI's kernel and initramfs take in the bundle, which stores them verbatim (`alignImages`). */
 function kernelInitrdAsTheyTravel(uki: Buffer): number {
-  let bytes = 0;
-  for (const s of inspectUki(uki).sections.filter((x) => x.name === '.linux' || x.name === '.initrd')) {
-    const data = uki.subarray(s.fileOffset, s.fileOffset + s.virtualSize);
-    for (let at = 0; at < data.length; at += RELEASE_SQUASHFS_BLOCK) {
-      const block = data.subarray(at, at + RELEASE_SQUASHFS_BLOCK);
-      bytes += Math.min(block.length, deflateSync(block, { level: 9 }).length);
-    }
-  }
-  return bytes;
+  return inspectUki(uki)
+    .sections.filter((x) => x.name === '.linux' || x.name === '.initrd')
+    .reduce((sum, s) => sum + s.virtualSize, 0);
 }
 
 export async function run(): Promise<void> {

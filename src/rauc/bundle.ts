@@ -11,7 +11,7 @@ import { decryptEnvelope, detachedDigestName, envelope, isDetached, recipientsOf
 import { casyncKind, parseCasyncIndex, type CasyncIndex } from './casync.js';
 import { readLayout, type BundleLayout } from './layout.js';
 import { parseManifest, renderManifest, type ImageHook, type Manifest, type ManifestImage } from './manifest.js';
-import { BLOCK, cryptInPlace, digestImage, digestPrefix, makeSquashfs } from './payload.js';
+import { ALIGNED_SQUASHFS_ARGS, BLOCK, alignPayload, cryptInPlace, digestImage, digestPrefix, makeSquashfs, type AlignedPayload } from './payload.js';
 
 /** One image to put into a bundle. */
 export interface BundleImageInput {
@@ -57,6 +57,12 @@ export interface CreateBundleOptions {
    * squashfs blocks, so a bundle read a few blocks at a time wants small ones.
    */
   squashfsBlockSize?: number;
+  /**
+   * Store the payload uncompressed with every image starting on a 4 KiB boundary of the bundle
+   * (`alignPayload`), so a streaming device reads exactly the blocks it lacks. Costs the squashfs
+   * compression: images should arrive compressed already (EROFS lz4hc, compressed kernels).
+   */
+  alignImages?: boolean;
   /** Crypt bundles: envelope the signature for these recipient certificates (PEM texts) right away. */
   recipients?: string[];
   force?: boolean;
@@ -191,31 +197,42 @@ export async function createBundle(o: CreateBundleOptions): Promise<CreatedBundl
   const step = o.onStep ?? ((): void => undefined);
   const outDir = path.dirname(path.resolve(o.out));
   const staging = await tempDirIn(outDir);
+  // The payload directory is a subdirectory: the mksquashfs sort file must stay out of the payload.
+  const content = path.join(staging.dir, 'payload');
   try {
-    await fs.chmod(staging.dir, 0o755);
+    await mkdirs(staging.dir, 'payload');
     step('hashing images');
     for (const f of files) {
-      const to = path.join(staging.dir, f.name);
-      if (f.name.includes('/')) await mkdirs(staging.dir, path.dirname(f.name));
+      const to = path.join(content, f.name);
+      if (f.name.includes('/')) await mkdirs(content, path.dirname(f.name));
       await stage(f.from, to, f.name === HOOK_NAME ? 0o755 : 0o644);
     }
     for (const img of manifest.images) {
-      const p = path.join(staging.dir, img.filename);
+      const p = path.join(content, img.filename);
       const d = await digestImage(p, { blockIndex: Boolean(img.adaptive) });
       img.sha256 = d.sha256;
       img.size = d.size;
       if (d.blockHashIndex) {
-        const idx = path.join(staging.dir, `${img.filename}.block-hash-index`);
+        const idx = path.join(content, `${img.filename}.block-hash-index`);
         await fs.writeFile(idx, d.blockHashIndex, { mode: 0o644 });
         await fs.chmod(idx, 0o644);
       }
     }
     const inner = renderManifest(manifest);
-    await fs.writeFile(path.join(staging.dir, 'manifest.raucm'), inner, { mode: 0o644 });
-    await fs.chmod(path.join(staging.dir, 'manifest.raucm'), 0o644);
+    await fs.writeFile(path.join(content, 'manifest.raucm'), inner, { mode: 0o644 });
+    await fs.chmod(path.join(content, 'manifest.raucm'), 0o644);
+    const squashfsArgs = o.squashfsBlockSize ? ['-b', String(o.squashfsBlockSize)] : [];
+    const aligned = o.alignImages ? alignPayload(manifest.images.map((i) => ({ name: i.filename, size: i.size ?? 0 }))) : undefined;
+    if (aligned) {
+      for (const pad of aligned.pads) await fs.writeFile(path.join(content, pad.name), Buffer.alloc(pad.size), { mode: 0o644 });
+      const sortFile = path.join(staging.dir, 'payload.sort');
+      await fs.writeFile(sortFile, aligned.sortFile);
+      squashfsArgs.push(...ALIGNED_SQUASHFS_ARGS, '-sort', sortFile);
+    }
     return await withAtomicFile(o.out, { force: o.force ?? false }, async (out) => {
       step('creating squashfs payload');
-      await makeSquashfs(staging.dir, out.temp, (o.contentTime?.getTime() ?? 0) / 1000, o.squashfsBlockSize ? ['-b', String(o.squashfsBlockSize)] : []);
+      await makeSquashfs(content, out.temp, (o.contentTime?.getTime() ?? 0) / 1000, squashfsArgs);
+      if (aligned) await checkPlaced(out.fd, content, aligned.placed);
       await staging.remove();
       let payloadSize = (await out.fd.stat()).size;
       if (payloadSize % BLOCK !== 0) throw new Error(`mksquashfs produced ${payloadSize} bytes, not a multiple of ${BLOCK}`);
@@ -266,6 +283,26 @@ export async function createBundle(o: CreateBundleOptions): Promise<CreatedBundl
     });
   } finally {
     await staging.remove();
+  }
+}
+
+/**
+ * mksquashfs has no option that promises a layout: check that each aligned image really begins
+ * where the plan put it (its first block there), or the bundle would stream 25 % more than it says.
+ */
+async function checkPlaced(payload: FileHandle, content: string, placed: AlignedPayload['placed']): Promise<void> {
+  for (const p of placed) {
+    const n = Math.min(p.size, BLOCK);
+    const want = Buffer.alloc(n);
+    const got = Buffer.alloc(n);
+    const img = await fs.open(path.join(content, p.name), 'r');
+    try {
+      await img.read(want, 0, n, 0);
+    } finally {
+      await img.close();
+    }
+    await payload.read(got, 0, n, p.offset);
+    if (!got.equals(want)) throw new Error(`mksquashfs did not place ${p.name} at byte ${p.offset} of the payload as planned`);
   }
 }
 

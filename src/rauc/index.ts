@@ -20,12 +20,14 @@
  * - `planBundle(...)` (pure manifest planning), `renderManifest`/`parseManifest` (RAUC's key-file
  *   manifest, byte-identical to RAUC's output), `slotClassesOf(systemConf)`,
  *   `digestImage(path, { blockIndex })` (SHA-256 and block-hash-index in one pass),
- *   `adaptiveFetchBytes(oldIndex, newIndex)`, `blockHashes(data, blockSize?)`.
+ *   `adaptiveFetchBytes(oldIndex, newIndex)`, `blockHashes(data, blockSize?)`,
+ *   `alignPayload(images)` (the padding and mksquashfs order that put each image of an
+ *   `alignImages` bundle on a 4 KiB boundary).
  */
 
 export { createBundle, encryptBundle, extractBundle, inspectBundle, planBundle } from './bundle.js';
 export type { BundleImageInput, BundleInfo, CreateBundleOptions, CreatedBundle, EncryptedBundle, InspectOptions } from './bundle.js';
 export { parseManifest, renderManifest, slotClassesOf } from './manifest.js';
 export type { BundleFormat, ImageHook, Manifest, ManifestImage } from './manifest.js';
-export { adaptiveFetchBytes, blockHashes, digestImage } from './payload.js';
+export { ALIGNED_SQUASHFS_ARGS, adaptiveFetchBytes, alignPayload, blockHashes, digestImage } from './payload.js';
 export type { CertSummary, SignerMaterial } from './cms.js';

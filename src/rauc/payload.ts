@@ -140,6 +140,59 @@ export function mksquashfsArgs(contentDir: string, out: string, epoch: number, e
   return [contentDir, out, '-noappend', '-no-progress', '-all-root', '-no-xattrs', '-quiet', '-all-time', t, '-mkfs-time', t, ...extra];
 }
 
+/** Where mksquashfs starts file data: right after its 96-byte superblock (no compressor options stored). */
+export const SQUASHFS_DATA_START = 96;
+
+/**
+ * mksquashfs arguments under which a file's data is its bytes verbatim and contiguous, so that an
+ * aligned file stays aligned block after block: no compression, no fragment packing, no
+ * deduplication, no skipped zero blocks.
+ */
+export const ALIGNED_SQUASHFS_ARGS = ['-noD', '-no-fragments', '-no-duplicates', '-no-sparse'] as const;
+
+/** Names of the padding files an aligned payload adds (a leading dot: no bundle file can start so). */
+export const ALIGN_PAD_PREFIX = '.lamadist-align-';
+
+/** Where each large file of an aligned payload goes, and what puts it there. */
+export interface AlignedPayload {
+  /** Padding files to add to the payload directory, each of `size` zero bytes. */
+  pads: { name: string; size: number }[];
+  /** mksquashfs `-sort` file: pads and images first, in this order (paths relative to the payload directory). */
+  sortFile: string;
+  /** Offset of each image's first byte in the squashfs image. */
+  placed: { name: string; offset: number; size: number }[];
+}
+
+/**
+ * Plan a squashfs payload in which each of `images` (in order) starts on a `BLOCK` boundary of the
+ * bundle. A streaming device reads the bundle through NBD, dm-verity (and dm-crypt) in 4 KiB
+ * sectors: an unaligned 16 KiB squashfs block spans five of them, so every read would cost 25 %
+ * more than the data it needs. Written first (highest `-sort` priorities), stored verbatim
+ * (`ALIGNED_SQUASHFS_ARGS`), each image is preceded by the zero padding that brings it to the next
+ * boundary. Pure: the caller writes the pads and the sort file.
+ */
+export function alignPayload(images: readonly { name: string; size: number }[], start = SQUASHFS_DATA_START): AlignedPayload {
+  const pads: AlignedPayload['pads'] = [];
+  const placed: AlignedPayload['placed'] = [];
+  const order: string[] = [];
+  let at = start;
+  for (const img of images) {
+    const pad = (BLOCK - (at % BLOCK)) % BLOCK;
+    if (pad > 0) {
+      const name = `${ALIGN_PAD_PREFIX}${pads.length}`;
+      pads.push({ name, size: pad });
+      order.push(name);
+      at += pad;
+    }
+    placed.push({ name: img.name, offset: at, size: img.size });
+    order.push(img.name);
+    at += img.size;
+  }
+  // mksquashfs writes higher priorities first; 32767 is the highest it takes.
+  const sortFile = order.map((name, i) => `${name} ${32767 - i}\n`).join('');
+  return { pads, sortFile, placed };
+}
+
 /** Build the squashfs payload. */
 export async function makeSquashfs(contentDir: string, out: string, epoch: number, extra: readonly string[] = []): Promise<void> {
   await run('mksquashfs', mksquashfsArgs(contentDir, out, epoch, extra));

@@ -15,6 +15,8 @@
  * Public API:
  * - `planHostCmdlines(...)` → the template's and every host's command line per slot (pure)
  * - `blockIndex(data)` → SHA-256 of each UKI_BLOCK (16 KiB) block (pure)
+ * - `efiTarMembers(sizes)` → the efi image's members, padding that puts each template UKI on a
+ *   UKI_BLOCK boundary included (pure)
  * - `releaseBootFiles(...)` → the template UKIs and every host's payload files
  * - `systemConfClasses(family)` → the slot classes of meta-lamadist's system.conf
  * - `createRelease(...)` → the bundle (rootfs, verity, efi templates, host patches, install check)
@@ -35,7 +37,7 @@ import { EFI_STUBS, buildUki, setUkiCmdline, type Input } from '../uki/index.js'
 import { makeTempDir } from '../util/fsx.js';
 import { run } from '../util/proc.js';
 import { verifyVerity } from '../verity/index.js';
-import { HOSTS_DIR, UKI_BLOCKS_DIR } from './layout.js';
+import { EFI_PAD_PREFIX, HOSTS_DIR, UKI_BLOCKS_DIR } from './layout.js';
 import { diffUki, renderPatch } from './patch.js';
 
 export { applyUkiPatch, diffUki, parsePatch, renderPatch, MAX_PATCH_BYTES, type PatchWrite, type UkiPatch } from './patch.js';
@@ -64,7 +66,9 @@ export async function systemConfClasses(family: string): Promise<string[] | unde
 /**
  * squashfs block size of release bundles. A device streams the bundle and reads only the blocks it
  * lacks, each costing its whole squashfs block: 16 KiB instead of mksquashfs's 128 KiB keeps a
- * version bump's download near the changed blocks, for a few KiB more metadata.
+ * version bump's download near the changed blocks, for a few KiB more metadata. The images are
+ * stored verbatim, each on a 4 KiB boundary of the bundle (`alignImages`), so that a squashfs
+ * block is exactly the 4 KiB sectors the device reads it in.
  */
 export const RELEASE_SQUASHFS_BLOCK = 16384;
 
@@ -152,6 +156,27 @@ export function blockIndex(data: Buffer): Buffer {
   return blockHashes(data, UKI_BLOCK);
 }
 
+const TAR_HEADER = 512;
+
+/**
+ * The efi image's members in order: before each template UKI a zero-filled padding member that
+ * puts the UKI's first byte on a UKI_BLOCK boundary of the tar. The bundle stores the tar on a
+ * 4 KiB boundary and verbatim, so a UKI block is then exactly one squashfs block of it, and one a
+ * device lacks costs only itself. Plain ustar members (512-byte header, data padded to 512), so any
+ * tar reader, the bundle hook's header walk included, skips the padding by name. Pure.
+ */
+export function efiTarMembers(templateSizes: Readonly<Record<'a' | 'b', number>>): { name: string; size: number }[] {
+  const members: { name: string; size: number }[] = [];
+  let at = 0;
+  for (const slot of SLOTS) {
+    // padding header + padding + the UKI's header end on a boundary
+    const pad = (UKI_BLOCK - ((at + 2 * TAR_HEADER) % UKI_BLOCK)) % UKI_BLOCK;
+    members.push({ name: `${EFI_PAD_PREFIX}${slot}`, size: pad }, { name: `lamadist-${slot}.efi`, size: templateSizes[slot] });
+    at += 2 * TAR_HEADER + pad + Math.ceil(templateSizes[slot] / TAR_HEADER) * TAR_HEADER;
+  }
+  return members;
+}
+
 /** Everything `createRelease` needs besides the boot inputs. */
 export interface CreateReleaseOptions extends ReleaseBootInput {
   out: string;
@@ -193,9 +218,14 @@ export async function createRelease(o: CreateReleaseOptions): Promise<CreatedRel
   const boot = await releaseBootFiles(o);
   const tmp = await makeTempDir('lamadist-release-');
   try {
-    for (const slot of SLOTS) await fs.writeFile(path.join(tmp.dir, `lamadist-${slot}.efi`), boot.templates[slot]);
+    const members = efiTarMembers({ a: boot.templates.a.length, b: boot.templates.b.length });
+    for (const m of members) {
+      const slot = SLOTS.find((x) => m.name === `lamadist-${x}.efi`);
+      await fs.writeFile(path.join(tmp.dir, m.name), slot ? boot.templates[slot] : Buffer.alloc(m.size));
+    }
     const efi = path.join(tmp.dir, 'efi.tar');
-    await run('tar', ['--sort=name', '--owner=0', '--group=0', '--numeric-owner', '--mtime=@0', '-cf', efi, '-C', tmp.dir, 'lamadist-a.efi', 'lamadist-b.efi']);
+    // The members in efiTarMembers' order, as plain ustar: the order and the headers place the UKIs.
+    await run('tar', ['--format=ustar', '--owner=0', '--group=0', '--numeric-owner', '--mtime=@0', '--mode=0644', '-cf', efi, '-C', tmp.dir, ...members.map((m) => m.name)]);
     const payloadFiles: { name: string; from: string }[] = [];
     const put = async (name: string, data: Buffer): Promise<void> => {
       const from = path.join(tmp.dir, 'payload', name);
@@ -224,6 +254,7 @@ export async function createRelease(o: CreateReleaseOptions): Promise<CreatedRel
       ...(slotClasses && { slotClasses }),
       hookScript: BUNDLE_HOOK,
       squashfsBlockSize: RELEASE_SQUASHFS_BLOCK,
+      alignImages: true,
       installCheck: true,
       payloadFiles,
       format: o.format ?? 'verity',

@@ -10,15 +10,18 @@ import { initKeys } from '../../src/keys/index.js';
 import { authenticodeDigest } from '../../src/pe/index.js';
 import {
   BUNDLE_HOOK,
+  UKI_BLOCK,
   UKI_BLOCKS_DIR,
   applyUkiPatch,
   blockIndex,
+  efiTarMembers,
   parsePatch,
   planHostCmdlines,
   releaseBootFiles,
   releaseHosts,
   type ReleaseBoot,
 } from '../../src/release/index.js';
+import { ALIGNED_SQUASHFS_ARGS, alignPayload } from '../../src/rauc/index.js';
 import { inspectUki } from '../../src/uki/index.js';
 import { REPO_ROOT } from '../helpers/cli.js';
 import { skipBecause } from '../helpers/skip.js';
@@ -44,6 +47,10 @@ const PYTHON =
   'python3';
 const py = (mod: string, args: string[], flags: string[] = []): { code: number; out: string } =>
   sh(PYTHON, [...flags, '-m', `lamadist.${mod}`, ...args], { PYTHONPATH: LIB, PYTHONDONTWRITEBYTECODE: '1' });
+
+/** Python code run with meta-lamadist/lib on the path (sys.argv[1:] = args). */
+const pyCall = (code: string, args: string[] = []): { code: number; out: string } =>
+  sh(PYTHON, ['-c', code, ...args], { PYTHONPATH: LIB, PYTHONDONTWRITEBYTECODE: '1' });
 
 /** meta-lamadist's uki.py: a UKI from this test's stub, kernel, initrd and os-release. */
 const pyUki = (cmdline: string, out: string): { code: number; out: string } =>
@@ -114,8 +121,12 @@ beforeAll(async () => {
     pyTemplates[slot] = await fs.readFile(out);
   }
   efiTar = path.join(tmp, 'efi.tar');
-  if (sh('tar', ['-cf', efiTar, '-C', dir, 'lamadist-a.efi', 'lamadist-b.efi']).code !== 0)
-    throw new Error('tar failed');
+  // lamadist-image.bbclass's efi image: write_templates, from the same templates.
+  const t = pyCall(
+    `import sys; from lamadist import release; release.write_templates(sys.argv[1], {s: open('${dir}/lamadist-%s.efi' % s, 'rb').read() for s in release.SLOTS}, 0)`,
+    [efiTar],
+  );
+  if (t.code !== 0) throw new Error(t.out);
   pyOut = path.join(tmp, 'py');
   const r = pyRelease(inventory, pyOut, ['--ukis', path.join(tmp, 'py-ukis')]);
   if (r.code !== 0) throw new Error(r.out);
@@ -298,6 +309,59 @@ describe.skipIf(
       },
       120_000,
     );
+  });
+
+  it("the efi image: each template UKI on a 16 KiB boundary (GNU tar's block numbers), the toolkit's members", () => {
+    const listing = sh('tar', ['-tvRf', efiTar]);
+    expect(listing.code).toBe(0);
+    const at = new Map([...listing.out.matchAll(/^block (\d+): \S+ \S+\s+(\d+) \S+ \S+ (\S+)$/gm)].map((m) => [m[3], { data: (Number(m[1]) + 1) * 512, size: Number(m[2]) }]));
+    for (const slot of SLOTS) {
+      expect((at.get(`lamadist-${slot}.efi`)?.data as number) % UKI_BLOCK, slot).toBe(0);
+    }
+    const members = efiTarMembers({ a: pyTemplates.a.length, b: pyTemplates.b.length });
+    expect([...at].map(([name, m]) => ({ name, size: m.size }))).toEqual(members);
+  });
+
+  it('align_bundle: rauc bundle puts every image on a 4 KiB boundary, where the toolkit plans it', async () => {
+    const dir = path.join(tmp, 'align');
+    const content = path.join(dir, 'content');
+    await fs.mkdir(content, { recursive: true });
+    const images = [
+      { slot: 'verity', name: 'lama.verity', size: 5 * 4096 },
+      { slot: 'rootfs', name: 'lama.erofs', size: 37 * 4096 },
+      { slot: 'efi', name: 'lama.ukis.tar', size: 50 * 512 },
+    ];
+    let manifest = `[update]\ncompatible=${bsp.compatible}\nversion=1\n\n[bundle]\nformat=verity\n`;
+    for (const img of images) {
+      await fs.writeFile(path.join(content, img.name), randomBytes(img.size));
+      manifest += `\n[image.${img.slot}]\nfilename=${img.name}\n`;
+    }
+    await fs.writeFile(path.join(content, 'manifest.raucm'), manifest);
+    const sort = path.join(dir, 'bundle.sort');
+    const r = pyCall(
+      'import json, sys; from lamadist import release; print(json.dumps(release.align_bundle(sys.argv[1], sys.argv[3:], sys.argv[2])))',
+      [content, sort, ...images.map((i) => i.name)],
+    );
+    expect(r.code, r.out).toBe(0);
+    const placed = JSON.parse(r.out) as [string, number][];
+    expect(placed.map(([name, offset]) => ({ name, offset }))).toEqual(alignPayload(images).placed.map(({ name, offset }) => ({ name, offset })));
+    expect(await fs.readFile(sort, 'utf8')).toBe(alignPayload(images).sortFile);
+    const bundle = path.join(dir, 'b.raucb');
+    const made = sh('rauc', [
+      'bundle',
+      `--cert=${path.join(keys, 'rauc-signing.crt')}`,
+      `--key=${path.join(keys, 'rauc-signing.key')}`,
+      `--mksquashfs-args=-b 16384 ${ALIGNED_SQUASHFS_ARGS.join(' ')} -sort ${sort}`,
+      content,
+      bundle,
+    ]);
+    expect(made.code, made.out).toBe(0);
+    const data = await fs.readFile(bundle);
+    for (const [name, offset] of placed) {
+      expect(offset % 4096, name).toBe(0);
+      const img = await fs.readFile(path.join(content, name));
+      expect(data.subarray(offset, offset + img.length).equals(img), name).toBe(true);
+    }
   });
 
   describe('bad input: one line, exit 2, the place, no output', () => {

@@ -72,6 +72,37 @@ describe('verity bundle', () => {
     expect(ours.manifest.images.map((i) => i.slotClass)).toEqual(['rootfs', 'verity', 'efi']);
   });
 
+  it('alignImages: stored verbatim, every image on a 4 KiB boundary; rauc info and rauc extract accept it', async () => {
+    const b = path.join(dir, 'aligned.raucb');
+    const created = await createBundle({
+      out: b,
+      compatible: 'lamadist-x86-64',
+      version: '1',
+      images: [
+        { slotClass: 'verity', path: verity, adaptive: true },
+        { slotClass: 'efi', path: uki },
+        { slotClass: 'rootfs', path: rootfs },
+      ],
+      signer: signer(),
+      signingTime: T,
+      squashfsBlockSize: 16384,
+      alignImages: true,
+    });
+    expect(rauc(['info', '--conf', pki.conf, '--keyring', pki.ca, b]).code).toBe(0);
+    const x = path.join(dir, 'aligned-x');
+    expect(rauc(['extract', '--conf', pki.conf, '--keyring', pki.ca, b, x]).code).toBe(0);
+    const payload = readFileSync(b).subarray(0, created.payloadSize);
+    // Where each image is, found by its bytes (unique here), not by the plan.
+    for (const f of [verity, uki, rootfs]) {
+      const img = readFileSync(f);
+      const at = payload.indexOf(img);
+      expect(at % 4096, f).toBe(0);
+      expect(readFileSync(path.join(x, path.basename(f))).equals(img)).toBe(true);
+    }
+    // The odd-length efi image is followed by padding that puts the root image on a boundary.
+    expect(payload.indexOf(readFileSync(rootfs))).toBe(payload.indexOf(readFileSync(uki)) + 4096);
+  });
+
   it('extractBundle verifies and unpacks like rauc extract, refusing an existing directory', async () => {
     const b = await make('e.raucb', 'crypt');
     const x = path.join(dir, 'ours-x');

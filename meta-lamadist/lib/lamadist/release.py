@@ -342,6 +342,63 @@ def read_templates(tar_path):
         raise ReleaseError("cannot read the efi image %s: %s" % (tar_path, err))
 
 
+TAR_HEADER = 512
+# Padding members (efi image) and files (bundle payload) begin so: no other name of either does.
+ALIGN_PREFIX = ".lamadist-align-"
+
+
+def efi_tar_members(sizes):
+    """[(name, size)] of the efi image in order (the toolkit's efiTarMembers): before each template
+    UKI a zero-filled padding member putting its first byte on a UKI_BLOCK boundary of the tar, so
+    that a UKI block is exactly one squashfs block of the (verbatim, aligned) bundle."""
+    members, at = [], 0
+    for slot in SLOTS:
+        pad = (UKI_BLOCK - (at + 2 * TAR_HEADER) % UKI_BLOCK) % UKI_BLOCK
+        members += [(ALIGN_PREFIX + slot, pad), ("lamadist-%s.efi" % slot, sizes[slot])]
+        at += 2 * TAR_HEADER + pad + -(-sizes[slot] // TAR_HEADER) * TAR_HEADER
+    return members
+
+
+def write_templates(tar_path, templates, epoch):
+    """Write the efi image: templates is {slot: UKI bytes}; members as efi_tar_members, plain ustar."""
+    import io
+    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, size in efi_tar_members({slot: len(templates[slot]) for slot in SLOTS}):
+            slot = next((x for x in SLOTS if name == "lamadist-%s.efi" % x), None)
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = size, epoch, 0o644
+            tar.addfile(info, io.BytesIO(templates[slot] if slot else bytes(size)))
+
+
+# mksquashfs: file data starts after the 96-byte superblock; these keep a file's bytes verbatim
+# and contiguous (the toolkit's SQUASHFS_DATA_START and ALIGNED_SQUASHFS_ARGS).
+SQUASHFS_DATA_START = 96
+ALIGNED_SQUASHFS_ARGS = ("-noD", "-no-fragments", "-no-duplicates", "-no-sparse")
+BUNDLE_BLOCK = 4096
+
+
+def align_bundle(bundle_dir, images, sort_path):
+    """Make `rauc bundle --mksquashfs-args="<ALIGNED_SQUASHFS_ARGS> -sort <sort_path>"` put each
+    file of images (names in bundle_dir, in order) on a 4 KiB boundary of the bundle: writes the
+    zero-filled padding files into bundle_dir and the sort file (the toolkit's alignPayload).
+    Returns [(name, offset)]."""
+    order, placed, at = [], [], SQUASHFS_DATA_START
+    for name in images:
+        pad = (BUNDLE_BLOCK - at % BUNDLE_BLOCK) % BUNDLE_BLOCK
+        if pad:
+            pad_name = "%s%d" % (ALIGN_PREFIX, sum(1 for n in order if n.startswith(ALIGN_PREFIX)))
+            with open(os.path.join(bundle_dir, pad_name), "wb") as f:
+                f.write(bytes(pad))
+            order.append(pad_name)
+            at += pad
+        placed.append((name, at))
+        order.append(name)
+        at += os.path.getsize(os.path.join(bundle_dir, name))
+    with open(sort_path, "w") as f:
+        f.write("".join("%s %d\n" % (name, 32767 - i) for i, name in enumerate(order)))
+    return placed
+
+
 def sign(pe, db_key, db_cert, sbsign, workdir):
     """pe signed for Secure Boot with the db key (sbsign)."""
     src = os.path.join(workdir, "unsigned.efi")

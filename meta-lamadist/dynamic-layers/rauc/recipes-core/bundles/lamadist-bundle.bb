@@ -15,8 +15,11 @@ RAUC_BUNDLE_VERSION = "${DISTRO_VERSION}"
 RAUC_BUNDLE_DESCRIPTION = "${DISTRO_NAME} ${DISTRO_VERSION} for ${MACHINE}"
 RAUC_BUNDLE_FORMAT = "verity"
 # A device streams the bundle and fetches whole squashfs blocks: 16 KiB ones (the toolkit's
-# RELEASE_SQUASHFS_BLOCK) keep an update's download near the blocks that changed.
-BUNDLE_ARGS += ' --mksquashfs-args="-b 16384" '
+# RELEASE_SQUASHFS_BLOCK) keep an update's download near the blocks that changed. Stored verbatim,
+# each image on a 4 KiB boundary (lamadist_bundle_align), a block is exactly the 4 KiB sectors the
+# device reads it in; the images come compressed already (EROFS lz4hc, compressed kernels).
+LAMADIST_BUNDLE_SORT = "${WORKDIR}/lamadist-bundle.sort"
+BUNDLE_ARGS += ' --mksquashfs-args="-b 16384 -noD -no-fragments -no-duplicates -no-sparse -sort ${LAMADIST_BUNDLE_SORT}" '
 
 RAUC_BUNDLE_HOOKS[file] = "lamadist-bundle-hook"
 # Refuses the bundle on a host it does not carry, or whose identity it would drop.
@@ -92,3 +95,18 @@ def lamadist_hosts_inputs(d):
     return ' '.join('%s:%s' % (f, os.path.exists(f)) for f in files if f)
 do_lamadist_hosts[vardepsexclude] += "LAMADIST_HOSTS LAMADIST_SIGNING_DIR"
 do_lamadist_hosts[file-checksums] += "${@lamadist_hosts_inputs(d)}"
+
+# After meta-rauc's do_configure has filled BUNDLE_DIR: padding files and the mksquashfs sort file
+# that put the images, in manifest order, on 4 KiB boundaries of the bundle.
+python lamadist_bundle_align () {
+    import configparser
+    import os
+    import lamadist.release
+    bundle_dir = d.getVar('BUNDLE_DIR')
+    manifest = configparser.ConfigParser(interpolation=None)
+    manifest.read(os.path.join(bundle_dir, 'manifest.raucm'))
+    images = [manifest[s]['filename'] for s in manifest.sections() if s.startswith('image.') and 'filename' in manifest[s]]
+    for name, offset in lamadist.release.align_bundle(bundle_dir, images, d.getVar('LAMADIST_BUNDLE_SORT')):
+        bb.note("%s at byte %d of the bundle" % (name, offset))
+}
+do_configure[postfuncs] += "lamadist_bundle_align"

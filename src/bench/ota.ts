@@ -1,12 +1,9 @@
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { addHost, loadInventory } from '../host/index.js';
-import { initKeys } from '../keys/index.js';
-import { provisionHosts } from '../provision/index.js';
 import { RELEASE_SQUASHFS_BLOCK, openRelease, releaseUki, type OpenRelease } from '../release/index.js';
 import { inspectUki } from '../uki/index.js';
-import { blankMachine, fleetRelease, installFromStick, startFleetServer, watchDevice, type DeviceWatch } from '../vm/index.js';
+import { oneHostFleet, watchDevice, type DeviceWatch, type FixtureRelease, type FleetMachine, type OneHostFleet } from '../vm/index.js';
 import { casyncFetch, changedBlocks } from './casync.js';
 
 /**
@@ -24,7 +21,6 @@ import { casyncFetch, changedBlocks } from './casync.js';
  */
 
 const HOST = { name: 'bench-ota', smbiosUuid: '4c414d41-4245-4e43-8000-000000000001' };
-const SIZES = { esp: 300, rootfs_a: 640, verity_a: 16, rootfs_b: 640, verity_b: 16, var: 600 };
 const TIMEOUT_MS = 3_600_000;
 
 interface Case {
@@ -64,47 +60,23 @@ function kernelInitrdAsTheyTravel(uki: Buffer): number {
 
 export async function run(): Promise<void> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'lamadist-bench-ota-'));
-  const keys = path.join(dir, 'keys');
-  const inventory = path.join(dir, 'hosts.yaml');
-  const stick = path.join(dir, 'installer.img');
-  const log = (): void => undefined;
   const opened: OpenRelease[] = [];
   let watch: DeviceWatch | undefined;
-  const server = await (async () => {
-    await initKeys(keys);
-    await addHost(inventory, { name: HOST.name, ip: 'dhcp', smbiosUuid: HOST.smbiosUuid });
-    return startFleetServer(dir, keys, 5, log);
-  })();
+  const { fleet, steps } = oneHostFleet({ dir, host: HOST, tag: 'bench', payload: 'one', timeoutMs: TIMEOUT_MS, log: () => undefined });
   try {
-    const release = (c: { version: string; payload: string; initramfsBuild?: string }) =>
-      fleetRelease({ dir, keys, inventory, ...c, out: path.join(dir, `release-${c.version}.raucb`), recipients: [server.serverCert], log });
-    const v1 = await release({ version: '1', payload: 'one' });
-    const [host] = await provisionHosts({
-      release: v1.bundle,
-      keys,
-      hosts: (await loadInventory(inventory)).hosts,
-      out: path.join(dir, 'provision'),
-      fleet: server.fleet,
-      tags: ['bench'],
-      deviceServer: `10.0.2.2:${server.server.port}`,
-      installer: stick,
-      sizes: SIZES,
-      log,
-    });
-    const machineId = host?.machineId as string;
-    const machine = await blankMachine({ dir, name: HOST.name, smbiosUuid: HOST.smbiosUuid, diskBytes: 3 * 1024 ** 3 });
-    const installed = await installFromStick(machine, stick, { timeoutMs: TIMEOUT_MS, serialLog: path.join(dir, 'install.log') });
-    if (!installed.installed) throw new Error(`the installer did not install the bench machine: ${installed.error ?? ''}; see ${path.join(dir, 'install.log')}`);
-    watch = watchDevice(machine, { timeoutMs: TIMEOUT_MS, serialLog: path.join(dir, 'console.log') });
+    for (const step of steps) await step();
+    const server = fleet.server as NonNullable<OneHostFleet['server']>;
+    const machineId = fleet.machineId as string;
+    watch = watchDevice(fleet.machine as FleetMachine, { timeoutMs: TIMEOUT_MS, serialLog: path.join(dir, 'console.log') });
     let at = await watch.waitFor(/lamadist-ddi: reported version 1 slot A/);
-    let running = await openRelease(v1.bundle, { keys });
+    let running = await openRelease((fleet.release1 as FixtureRelease).bundle, { keys: fleet.keys });
     opened.push(running);
     let slot: 'a' | 'b' = 'a';
     process.stdout.write(`ota: ${'update'.padEnd(28)} ${'fetched'.padStart(11)} ${'floor'.padStart(11)} ${'ratio'.padStart(6)} ${'full'.padStart(11)} ${'casync'.padStart(11)} ${'install'.padStart(8)}\n`);
     for (const c of CASES) {
       const next: 'a' | 'b' = slot === 'a' ? 'b' : 'a';
-      const created = await release(c);
-      const target = await openRelease(created.bundle, { keys });
+      const created = await fleet.release(c);
+      const target = await openRelease(created.bundle, { keys: fleet.keys });
       opened.push(target);
       const from = await slotImages(running, machineId, slot, dir);
       const to = await slotImages(target, machineId, next, dir);
@@ -142,7 +114,7 @@ export async function run(): Promise<void> {
     }
   } finally {
     await watch?.stop();
-    await server.server.close();
+    await fleet.server?.server.close();
     for (const r of opened) await r.close();
     await fs.rm(dir, { recursive: true, force: true });
   }

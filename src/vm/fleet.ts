@@ -1,11 +1,13 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { hostArgs, loadInventory } from '../host/index.js';
-import { keyPath, readManifest } from '../keys/index.js';
+import { UserError } from '../errors.js';
+import { addHost, hostArgs, loadInventory } from '../host/index.js';
+import { initKeys, keyPath, readManifest } from '../keys/index.js';
+import { provisionHosts } from '../provision/index.js';
 import { bootDevice, type BootableDevice } from './device.js';
 import { OVMF } from './constants.js';
 import { fixtureInitramfs, fixtureRootfs } from './fixture.js';
-import { fixtureRelease, type FixtureRelease } from './ota.js';
+import { fixtureRelease, startFleetServer, type FixtureRelease } from './ota.js';
 import type { QemuResult } from './qemu.js';
 
 /**
@@ -111,4 +113,81 @@ export async function fleetRelease(o: {
     out: o.out,
     ...(o.log && { log: o.log }),
   });
+}
+
+/** Partition sizes (MiB) of an installed fleet machine: the fixture with room for updates. */
+export const FLEET_SIZES = { esp: 300, rootfs_a: 640, verity_a: 16, rootfs_b: 640, verity_b: 16, var: 600 };
+
+/** One emulated machine installed the operator's way, as `oneHostFleet` builds it step by step. */
+export interface OneHostFleet {
+  keys: string;
+  inventory: string;
+  stick: string;
+  /** Set by the first step. */
+  server?: Awaited<ReturnType<typeof startFleetServer>>;
+  /** Set by the second step: the host's machine-id from the inventory. */
+  machineId?: string;
+  release1?: FixtureRelease;
+  /** Set by the third step: the installed machine, powered off. */
+  machine?: FleetMachine;
+  /** A fixture release for the inventory, encrypted for the device and the update server. */
+  release(o: { version: string; payload?: string; initramfsBuild?: string }): Promise<FixtureRelease>;
+}
+
+/**
+ * The operator's path for one new machine, as three steps the caller runs in order (`vm demo`
+ * shows each as it goes): fleet keys, the host by SMBIOS UUID and the update server; release 1 and
+ * `provision --installer`, registering the host with `tag`; a blank machine (firmware in setup
+ * mode, fresh TPM2) installed from the stick. Nothing here is test-only: every step is a product
+ * capability an operator runs.
+ */
+export function oneHostFleet(o: {
+  dir: string;
+  host: { name: string; smbiosUuid: string };
+  tag: string;
+  /** Release 1's 1 MiB payload file (VariantSpec), if it has one. */
+  payload?: string;
+  timeoutMs: number;
+  log: (m: string) => void;
+}): { fleet: OneHostFleet; steps: (() => Promise<void>)[] } {
+  const fleet: OneHostFleet = {
+    keys: path.join(o.dir, 'keys'),
+    inventory: path.join(o.dir, 'hosts.yaml'),
+    stick: path.join(o.dir, 'installer.img'),
+    release: (r) => {
+      if (!fleet.server) throw new Error('the update server is not started');
+      return fleetRelease({ dir: o.dir, keys: fleet.keys, inventory: fleet.inventory, ...r, out: path.join(o.dir, `release-${r.version}.raucb`), recipients: [fleet.server.serverCert], log: o.log });
+    },
+  };
+  const steps = [
+    async (): Promise<void> => {
+      await initKeys(fleet.keys);
+      await addHost(fleet.inventory, { name: o.host.name, ip: 'dhcp', smbiosUuid: o.host.smbiosUuid });
+      fleet.server = await startFleetServer(o.dir, fleet.keys, 5, o.log);
+    },
+    async (): Promise<void> => {
+      const server = fleet.server as NonNullable<OneHostFleet['server']>;
+      fleet.release1 = await fleet.release({ version: '1', ...(o.payload !== undefined && { payload: o.payload }) });
+      const [host] = await provisionHosts({
+        release: fleet.release1.bundle,
+        keys: fleet.keys,
+        hosts: (await loadInventory(fleet.inventory)).hosts,
+        out: path.join(o.dir, 'provision'),
+        fleet: server.fleet,
+        tags: [o.tag],
+        deviceServer: `10.0.2.2:${server.server.port}`,
+        installer: fleet.stick,
+        sizes: FLEET_SIZES,
+        log: o.log,
+      });
+      fleet.machineId = host?.machineId;
+    },
+    async (): Promise<void> => {
+      fleet.machine = await blankMachine({ dir: o.dir, name: o.host.name, smbiosUuid: o.host.smbiosUuid, diskBytes: 3 * 1024 ** 3 });
+      const log = path.join(o.dir, 'install.log');
+      const r = await installFromStick(fleet.machine, fleet.stick, { timeoutMs: o.timeoutMs, serialLog: log, onLine: o.log });
+      if (!r.installed) throw new UserError('LAMA_E_VM_INSTALL', `the installer did not install ${o.host.name}${r.error ? `: ${r.error}` : ''}; see ${log}`);
+    },
+  ];
+  return { fleet, steps };
 }

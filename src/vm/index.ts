@@ -42,6 +42,9 @@
  * - `installFromStick(machine, stick, { timeoutMs, serialLog?, signal? })` → QemuResult + `installed`, `error`.
  * - `fleetRelease({ dir, keys, inventory, version, out, recipients })`: a release for every inventory host.
  * - `startFleetServer(dir, keys, pollSeconds, log)` → `{ server, fleet, serverCert, adminTokenFile }`.
+ * - `oneHostFleet({ dir, host, tag, payload?, timeoutMs, log })` → `{ fleet, steps }`: keys, host and
+ *   server; release 1 and `provision --installer`; a blank machine installed from the stick
+ *   (`vm demo` and `npm run bench ota`).
  *
  * Faults (acceptance 4a and 5):
  * - `tamperSlot({ disk, plan }, slot, { imageOffset? })` → Tamper: one byte of a slot's root image flipped on the disk.
@@ -69,7 +72,7 @@ export { detectAccel } from './accel.js';
 export { OVMF, SERIAL_CONSOLE } from './constants.js';
 export { fixtureRootfs, fixtureInitramfs, repoRoot, FIXTURE_PACKAGES, ON_TARGET_FILES, type FixtureRootfs } from './fixture.js';
 export { prepareDevice, bootDevice, parseReport, parseSlots, DEVICE_SIZES, type Device, type BootableDevice, type BootMode, type SlotsReport } from './device.js';
-export { blankMachine, installFromStick, fleetRelease, type FleetMachine, type InstallRun } from './fleet.js';
+export { blankMachine, installFromStick, fleetRelease, oneHostFleet, FLEET_SIZES, type FleetMachine, type InstallRun, type OneHostFleet } from './fleet.js';
 export { fixtureBundle, fixtureRelease, startFleetServer, fixtureVariant, planVariant, prepareFleetDevice, rollOutRelease, SERVER_KEY_NAME, matchAfter, otaMilestones, watchDevice, type FleetDevice, type OtaMilestone, type DeviceWatch, FAILING_HEALTH_CHECK, type FixtureRelease, type VariantSpec } from './ota.js';
 export { tamperSlot, slotByteOffset, parseBootVariables, readBootVariables, setBootNext, slotEntry, cutPower, SUPERBLOCK_OFFSET, type Tamper, type BootVariables, type CutPoint, type PowerCutRecord, type RunHooks } from './faults.js';
 export { streamingRauc, debSrcSources, RAUC_CONFIGURE_FLAGS, type StreamingRauc } from './rauc.js';

@@ -2,25 +2,20 @@ import type { Command } from 'commander';
 import path from 'node:path';
 import { UserError } from '../../errors.js';
 import { promises as fs } from 'node:fs';
-import { addHost, loadInventory } from '../../host/index.js';
-import { initKeys } from '../../keys/index.js';
-import { provisionHosts } from '../../provision/index.js';
 import {
   OVMF,
-  blankMachine,
   cacheRoot,
-  fleetRelease,
-  installFromStick,
   matchAfter,
+  oneHostFleet,
   otaMilestones,
   parseReport,
   parseSlots,
   runQemu,
-  startFleetServer,
   watchDevice,
   type DeviceWatch,
   type FleetMachine,
   type HostForward,
+  type OneHostFleet,
   type QemuOptions,
   type QemuResult,
   type SlotsReport,
@@ -137,8 +132,6 @@ export interface DemoResult {
 
 /** The demo host: a new machine known to the inventory by its SMBIOS system UUID. */
 const DEMO_HOST = { name: 'lamadist-demo', smbiosUuid: '4c414d41-4445-4d4f-8000-000000000001' };
-/** Partition sizes that fit the fixture with room for updates (as the emulated device's). */
-const DEMO_SIZES = { esp: 300, rootfs_a: 640, verity_a: 16, rootfs_b: 640, verity_b: 16, var: 600 };
 
 /** The demo's steps in order: the operator's path, then the device's console milestones of the update. Pure. */
 export function demoSteps(): { title: string; marker?: RegExp; since?: number }[] {
@@ -152,11 +145,6 @@ export function demoSteps(): { title: string; marker?: RegExp; since?: number }[
 }
 
 interface DemoState {
-  keys: string;
-  inventory: string;
-  stick: string;
-  server?: Awaited<ReturnType<typeof startFleetServer>>;
-  machine?: FleetMachine;
   watch?: DeviceWatch;
   at: number;
   /** Where each console milestone ended, in order (OtaMilestone `since` indexes these). */
@@ -180,45 +168,19 @@ export async function vmDemo(ctx: Context, opts: { dir?: string; timeout?: numbe
   // Every run starts from nothing but the caches: a demo is the path from zero.
   await fs.rm(dir, { recursive: true, force: true });
   await fs.mkdir(dir, { recursive: true });
-  const state: DemoState = { keys: path.join(dir, 'keys'), inventory: path.join(dir, 'hosts.yaml'), stick: path.join(dir, 'installer.img'), at: 0, marks: [], bundleBytes: 0, releaseId: 0 };
+  const state: DemoState = { at: 0, marks: [], bundleBytes: 0, releaseId: 0 };
   const started = Date.now();
-  const release = (s: DemoState, version: string) =>
-    fleetRelease({ dir, keys: s.keys, inventory: s.inventory, version, out: path.join(dir, `release-${version}.raucb`), recipients: [(s.server as { serverCert: string }).serverCert], log: detail });
+  const { fleet, steps: setup } = oneHostFleet({ dir, host: DEMO_HOST, tag: 'demo', timeoutMs, log: detail });
   const run: ((s: DemoState) => Promise<void>)[] = [
+    ...setup,
     async (s) => {
-      await initKeys(s.keys);
-      await addHost(s.inventory, { name: DEMO_HOST.name, ip: 'dhcp', smbiosUuid: DEMO_HOST.smbiosUuid });
-      s.server = await startFleetServer(dir, s.keys, 5, detail);
-    },
-    async (s) => {
-      const srv = s.server as NonNullable<DemoState['server']>;
-      const v1 = await release(s, '1');
-      await provisionHosts({
-        release: v1.bundle,
-        keys: s.keys,
-        hosts: (await loadInventory(s.inventory)).hosts,
-        out: path.join(dir, 'provision'),
-        fleet: srv.fleet,
-        tags: ['demo'],
-        deviceServer: `10.0.2.2:${srv.server.port}`,
-        installer: s.stick,
-        sizes: DEMO_SIZES,
-        log: detail,
-      });
-    },
-    async (s) => {
-      s.machine = await blankMachine({ dir, name: DEMO_HOST.name, smbiosUuid: DEMO_HOST.smbiosUuid, diskBytes: 3 * 1024 ** 3 });
-      const r = await installFromStick(s.machine, s.stick, { timeoutMs, serialLog: path.join(dir, 'install.log'), onLine: detail });
-      if (!r.installed) throw new UserError('LAMA_E_DEMO', `the installer did not install the machine${r.error ? `: ${r.error}` : ''}; see ${path.join(dir, 'install.log')}`);
-    },
-    async (s) => {
-      const srv = s.server as NonNullable<DemoState['server']>;
-      const v2 = await release(s, '2');
+      const srv = fleet.server as NonNullable<OneHostFleet['server']>;
+      const v2 = await fleet.release({ version: '2' });
       const up = await srv.fleet.uploadRelease(v2.bundle);
       await srv.fleet.createRollout({ releaseId: up.release.id, name: 'demo 2', filter: { tags: ['demo'] }, start: true });
       s.bundleBytes = v2.size;
       s.releaseId = up.release.id;
-      s.watch = watchDevice(s.machine as FleetMachine, { timeoutMs, serialLog: log, onLine: detail });
+      s.watch = watchDevice(fleet.machine as FleetMachine, { timeoutMs, serialLog: log, onLine: detail });
     },
   ];
   const steps = demoSteps();
@@ -238,7 +200,7 @@ export async function vmDemo(ctx: Context, opts: { dir?: string; timeout?: numbe
       })),
       state,
     );
-    const srv = state.server as NonNullable<DemoState['server']>;
+    const srv = fleet.server as NonNullable<OneHostFleet['server']>;
     const serial = (state.watch as DeviceWatch).serial();
     const afterUpdate = parseSlots(serial.slice(matchAfter(serial, /installed version 2; rebooting/)));
     const action = (await srv.fleet.getDevice(DEMO_HOST.name)).actions.find((a) => a.releaseId === state.releaseId)?.state ?? 'none';
@@ -248,9 +210,9 @@ export async function vmDemo(ctx: Context, opts: { dir?: string; timeout?: numbe
     const result: DemoResult = {
       dir,
       host: DEMO_HOST.name,
-      disk: (state.machine as FleetMachine).disk,
-      installer: state.stick,
-      recoveryEscrow: `${state.stick}:installer_data/escrow/${DEMO_HOST.name}.cms`,
+      disk: (fleet.machine as FleetMachine).disk,
+      installer: fleet.stick,
+      recoveryEscrow: `${fleet.stick}:installer_data/escrow/${DEMO_HOST.name}.cms`,
       server: srv.server.url,
       firstBoot: parseReport(serial.slice(0, matchAfter(serial, /LAMADIST-REPORT-END/))) ?? {},
       afterUpdate,
@@ -267,13 +229,13 @@ export async function vmDemo(ctx: Context, opts: { dir?: string; timeout?: numbe
         `  update: version ${afterUpdate.version} on slot ${afterUpdate.booted} (${afterUpdate.state.B?.boot ?? ''}), health check ${afterUpdate.health}, server action ${action}`,
         `  bundle ${result.bundleBytes} bytes, fetched ${result.fetchedBytes} bytes; ${result.seconds.toFixed(0)} s in all`,
         `  disk ${result.disk}, console ${log}`,
-        `  recovery key: lamadist recovery-key ${DEMO_HOST.name} --keys ${state.keys} --escrow ${state.stick}`,
+        `  recovery key: lamadist recovery-key ${DEMO_HOST.name} --keys ${fleet.keys} --escrow ${fleet.stick}`,
       ].join('\n'),
     );
     return result;
   } finally {
     await state.watch?.stop();
-    await state.server?.server.close();
+    await fleet.server?.server.close();
   }
 }
 

@@ -16,7 +16,9 @@
  * - `registerHost(fleet, { controllerId, bsp, tags })` → the device's TargetToken (new or rotated)
  * - `provisionHost(release, host, opts)` → what was issued and written for one host, and its ESP files
  * - `provisionHosts(opts)` → the whole operator step (`lamadist provision`, `lamadist vm demo`):
- *   open and verify the release, provision each host, then build the installer stick for them all
+ *   open and verify the release, upload it to the update server (found if stored: the server
+ *   attests devices against the release they run), provision each host, then build the
+ *   installer stick for them all
  */
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
@@ -121,6 +123,8 @@ export interface ProvisionedHost {
   /** The release carries the host with another command line than the inventory's now (its next release must be made). */
   staleInRelease: boolean;
   registered: 'target-token' | 'gateway-token';
+  /** The update server's id of the release (uploaded, or found already stored, when registering there). */
+  releaseId?: number;
   deviceKeyIssued: boolean;
   outputs: {
     config: string;
@@ -136,6 +140,14 @@ export interface ProvisionedHost {
   cmdline: Record<'a' | 'b', string>;
 }
 
+/** What makes a host unprovisionable from `release` before anything is issued or registered. */
+function checkProvisionable(release: OpenRelease, host: Host, o: Pick<ProvisionHostOptions, 'fleet' | 'gatewayToken'>): void {
+  if (host.bsp && host.bsp !== release.bsp.name) {
+    throw new UserError('LAMA_E_PROVISION_BSP', `host ${host.name} is a ${host.bsp} host; the release is for ${release.bsp.name}`);
+  }
+  if (!o.fleet && !o.gatewayToken) throw new UserError('LAMA_E_USAGE', 'provisioning needs an update server to register on, or a gateway token (--offline --gateway-token-file)');
+}
+
 /**
  * Provision one inventory host from an opened release: the report (safe to print) and the files
  * its ESP hands to /var at first boot (secrets: they go onto a disk or an installer stick only).
@@ -146,10 +158,7 @@ export async function provisionHost(
   o: ProvisionHostOptions,
 ): Promise<{ report: ProvisionedHost; espFiles: Record<string, Buffer> }> {
   const log = o.log ?? ((): void => undefined);
-  if (host.bsp && host.bsp !== release.bsp.name) {
-    throw new UserError('LAMA_E_PROVISION_BSP', `host ${host.name} is a ${host.bsp} host; the release is for ${release.bsp.name}`);
-  }
-  if (!o.fleet && !o.gatewayToken) throw new UserError('LAMA_E_USAGE', 'provisioning needs an update server to register on, or a gateway token (--offline --gateway-token-file)');
+  checkProvisionable(release, host, o);
   const db = await signingPair(o.keys, 'secureboot-db');
   const deviceKeyIssued = await ensureDeviceKey(o.keys, host.name);
   if (deviceKeyIssued) log(`${host.name}: device key issued`);
@@ -266,6 +275,14 @@ export async function provisionHosts(o: ProvisionHostsOptions): Promise<Provisio
   const staged: InstallerHost[] = [];
   try {
     if (o.installer) checkInstallable(release.bsp, o.hosts);
+    for (const host of o.hosts) checkProvisionable(release, host, o);
+    // The server must hold the release its new devices run: it predicts their PCR 11 from it
+    // (attestation) and shows what they run. Before any registration, so a refusal changes nothing.
+    let releaseId: number | undefined;
+    if (o.fleet) {
+      log(`release ${release.version}: uploading to the update server`);
+      releaseId = (await o.fleet.uploadRelease(o.release)).release.id;
+    }
     for (const host of o.hosts) {
       const { report: r, espFiles } = await provisionHost(release, host, {
         ...o,
@@ -274,6 +291,7 @@ export async function provisionHosts(o: ProvisionHostsOptions): Promise<Provisio
         log,
       });
       if (r.staleInRelease) warn(`${host.name}'s inventory entry changed since release ${release.version}: its UKIs are signed with the new line, and the next release must carry it`);
+      if (releaseId !== undefined) r.releaseId = releaseId;
       if (!r.inRelease) warn(`${host.name} is not in release ${release.version}: its disk boots it, but devices refuse a release without them, so include it in the next one`);
       done.push(r);
       staged.push({ host, ukis: r.outputs.ukis, espFiles });

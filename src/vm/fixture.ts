@@ -73,6 +73,13 @@ const FIXTURE_UNITS = [
   'lamadist-ddi-client.service', 'lamadist-attest.timer',
 ];
 
+/**
+ * Debian units the fixture enables as a Yocto image has them: networkd and its generator (a host's
+ * static ip=), RAUC's service, and /tmp on tmpfs (Debian keeps tmp.mount in /usr/share/systemd; a
+ * Yocto image mounts it, and the root is read-only).
+ */
+const SYSTEM_UNITS = ['systemd-networkd.service', 'systemd-network-generator.service', 'rauc.service', 'tmp.mount'];
+
 /** The version a fixture root file system reports (IMAGE_VERSION in os-release) unless a variant says otherwise. */
 export const FIXTURE_VERSION = '1';
 
@@ -377,7 +384,7 @@ export async function fixtureRootfs(opts: { keyring?: string; log?: (m: string) 
   const keyring = opts.keyring ? await fs.readFile(opts.keyring) : undefined;
   const rauc = await streamingRauc({ log });
   const raucBinary = await fs.readFile(rauc.binary);
-  const key = sha([path.basename(base), ...MASKED_GENERATORS, 'root-0755', raucBinary, FIXTURE_VERSION, ...FIXTURE_UNITS, JSON.stringify(FIXTURE_FILES), ...PRUNED_MODULE_DIRS, ...PRUNED_PATHS, ...contents, keyring ?? '']);
+  const key = sha([path.basename(base), ...MASKED_GENERATORS, 'root-0755', raucBinary, FIXTURE_VERSION, ...FIXTURE_UNITS, ...SYSTEM_UNITS, JSON.stringify(FIXTURE_FILES), ...PRUNED_MODULE_DIRS, ...PRUNED_PATHS, ...contents, keyring ?? '']);
   const final = path.join(cacheRoot(), 'rootfs', `fixture-${key}`);
   if (await cachedTree(final)) return { dir: final, kernel };
 
@@ -421,8 +428,8 @@ export async function fixtureRootfs(opts: { keyring?: string; log?: (m: string) 
     await fs.writeFile(path.join(tmp, 'etc/machine-id'), '');
     await fs.writeFile(path.join(tmp, 'etc/hostname'), 'lamadist\n');
     for (const u of FIXTURE_UNITS) await enable(tmp, u);
-    // systemd-network-generator turns a host's static ip= into a .network file (the Yocto image's systemd does the same).
-    await run('chroot', [tmp, 'systemctl', 'enable', 'systemd-networkd.service', 'systemd-network-generator.service', 'rauc.service'], { allowFailure: true });
+    await fs.copyFile(path.join(tmp, 'usr/share/systemd/tmp.mount'), path.join(tmp, 'etc/systemd/system/tmp.mount'));
+    await run('chroot', [tmp, 'systemctl', 'enable', ...SYSTEM_UNITS], { allowFailure: true });
     await fs.writeFile(path.join(tmp, '.lamadist-complete'), '');
     await renameInto(tmp, final);
   } catch (err) {

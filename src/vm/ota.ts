@@ -224,6 +224,8 @@ export async function startFleetServer(
     keyring: await keyPath(keys, 'rauc-ca-cert'),
     bundleKey: await keyPath(keys, 'device-key', SERVER_KEY_NAME),
     bundleCert: serverCert,
+    // The fleet's Secure Boot keys: what PCR 7 of an attested device must show.
+    keys,
     pollSeconds,
   });
   const adminTokenFile = server.adminTokenFile as string;

@@ -62,7 +62,14 @@ beforeAll(async () => {
     signer: { certPem: await fs.readFile(path.join(keys, 'rauc-signing.crt'), 'utf8'), keyPem: await fs.readFile(path.join(keys, 'rauc-signing.key'), 'utf8') },
     recipients: [await fs.readFile(await keyPath(keys, 'device-cert', 'update-server'), 'utf8')],
   });
-  server = await startServer({ store: path.join(tmp, 'server'), listen: '127.0.0.1:0', keyring: path.join(keys, 'rauc-ca.crt') });
+  // With its bundle key: it opens the crypt release that provision uploads.
+  server = await startServer({
+    store: path.join(tmp, 'server'),
+    listen: '127.0.0.1:0',
+    keyring: path.join(keys, 'rauc-ca.crt'),
+    bundleKey: await keyPath(keys, 'device-key', 'update-server'),
+    bundleCert: await keyPath(keys, 'device-cert', 'update-server'),
+  });
   adminToken = (await fs.readFile(server.adminTokenFile as string, 'utf8')).trim();
 }, 180_000);
 afterAll(async () => {
@@ -92,6 +99,10 @@ describe('lamadist provision', () => {
       ['node2', true, false, 'target-token', true],
     ]);
     const fleet = new FleetClient({ url: server.url, token: adminToken });
+    // The server holds the release the hosts were provisioned with (it attests them against it).
+    const stored = await fleet.listReleases();
+    expect(stored.map((x) => x.version)).toEqual(['1']);
+    expect(done.map((d) => (d as { releaseId?: number }).releaseId)).toEqual([stored[0]?.id, stored[0]?.id]);
     const devices = await fleet.listDevices();
     expect(devices.map((d) => [d.controllerId, d.tags]).sort()).toEqual([
       ['node1', ['rack1']],

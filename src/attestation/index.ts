@@ -39,11 +39,12 @@ export const ATTESTED_PCRS = [7, 10, 11] as const;
 
 /**
  * The PCR 11 values a device booted from `uki` can quote: the one systemd-stub leaves at hand-over
- * and, on a systemd system, each value after systemd-pcrphase's words (hex, SHA-256 bank).
+ * and, on a systemd system, each value after systemd-pcrphase's words, with a systemd initramfs
+ * and without one (LamaDist's lamadist-init measures no initrd phase) (hex, SHA-256 bank).
  */
 export function predictPcr11Values(uki: Buffer): string[] {
   const p = predictPcr11(uki, { bank: 'sha256' });
-  return [p.value, ...p.phases.map((x) => x.value)];
+  return [p.value, ...p.phases.map((x) => x.value), ...p.phasesWithoutInitrd.map((x) => x.value)];
 }
 
 /** What a device sends for one attestation. */

@@ -8,7 +8,8 @@
  * - `measuredSections(stubVersion?)` → section names the stub measures, in order
  * - `predictPcr11(uki, { bank? })` → { bank, value (hex), phases, steps }: `value` is PCR 11 when
  *   the stub hands over to the kernel; `phases` adds the words systemd-pcrphase extends later
- *   (the same list `systemd-measure calculate` prints)
+ *   (the same list `systemd-measure calculate` prints), `phasesWithoutInitrd` those of a boot
+ *   whose initramfs does not run systemd (LamaDist's)
  */
 import { createHash } from 'node:crypto';
 import { parsePe, sectionData } from '../pe/index.js';
@@ -34,6 +35,12 @@ export function measuredSections(version?: string): string[] {
 /** The boot phases systemd-pcrphase measures into PCR 11 after the stub, in order. */
 export const BOOT_PHASES = ['enter-initrd', 'leave-initrd', 'sysinit', 'ready'] as const;
 
+/**
+ * The phases of a boot whose initramfs does not run systemd, as LamaDist's lamadist-init: only the
+ * main system's words are measured.
+ */
+export const BOOT_PHASES_WITHOUT_INITRD = ['sysinit', 'ready'] as const;
+
 /** One extend operation, for display and debugging. */
 export interface MeasureStep {
   section: string;
@@ -46,7 +53,10 @@ export interface MeasureStep {
  * Predict PCR 11 after systemd-stub has measured `uki`. The stub version is read from the UKI's
  * .sdmagic section (the table above depends on it); `stub` overrides it.
  */
-export function predictPcr11(uki: Buffer, opts: { bank?: Bank; stub?: string } = {}): { bank: Bank; value: string; stub?: string; phases: { phase: string; value: string }[]; steps: MeasureStep[] } {
+export function predictPcr11(
+  uki: Buffer,
+  opts: { bank?: Bank; stub?: string } = {},
+): { bank: Bank; value: string; stub?: string; phases: { phase: string; value: string }[]; phasesWithoutInitrd: { phase: string; value: string }[]; steps: MeasureStep[] } {
   const bank = opts.bank ?? 'sha256';
   const info = parsePe(uki, 'UKI');
   const version = opts.stub ?? stubVersion(uki, info);
@@ -66,12 +76,12 @@ export function predictPcr11(uki: Buffer, opts: { bank?: Bank; stub?: string } =
     extend(name, 'name', digest(Buffer.from(`${name}\0`, 'latin1')));
     extend(name, 'data', digest(data));
   }
-  const value = pcr.toString('hex');
-  const phases: { phase: string; value: string }[] = [];
-  let p: Buffer = pcr;
-  BOOT_PHASES.forEach((word, i) => {
-    p = digest(Buffer.concat([p, digest(Buffer.from(word, 'utf8'))]));
-    phases.push({ phase: BOOT_PHASES.slice(0, i + 1).join(':'), value: p.toString('hex') });
-  });
-  return { bank, value, stub: version, phases, steps };
+  const after = (words: readonly string[]): { phase: string; value: string }[] => {
+    let p: Buffer = pcr;
+    return words.map((word, i) => {
+      p = digest(Buffer.concat([p, digest(Buffer.from(word, 'utf8'))]));
+      return { phase: words.slice(0, i + 1).join(':'), value: p.toString('hex') };
+    });
+  };
+  return { bank, value: pcr.toString('hex'), stub: version, phases: after(BOOT_PHASES), phasesWithoutInitrd: after(BOOT_PHASES_WITHOUT_INITRD), steps };
 }

@@ -4,10 +4,11 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { planGpt, readGpt, writeGpt } from '../../src/disk/index.js';
-import { buildEsp } from '../../src/fat/index.js';
+import { buildEsp, readEspFile } from '../../src/fat/index.js';
 import { keyPath, signingPair } from '../../src/keys/index.js';
 import { openRelease, releaseUki } from '../../src/release/index.js';
 import { signPe, stripSignature } from '../../src/secureboot/index.js';
+import { inspectUki, setUkiCmdline } from '../../src/uki/index.js';
 import {
   blankMachine,
   fleetRelease,
@@ -31,7 +32,9 @@ import { tool } from '../uki/helpers.js';
 // Issue 13, acceptance 1 to 4 on the emulated hardware: two new machines (blank drives, firmware in
 // setup mode, fresh TPMs, their own SMBIOS UUIDs; one with a static address, one by DHCP) become a
 // fleet through the operator's path only: `keys init`, `host add`, `provision --installer` (one
-// stick for both), booting the stick, then updates from the server by tag.
+// stick for both), booting the stick, then updates from the server by tag. Issue 16's remote
+// attestation on the same machines: each attests its first boot to the update server, and a UKI the
+// fleet signed with another command line fails on PCR 11 and is held back by a rollout.
 
 const GiB = 1024 ** 3;
 const MiB = 1024 ** 2;
@@ -43,6 +46,14 @@ const HOSTS = [
   { name: 'fleet-dhcp', uuid: '4c414d41-0000-4000-8000-000000000002', mac: '52:54:00:4c:4d:02', id: ['--mac', '52-54-00-4C-4D-02'], net: ['--dhcp'] },
 ] as const;
 const INSTALL_MS = 900_000;
+/** The attestation agent's last line of a run: its verdict or why there was none (not its key's lines). */
+const ATTEST_VERDICT = /lamadist-attest: (?!created an attestation key|attestation key )[^\r\n]*/;
+
+/** The console line a `waitFor` match ended in. */
+function lineAt(w: DeviceWatch, end: number): string {
+  const serial = w.serial();
+  return serial.slice(serial.lastIndexOf('\n', end - 1) + 1, end);
+}
 
 /** SHA-256 of a file of any size (the drives are 3 GiB). */
 async function sha256(file: string): Promise<string> {
@@ -179,6 +190,11 @@ describe('issue 13: a fleet from blank machines through provision --installer, o
     const ws = watches as Record<(typeof HOSTS)[number]['name'], DeviceWatch>;
     try {
       await Promise.all(HOSTS.map((h) => ws[h.name].waitFor(/lamadist-ddi: reported version 1 slot A/)));
+      // Issue 16: each device attests its first boot (PCR 7: Secure Boot under exactly the fleet's
+      // keys; 10: the IMA list; 11: release 1's UKI for this host, which provision uploaded).
+      const verdicts = await Promise.all(HOSTS.map(async (h) => lineAt(ws[h.name], await ws[h.name].waitFor(ATTEST_VERDICT))));
+      for (const v of verdicts) expect(v).toMatch(/lamadist-attest: attested/);
+      for (const h of HOSTS) expect((await fleet.getDevice(h.name)).attestation, h.name).toMatchObject({ state: 'attested' });
       // A release that carries fleet-static only, offered to fleet-dhcp: its install check refuses it.
       const lackingInv = path.join(dir, 'hosts-static-only.yaml');
       await fs.copyFile(inventory, lackingInv);
@@ -269,6 +285,33 @@ describe('issue 13: a fleet from blank machines through provision --installer, o
       }
     }
   }, 300_000);
+
+  it('a UKI the fleet signed with another command line fails attestation on PCR 11, and a rollout that requires attestation holds that host back', async () => {
+    const m = machines['fleet-static'] as FleetMachine;
+    const esp = (await readGpt(m.disk)).table.partitions.find((x) => x.name === 'esp');
+    const offset = Number(esp?.firstLba ?? 0n) * 512;
+    // The booted slot's UKI as the update wrote it, with one more kernel argument, signed with the fleet's db key.
+    const current = await readEspFile(m.disk, offset, '/EFI/Linux/lamadist-b.efi');
+    const line = `${inspectUki(current).cmdline ?? ''} lamadist.test=other-line`;
+    const other = path.join(dir, 'other-line.efi');
+    await fs.writeFile(other, signPe(setUkiCmdline(stripSignature(current), line), await signingPair(keys, 'secureboot-db')));
+    const copied = tool('mcopy', ['-o', '-i', `${m.disk}@@${offset}`, other, '::/EFI/Linux/lamadist-b.efi']);
+    expect(copied.code, copied.out).toBe(0);
+    const w = watchDevice(m, { timeoutMs: 900_000, serialLog: path.join(dir, 'other-line.log') });
+    try {
+      const verdict = lineAt(w, await w.waitFor(ATTEST_VERDICT));
+      expect(w.serial()).toContain('lamadist.test=other-line');
+      expect(verdict, w.serial().slice(-3000)).toMatch(/the server judged this device failed: PCR 11: /);
+    } finally {
+      await w.stop();
+    }
+    const a = (await fleet.getDevice('fleet-static')).attestation;
+    expect(a.state).toBe('failed');
+    expect(a.checks.map((c) => [c.pcr, c.ok])).toEqual([[7, true], [10, true], [11, false]]);
+    const up1 = await fleet.uploadRelease(v1.bundle);
+    const rollout = await fleet.createRollout({ releaseId: up1.release.id, name: 'attested hosts only', filter: { tags: ['fleet'] }, requireAttestation: true });
+    expect(rollout.heldBack).toEqual(['fleet-static']);
+  }, 1_000_000);
 
   it('after enrollment the firmware refuses a UKI signed by a key that is not the fleet\'s', async () => {
     const other = path.join(dir, 'other-keys');

@@ -11,6 +11,10 @@
  * - `parseEventLog(buf)`, `replayPcr(log, pcr)`, `checkPcr7(log, quoted, fleetEsls)` → reasons
  * - `predictPcr11Values(uki)` → the PCR 11 values a UKI leaves (stub hand-over and boot phases)
  * - `appraise(evidence, expected)` → { state: attested | failed, checks per PCR, quote }
+ * - `parseEkPublic(buf)`, `parseEkCertificate(der)`, `loadEkTrust(pem, file)`,
+ *   `verifyEkCertificate(cert, trust, ekPublic, at?)` → the chain's subjects, or throws
+ *   LAMA_E_ATTEST_EK / _EK_CERT / _EK_CHAIN / _EK_MISMATCH / _EK_CA
+ * - `makeCredential(ekPublic, akName, secret)` → TPM2_MakeCredential's credential blob and encrypted seed
  */
 import { UserError } from '../errors.js';
 import { predictPcr11 } from '../measure/index.js';
@@ -19,6 +23,18 @@ import { parseImaLog, replayIma } from './ima.js';
 import { verifyQuote, type AkPublic, type QuoteInfo } from './tpm.js';
 
 export { ALG, parseAkPublic, parseQuote, parseSignature, verifyQuote, type AkPublic, type PcrSelection, type QuoteInfo, type QuoteSignature, type VerifyQuoteInput } from './tpm.js';
+export {
+  loadEkTrust,
+  makeCredential,
+  parseEkCertificate,
+  parseEkPublic,
+  verifyEkCertificate,
+  type Credential,
+  type EkCertificate,
+  type EkCertificateInfo,
+  type EkPublic,
+  type EkTrust,
+} from './ek.js';
 export { parseImaAscii, parseImaBinary, parseImaLog, replayIma, type ImaEntry } from './ima.js';
 export {
   EV_EFI_VARIABLE_AUTHORITY,

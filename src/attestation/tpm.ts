@@ -4,7 +4,7 @@
  * TPM2B_PUBLIC), decoded per TPM 2.0 Library Part 2 and verified with node:crypto.
  */
 import { createHash, createPublicKey, timingSafeEqual, verify, constants, type KeyObject } from 'node:crypto';
-import { UserError } from '../errors.js';
+import { UserError, type ErrorCode } from '../errors.js';
 import { Reader } from './reader.js';
 
 /** TPM_ALG_ID values this module reads. */
@@ -139,11 +139,22 @@ export function parseSignature(buf: Buffer): QuoteSignature {
   return sig;
 }
 
-function skipSymmetric(r: Reader): void {
-  if (r.u16('symmetric algorithm') !== ALG.NULL) {
-    r.u16('symmetric keyBits');
-    r.u16('symmetric mode');
-  }
+/** A TPMT_PUBLIC decoded far enough to use its key: what an AK and an EK have in common. */
+export interface PublicArea {
+  type: 'rsa' | 'ecc';
+  key: KeyObject;
+  /** The TPMT_PUBLIC bytes, as the TPM hashes them into the object's name. */
+  tpmt: Buffer;
+  /** TPM name: nameAlg followed by the nameAlg digest of `tpmt` (hex). */
+  name: string;
+  nameAlg: number;
+  /** Node's name of `nameAlg` ('sha256', …). */
+  hash: string;
+  attributes: number;
+  /** The symmetric algorithm of a storage key (TPMT_SYM_DEF_OBJECT), null when TPM_ALG_NULL. */
+  symmetric: { alg: number; keyBits: number; mode: number } | null;
+  /** ECC: the public point's coordinates as stored in the area (the TPM uses them as they are). */
+  point?: { x: Buffer; y: Buffer };
 }
 
 /** An unsigned big-endian integer as base64url, without the leading zeros JWK forbids. */
@@ -154,11 +165,12 @@ function b64uInt(b: Buffer): string {
 }
 
 /**
- * An attestation key's public area: TPMT_PUBLIC (`tpm2_readpublic -f tpmt`) or TPM2B_PUBLIC (the
- * `.pub` file of `tpm2_createak -u`). RSA and ECC NIST P-256 keys.
+ * A TPMT_PUBLIC (`tpm2_readpublic -f tpmt`) or TPM2B_PUBLIC (the `.pub` file of `tpm2_createak -u`
+ * and `tpm2_createek -u`) of an RSA or ECC NIST P-256 key. `code` names a key that decodes but is
+ * not usable (unsupported curve, bad modulus).
  */
-export function parseAkPublic(buf: Buffer): AkPublic {
-  const outer = new Reader(buf, 'AK public');
+export function readPublicArea(buf: Buffer, where: string, code: ErrorCode): PublicArea {
+  const outer = new Reader(buf, where);
   let tpmt = buf;
   // TPMT_PUBLIC starts with its type; TPM2B_PUBLIC with a size equal to the rest and then the type
   // (a TPMT_PUBLIC cut to 37 bytes would pass for a TPM2B of size 35 = TPM_ALG_ECC on size alone).
@@ -167,16 +179,23 @@ export function parseAkPublic(buf: Buffer): AkPublic {
     tpmt = outer.tpm2b('TPM2B_PUBLIC');
     outer.end('TPM2B_PUBLIC');
   }
-  const r: Reader = new Reader(tpmt, 'AK public');
+  const r: Reader = new Reader(tpmt, where);
   const type = r.u16('type');
   const nameAlgAt = r.off;
   const nameAlg = r.u16('nameAlg');
+  const hash = hashName(nameAlg, r, nameAlgAt);
   const attributes = r.u32('objectAttributes');
   r.tpm2b('authPolicy');
+  const bad: (message: string, at: number) => never = (message, at) => r.fail(code, message, at);
+  const readSymmetric = (): PublicArea['symmetric'] => {
+    const alg = r.u16('symmetric algorithm');
+    return alg === ALG.NULL ? null : { alg, keyBits: r.u16('symmetric keyBits'), mode: r.u16('symmetric mode') };
+  };
   let key: KeyObject;
-  const bad: (message: string, at: number) => never = (message, at) => r.fail('LAMA_E_ATTEST_KEY', message, at);
+  let symmetric: PublicArea['symmetric'];
+  let point: PublicArea['point'];
   if (type === ALG.RSA) {
-    skipSymmetric(r);
+    symmetric = readSymmetric();
     const scheme = r.u16('RSA scheme');
     if (scheme !== ALG.NULL) r.u16('RSA scheme hash');
     const bits = r.u16('RSA keyBits');
@@ -192,7 +211,7 @@ export function parseAkPublic(buf: Buffer): AkPublic {
       bad(`RSA public key does not decode: ${(err as Error).message}`, at);
     }
   } else if (type === ALG.ECC) {
-    skipSymmetric(r);
+    symmetric = readSymmetric();
     const scheme = r.u16('ECC scheme');
     if (scheme !== ALG.NULL) {
       r.u16('ECC scheme hash');
@@ -212,18 +231,43 @@ export function parseAkPublic(buf: Buffer): AkPublic {
     } catch (err) {
       bad(`ECC point is not on P-256: ${(err as Error).message}`, at);
     }
+    point = { x: Buffer.from(x), y: Buffer.from(y) };
   } else {
-    r.fail('LAMA_E_ATTEST_KEY', `key type 0x${type.toString(16).padStart(4, '0')} is neither RSA nor ECC`, 0);
+    r.fail(code, `key type 0x${type.toString(16).padStart(4, '0')} is neither RSA nor ECC`, 0);
   }
-  r.end('AK public area');
-  // A restricted signing key signs only digests of structures the TPM made itself, so a quote under
-  // it cannot be forged by whoever can use the key; fixedTPM keeps the key inside this TPM.
-  const missing = (Object.keys(ATTR) as (keyof typeof ATTR)[]).filter((k) => (attributes & ATTR[k]) === 0);
-  if (missing.length) r.fail('LAMA_E_ATTEST_KEY', `not an attestation key: objectAttributes 0x${attributes.toString(16)} lack ${missing.join(', ')}`, 6);
+  r.end(`${where} area`);
   const name = Buffer.alloc(2);
   name.writeUInt16BE(nameAlg);
-  const digest = createHash(hashName(nameAlg, r, nameAlgAt)).update(tpmt).digest();
-  return { type: type === ALG.RSA ? 'rsa' : 'ecc', key, tpmt: Buffer.from(tpmt), name: Buffer.concat([name, digest]).toString('hex'), attributes };
+  const digest = createHash(hash).update(tpmt).digest();
+  return {
+    type: type === ALG.RSA ? 'rsa' : 'ecc',
+    key,
+    tpmt: Buffer.from(tpmt),
+    name: Buffer.concat([name, digest]).toString('hex'),
+    nameAlg,
+    hash,
+    attributes,
+    symmetric,
+    ...(point && { point }),
+  };
+}
+
+/** TPMA_OBJECT bits that are missing from `attributes`, by name. */
+export function missingAttributes(attributes: number, required: Readonly<Record<string, number>>): string[] {
+  return Object.keys(required).filter((k) => (attributes & (required[k] as number)) === 0);
+}
+
+/**
+ * An attestation key's public area: TPMT_PUBLIC (`tpm2_readpublic -f tpmt`) or TPM2B_PUBLIC (the
+ * `.pub` file of `tpm2_createak -u`). RSA and ECC NIST P-256 keys.
+ */
+export function parseAkPublic(buf: Buffer): AkPublic {
+  const p = readPublicArea(buf, 'AK public', 'LAMA_E_ATTEST_KEY');
+  // A restricted signing key signs only digests of structures the TPM made itself, so a quote under
+  // it cannot be forged by whoever can use the key; fixedTPM keeps the key inside this TPM.
+  const missing = missingAttributes(p.attributes, ATTR);
+  if (missing.length) throw new UserError('LAMA_E_ATTEST_KEY', `not an attestation key: objectAttributes 0x${p.attributes.toString(16)} lack ${missing.join(', ')}`, { where: 'AK public at byte 6' });
+  return { type: p.type, key: p.key, tpmt: p.tpmt, name: p.name, attributes: p.attributes };
 }
 
 function signatureValid(quote: Buffer, sig: QuoteSignature, ak: AkPublic): boolean {

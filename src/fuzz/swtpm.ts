@@ -124,19 +124,22 @@ export type AkKind = 'ecdsa' | 'rsassa' | 'rsapss';
 
 /**
  * An attestation key under the endorsement hierarchy (`tpm2_createek` + `tpm2_createak`, as the
- * device's agent makes it), made persistent at `handle` so it outlives reboots. Returns the handle
- * to quote with and the TPM2B_PUBLIC.
+ * device's agent makes it), made persistent at `handle` so it outlives reboots. The EK is ECC for an
+ * ECDSA AK and RSA otherwise, unless `ek` says. Returns the handle to quote with, the AK's
+ * TPM2B_PUBLIC and name, and the EK's TPM2B_PUBLIC.
  */
-export async function createAk(tpm: Swtpm, dir: string, kind: AkKind, handle: number): Promise<{ context: string; public: Buffer }> {
+export async function createAk(tpm: Swtpm, dir: string, kind: AkKind, handle: number, ek: 'rsa' | 'ecc' = kind === 'ecdsa' ? 'ecc' : 'rsa'): Promise<{ context: string; public: Buffer; name: Buffer; ekPublic: Buffer }> {
   const name = `ak-${handle.toString(16)}`;
-  const ek = path.join(dir, `${name}-ek.ctx`);
+  const ekCtx = path.join(dir, `${name}-ek.ctx`);
   const context = path.join(dir, `${name}.ctx`);
   const pub = path.join(dir, `${name}.pub`);
-  await tpm.tool('tpm2_createek', ['-c', ek, '-G', kind === 'ecdsa' ? 'ecc' : 'rsa']);
-  await tpm.tool('tpm2_createak', ['-C', ek, '-c', context, '-G', kind === 'ecdsa' ? 'ecc' : 'rsa', '-g', 'sha256', '-s', kind, '-u', pub]);
+  const ekPub = path.join(dir, `${name}-ek.pub`);
+  const akName = path.join(dir, `${name}.name`);
+  await tpm.tool('tpm2_createek', ['-c', ekCtx, '-G', ek, '-u', ekPub]);
+  await tpm.tool('tpm2_createak', ['-C', ekCtx, '-c', context, '-G', kind === 'ecdsa' ? 'ecc' : 'rsa', '-g', 'sha256', '-s', kind, '-u', pub, '-n', akName]);
   const persistent = `0x${handle.toString(16)}`;
   await tpm.tool('tpm2_evictcontrol', ['-C', 'o', '-c', context, persistent]);
-  return { context: persistent, public: await fs.readFile(pub) };
+  return { context: persistent, public: await fs.readFile(pub), name: await fs.readFile(akName), ekPublic: await fs.readFile(ekPub) };
 }
 
 /**
@@ -157,4 +160,27 @@ export async function quote(tpm: Swtpm, dir: string, ak: string, nonce: Buffer, 
 /** Extend `pcr` of the SHA-256 bank with `digest`. */
 export async function extendPcr(tpm: Swtpm, pcr: number, digest: Buffer): Promise<void> {
   await tpm.tool('tpm2_pcrextend', [`${pcr}:sha256=${digest.toString('hex')}`]);
+}
+
+/**
+ * Manufacture a software TPM in `dir` (its state in `dir/state`, for `startSwtpm(dir)`) the way
+ * swtpm_setup does for a VM: RSA and ECC endorsement keys, each with an EK certificate in its NV
+ * index, issued by swtpm_localca from the local CA in `caDir` (made on first use: a root and an
+ * issuing CA below it). Nothing is read from or written to /etc or /var/lib. Returns the CA bundle
+ * (issuing CA and root, PEM) that EK certificates of this CA chain to.
+ */
+export async function manufactureSwtpm(dir: string, caDir: string): Promise<{ caBundle: string }> {
+  await fs.mkdir(path.join(dir, 'state'), { recursive: true });
+  await fs.mkdir(caDir, { recursive: true });
+  const conf = path.join(caDir, 'swtpm-localca.conf');
+  const options = path.join(caDir, 'swtpm-localca.options');
+  const setup = path.join(caDir, 'swtpm_setup.conf');
+  await fs.writeFile(conf, [`statedir = ${caDir}`, `signingkey = ${caDir}/signkey.pem`, `issuercert = ${caDir}/issuercert.pem`, `certserial = ${caDir}/certserial`, ''].join('\n'));
+  await fs.writeFile(options, '--platform-manufacturer LamaDist\n--platform-version 2.1\n--platform-model test\n');
+  await fs.writeFile(setup, [`create_certs_tool = swtpm_localca`, `create_certs_tool_config = ${conf}`, `create_certs_tool_options = ${options}`, 'active_pcr_banks = sha256', ''].join('\n'));
+  await run('swtpm_setup', ['--tpm2', '--tpmstate', path.join(dir, 'state'), '--create-ek-cert', '--config', setup, '--overwrite']);
+  const caBundle = path.join(caDir, 'ek-ca.pem');
+  const pems = await Promise.all(['issuercert.pem', 'swtpm-localca-rootca-cert.pem'].map((f) => fs.readFile(path.join(caDir, f), 'utf8')));
+  await fs.writeFile(caBundle, pems.join(''));
+  return { caBundle };
 }

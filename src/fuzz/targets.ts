@@ -34,8 +34,8 @@ import { planRange, startServer } from '../server/index.js';
 import { multipartPlan } from '../server/range.js';
 import { EFI_STUBS, buildUki } from '../uki/index.js';
 import { run } from '../util/proc.js';
-import { verifyQuote } from '../attestation/index.js';
-import { createAk, extendPcr, quote, startSwtpm } from './swtpm.js';
+import { loadEkTrust, makeCredential, parseEkCertificate, parseEkPublic, verifyEkCertificate, verifyQuote } from '../attestation/index.js';
+import { createAk, extendPcr, manufactureSwtpm, quote, startSwtpm } from './swtpm.js';
 import { Rng, jsonText, mutateBytes, mutateJson, mutateText, mutateYaml, type Regions } from './mutate.js';
 
 /** One fuzz case as the target sees it. */
@@ -938,11 +938,12 @@ const ddi: FuzzTarget = {
     const tpm = await startSwtpm(tpmDir);
     try {
       const ak = await createAk(tpm, tpmDir, 'ecdsa', 0x81010001);
-      const keyBody = { akPublic: ak.public.toString('base64'), machineId: 'f'.repeat(32) };
+      const keyBody = { akPublic: ak.public.toString('base64'), machineId: 'f'.repeat(32), ekPublic: ak.ekPublic.toString('base64') };
       await server.app.inject({ method: 'POST', url: `${base}/attestation/key`, headers: device, payload: keyBody });
       const n = await server.app.inject({ method: 'POST', url: `${base}/attestation/nonce`, headers: device });
       const q = await quote(tpm, tpmDir, ak.context, Buffer.from((n.json() as { nonce: string }).nonce, 'base64'), [7, 10, 11]);
       routes.push({ method: 'POST', url: `${base}/attestation/key`, admin: false, body: keyBody });
+      routes.push({ method: 'POST', url: `${base}/attestation/key/activate`, admin: false, body: { secret: pseudoRandom(32, 33).toString('base64') } });
       routes.push({
         method: 'POST',
         url: `${base}/attestation/quote`,
@@ -1148,6 +1149,55 @@ const tpmQuote: FuzzTarget = {
   },
 };
 
+const tpmEk: FuzzTarget = {
+  name: 'tpm2-ek',
+  parser: "EK certificate chain and EK public area, TPM2_MakeCredential (src/attestation/ek.ts, the server's attestation key endpoint)",
+  timeoutMs: 2000,
+  async prepare(dir) {
+    const { caBundle } = await manufactureSwtpm(path.join(dir, 'tpm'), path.join(dir, 'ca'));
+    const tpm = await startSwtpm(path.join(dir, 'tpm'));
+    const f = (name: string): string => path.join(dir, name);
+    try {
+      for (const alg of ['rsa', 'ecc']) await tpm.tool('tpm2_createek', ['-c', f(`ek-${alg}.ctx`), '-G', alg, '-u', f(`ek-${alg}.pub`)]);
+      // swtpm_setup certifies the RSA EK in the TCG index for it.
+      await tpm.tool('tpm2_nvread', ['0x01c00002', '-o', f('ek-rsa.der')]);
+    } finally {
+      await tpm.close();
+    }
+    const trust = loadEkTrust(await fs.readFile(caBundle, 'utf8'), caBundle);
+    const cert = await fs.readFile(f('ek-rsa.der'));
+    const rsaEk = parseEkPublic(await fs.readFile(f('ek-rsa.pub')));
+    const akName = Buffer.concat([Buffer.from([0, 0x0b]), pseudoRandom(32, 31)]);
+    const seeds = [
+      { name: 'EK certificate (swtpm_localca, NV 0x01c00002)', data: cert },
+      { name: 'tpm2_createek -u (RSA)', data: await fs.readFile(f('ek-rsa.pub')) },
+      { name: 'tpm2_createek -u (ECC)', data: await fs.readFile(f('ek-ecc.pub')) },
+    ];
+    const roots = path.join(dir, 'ca', 'swtpm-localca-rootca-cert.pem');
+    const issuer = path.join(dir, 'ca', 'issuercert.pem');
+    return {
+      seeds,
+      run: async (_ctx, c) => {
+        if (c.seed === 0) {
+          verifyEkCertificate(parseEkCertificate(c.data), trust, rsaEk);
+          return;
+        }
+        const ek = parseEkPublic(c.data);
+        // The certificate stands for the RSA EK only: a changed RSA key must be refused here.
+        if (c.seed === 1) verifyEkCertificate(parseEkCertificate(cert), trust, ek);
+        makeCredential(ek, akName, pseudoRandom(32, 32));
+      },
+      peer: {
+        name: 'openssl verify / tpm2_print',
+        accepts: (file, c) =>
+          c.seed === 0
+            ? exitsZero('openssl', ['verify', '-CAfile', roots, '-untrusted', issuer, file])
+            : exitsZero('tpm2_print', ['-t', 'TPM2B_PUBLIC', file]),
+      },
+    };
+  },
+};
+
 /** Every target, in report order. */
 export const TARGETS: readonly FuzzTarget[] = [
   gpt,
@@ -1157,6 +1207,7 @@ export const TARGETS: readonly FuzzTarget[] = [
   cms,
   recovery,
   tpmQuote,
+  tpmEk,
   uki,
   ukiPatch,
   verity,

@@ -1,6 +1,17 @@
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
-import { appraise, parseAkPublic, type PcrCheck, type SecureBootKeys } from '../attestation/index.js';
+import {
+  appraise,
+  makeCredential,
+  parseAkPublic,
+  parseEkCertificate,
+  parseEkPublic,
+  verifyEkCertificate,
+  type EkCertificateInfo,
+  type EkTrust,
+  type PcrCheck,
+  type SecureBootKeys,
+} from '../attestation/index.js';
 import { UserError } from '../errors.js';
 import { nowMs, type Database } from './db.js';
 import type { DeviceRow, FleetService } from './service.js';
@@ -23,15 +34,23 @@ export interface AttestationView {
   checkedAt: string | null;
   akName: string | null;
   checks: PcrCheck[];
+  /** The EK certificate the device sent with its key; `bound`: the key was bound to it under --ek-ca. */
+  ek: (EkCertificateInfo & { bound: boolean }) | null;
 }
 
-export const UNATTESTED: AttestationView = { state: 'unknown', reason: '', checkedAt: null, akName: null, checks: [] };
+export const UNATTESTED: AttestationView = { state: 'unknown', reason: '', checkedAt: null, akName: null, checks: [], ek: null };
 
 export interface AttestationOptions {
   /** The fleet's PK, KEK and db signature lists; without them PCR 7 cannot be judged. */
   secureBoot?: SecureBootKeys;
-  /** How long a nonce is accepted (default 5 minutes). */
+  /** How long a nonce, or a credential-activation challenge, is accepted (default 5 minutes). */
   nonceTtlMs?: number;
+  /**
+   * The trusted EK CAs (`--ek-ca`). With them a key is pinned only when it comes with an EK
+   * certificate chaining to one of them and the device proves, by credential activation, that the
+   * key lives in the TPM of that EK. Without them keys are pinned on first use.
+   */
+  ekTrust?: EkTrust;
 }
 
 /** PCR 11 predictions of one host's UKI in one slot of a release. */
@@ -41,9 +60,28 @@ export interface Pcr11Prediction {
   values: string[];
 }
 
-type Row = Database['attestations'];
+type Row = Omit<Database['attestations'], 'ek_bound'> & { ek_bound: number };
 
-const LIMITS = { key: 2048, quote: 2048, signature: 2048, eventLog: 1 << 20, imaLog: 6 << 20 } as const;
+/** What a device sends to register its key. */
+interface KeyBody {
+  akPublic?: unknown;
+  machineId?: unknown;
+  ekPublic?: unknown;
+  ekCertificate?: unknown;
+}
+
+/** The key endpoint's answer; under --ek-ca, a challenge until the device answers it. */
+interface KeyAnswer {
+  akName: string;
+  created: boolean;
+  challenge?: { credentialBlob: string; encryptedSecret: string; expiresAt: string };
+}
+
+function pinConflict(pinned: { ak_name: string; machine_id: string | null }): UserError {
+  return new UserError('LAMA_E_ATTEST_AK_PINNED', `device already pinned attestation key ${pinned.ak_name}${pinned.machine_id ? ` for machine-id ${pinned.machine_id}` : ''}; an operator must release it first`);
+}
+
+const LIMITS = { key: 2048, ekPublic: 2048, ekCertificate: 8192, secret: 64, quote: 2048, signature: 2048, eventLog: 1 << 20, imaLog: 6 << 20 } as const;
 const MACHINE_ID = /^[0-9a-f]{32}$/;
 
 function b64(text: unknown, field: keyof typeof LIMITS): Buffer {
@@ -60,15 +98,22 @@ function viewOf(r: Row): AttestationView {
     checkedAt: r.checked_at === null ? null : new Date(r.checked_at).toISOString(),
     akName: r.ak_name,
     checks: JSON.parse(r.checks) as PcrCheck[],
+    ek: r.ek_info === null ? null : { ...(JSON.parse(r.ek_info) as EkCertificateInfo), bound: r.ek_bound === 1 },
   };
 }
 
-/** Attestation of these devices, by device id (devices that never attested are absent). */
+/**
+ * Attestation of these devices, by device id (devices that never attested are absent). A device
+ * with no pinned key whose last registration was refused is unknown, with that reason.
+ */
 export async function attestationViews(db: Kysely<Database>, ids: readonly number[]): Promise<Map<number, AttestationView>> {
   const out = new Map<number, AttestationView>();
   for (let i = 0; i < ids.length; i += 500) {
-    const rows = await db.selectFrom('attestations').selectAll().where('device_id', 'in', ids.slice(i, i + 500)).execute();
+    const slice = ids.slice(i, i + 500);
+    const rows = await db.selectFrom('attestations').selectAll().where('device_id', 'in', slice).execute();
     for (const r of rows) out.set(r.device_id, viewOf(r as Row));
+    const refused = await db.selectFrom('attestation_pending').select(['device_id', 'reason']).where('device_id', 'in', slice).where('reason', '!=', '').execute();
+    for (const r of refused) if (!out.has(r.device_id)) out.set(r.device_id, { ...UNATTESTED, reason: r.reason });
   }
   return out;
 }
@@ -120,16 +165,45 @@ export class AttestationService {
   }
 
   /**
-   * Pin the device's attestation key on first use. The same key again is fine; another one is
-   * refused until an operator releases the pin (a replaced TPM, a re-provisioned device).
+   * Register the device's attestation key. Without --ek-ca it is pinned on first use: the same key
+   * again is fine, another one is refused until an operator releases the pin, and an EK certificate
+   * sent with it is kept for information. With --ek-ca the key must come with an EK certificate
+   * chaining to a trusted CA for the EK sent; the answer is then a credential-activation challenge
+   * (`activateKey` pins the key).
    */
-  async registerKey(device: DeviceRow, body: { akPublic?: unknown; machineId?: unknown }): Promise<{ akName: string; created: boolean }> {
+  async registerKey(device: DeviceRow, body: KeyBody): Promise<KeyAnswer> {
     const ak = parseAkPublic(b64(body.akPublic, 'key'));
     const machineId = body.machineId === undefined ? null : String(body.machineId);
     if (machineId !== null && !MACHINE_ID.test(machineId)) throw new UserError('LAMA_E_ATTEST_REQUEST', 'machineId must be 32 lower-case hex digits');
+    if (body.ekCertificate !== undefined && body.ekPublic === undefined) throw new UserError('LAMA_E_ATTEST_REQUEST', 'ekCertificate needs the ekPublic it certifies');
     const hex = ak.tpmt.toString('hex');
-    // Insert-if-absent, then compare: of two first registrations racing, one pins and the other is
-    // judged against what was pinned.
+    const pinned = await this.row(device.id);
+    if (pinned && (pinned.ak_public !== hex || pinned.machine_id !== machineId)) throw pinConflict(pinned);
+    if (this.opts.ekTrust) return this.challenge(device, ak, machineId, body, this.opts.ekTrust, pinned);
+    const ekPublic = body.ekPublic === undefined ? null : parseEkPublic(b64(body.ekPublic, 'ekPublic')).tpmt.toString('hex');
+    const cert = body.ekCertificate === undefined ? undefined : parseEkCertificate(b64(body.ekCertificate, 'ekCertificate'));
+    const ek = { ek_public: ekPublic, ek_certificate: cert?.der.toString('hex') ?? null, ek_info: cert ? JSON.stringify(cert.info) : null };
+    if (pinned) {
+      // Another EK or certificate than the one the key was bound to (under --ek-ca) is not bound.
+      if (pinned.ek_public !== ek.ek_public || pinned.ek_certificate !== ek.ek_certificate) {
+        await this.db.updateTable('attestations').set({ ...ek, ek_bound: 0 }).where('device_id', '=', device.id).execute();
+      }
+      return { akName: pinned.ak_name, created: false };
+    }
+    return this.pin(device, ak, machineId, { ...ek, ek_bound: 0 });
+  }
+
+  /**
+   * Pin a key: insert-if-absent, then compare, so of two first registrations racing one pins and
+   * the other is judged against what was pinned.
+   */
+  private async pin(
+    device: DeviceRow,
+    ak: { tpmt: Buffer; name: string },
+    machineId: string | null,
+    ek: { ek_public: string | null; ek_certificate: string | null; ek_info: string | null; ek_bound: number },
+  ): Promise<KeyAnswer> {
+    const hex = ak.tpmt.toString('hex');
     const inserted = await this.db
       .insertInto('attestations')
       .values({
@@ -144,18 +218,119 @@ export class AttestationService {
         reason: '',
         checks: '[]',
         checked_at: null,
+        ...ek,
       })
       .onConflict((oc) => oc.column('device_id').doNothing())
       .executeTakeFirst();
     if (Number(inserted.numInsertedOrUpdatedRows ?? 0) !== 1) {
       const pinned = (await this.row(device.id)) as Row;
-      if (pinned.ak_public !== hex || pinned.machine_id !== machineId) {
-        throw new UserError('LAMA_E_ATTEST_AK_PINNED', `device already pinned attestation key ${pinned.ak_name}${pinned.machine_id ? ` for machine-id ${pinned.machine_id}` : ''}; an operator must release it first`);
-      }
+      if (pinned.ak_public !== hex || pinned.machine_id !== machineId) throw pinConflict(pinned);
+      if (ek.ek_bound === 1) await this.db.updateTable('attestations').set(ek).where('device_id', '=', device.id).execute();
       return { akName: pinned.ak_name, created: false };
     }
-    await this.audit(device, 'attestation.key', { akName: ak.name, machineId });
+    await this.audit(device, 'attestation.key', { akName: ak.name, machineId, ...(ek.ek_info && { ek: JSON.parse(ek.ek_info) as unknown, bound: ek.ek_bound === 1 }) });
     return { akName: ak.name, created: true };
+  }
+
+  /**
+   * Record why a key registration or activation was refused: a device with a pinned key is failed
+   * with that reason, one without stays unknown and shows it.
+   */
+  private async refuseKey(device: DeviceRow, err: UserError, pinned: Row | undefined): Promise<never> {
+    const reason = `attestation key refused: ${err.line()}`;
+    if (pinned) {
+      await this.db.updateTable('attestations').set({ state: 'failed', reason, checks: '[]', checked_at: nowMs() }).where('device_id', '=', device.id).execute();
+    } else {
+      const row = { ak_public: null, ak_name: null, machine_id: null, ek_public: null, ek_certificate: null, ek_info: null, secret_hash: null, expires: null, reason, updated_at: nowMs() };
+      await this.db
+        .insertInto('attestation_pending')
+        .values({ device_id: device.id, ...row })
+        .onConflict((oc) => oc.column('device_id').doUpdateSet(row))
+        .execute();
+    }
+    await this.audit(device, 'attestation.key-refused', { reason });
+    throw err;
+  }
+
+  /**
+   * Under --ek-ca: check the EK certificate, then answer with TPM2_MakeCredential of a fresh secret
+   * for the AK's name under the EK. The device has one outstanding challenge: a new registration
+   * replaces it.
+   */
+  private async challenge(device: DeviceRow, ak: { tpmt: Buffer; name: string }, machineId: string | null, body: KeyBody, trust: EkTrust, pinned: Row | undefined): Promise<KeyAnswer> {
+    if (pinned?.ek_bound === 1) return { akName: pinned.ak_name, created: false };
+    let made: { ekPublic: Buffer; der: Buffer; info: EkCertificateInfo; credential: { credentialBlob: Buffer; encryptedSecret: Buffer }; secret: Buffer };
+    try {
+      if (body.ekCertificate === undefined || body.ekPublic === undefined) {
+        throw new UserError('LAMA_E_ATTEST_EK_CERT', 'this server requires an EK certificate (--ek-ca) and the device sent none');
+      }
+      const ek = parseEkPublic(b64(body.ekPublic, 'ekPublic'));
+      const cert = parseEkCertificate(b64(body.ekCertificate, 'ekCertificate'));
+      verifyEkCertificate(cert, trust, ek);
+      const secret = randomBytes(32);
+      made = { ekPublic: ek.tpmt, der: cert.der, info: cert.info, credential: makeCredential(ek, Buffer.from(ak.name, 'hex'), secret), secret };
+    } catch (err) {
+      if (!(err instanceof UserError)) throw err;
+      return this.refuseKey(device, err, pinned);
+    }
+    const expires = nowMs() + this.ttl;
+    const row = {
+      ak_public: ak.tpmt.toString('hex'),
+      ak_name: ak.name,
+      machine_id: machineId,
+      ek_public: made.ekPublic.toString('hex'),
+      ek_certificate: made.der.toString('hex'),
+      ek_info: JSON.stringify(made.info),
+      secret_hash: createHash('sha256').update(made.secret).digest('hex'),
+      expires,
+      reason: '',
+      updated_at: nowMs(),
+    };
+    await this.db
+      .insertInto('attestation_pending')
+      .values({ device_id: device.id, ...row })
+      .onConflict((oc) => oc.column('device_id').doUpdateSet(row))
+      .execute();
+    return {
+      akName: ak.name,
+      created: false,
+      challenge: {
+        credentialBlob: made.credential.credentialBlob.toString('base64'),
+        encryptedSecret: made.credential.encryptedSecret.toString('base64'),
+        expiresAt: new Date(expires).toISOString(),
+      },
+    };
+  }
+
+  /**
+   * The device's answer to its challenge: the secret TPM2_ActivateCredential recovered. The
+   * challenge is used up whatever the answer (a replayed or wrong one is refused and the device
+   * registers again); the right one pins the key, bound to the certified EK.
+   */
+  async activateKey(device: DeviceRow, body: { secret?: unknown }): Promise<KeyAnswer> {
+    if (!this.opts.ekTrust) throw new UserError('LAMA_E_ATTEST_REQUEST', 'this server pins keys on first use (no --ek-ca): there is nothing to activate');
+    const secret = b64(body.secret, 'secret');
+    const pending = await this.db.selectFrom('attestation_pending').selectAll().where('device_id', '=', device.id).executeTakeFirst();
+    const pinned = await this.row(device.id);
+    const fail = (message: string): Promise<never> => this.refuseKey(device, new UserError('LAMA_E_ATTEST_ACTIVATION', message), pinned);
+    if (!pending?.secret_hash) return fail('no outstanding credential challenge (answered already, or never asked): register the key again');
+    // Used up before it is compared, in one conditional update: two answers racing cannot both pass.
+    const taken = await this.db
+      .updateTable('attestation_pending')
+      .set({ secret_hash: null, expires: null })
+      .where('device_id', '=', device.id)
+      .where('secret_hash', '=', pending.secret_hash)
+      .executeTakeFirst();
+    if (Number(taken.numUpdatedRows) !== 1) return fail('no outstanding credential challenge (answered already, or never asked): register the key again');
+    if ((pending.expires ?? 0) <= nowMs()) return fail('the credential challenge expired: register the key again');
+    const answer = createHash('sha256').update(secret).digest();
+    if (!timingSafeEqual(answer, Buffer.from(pending.secret_hash, 'hex'))) {
+      return fail('the secret is not the one the credential protected: the key is not in the TPM of the certified EK');
+    }
+    const ak = { tpmt: Buffer.from(pending.ak_public as string, 'hex'), name: pending.ak_name as string };
+    const out = await this.pin(device, ak, pending.machine_id, { ek_public: pending.ek_public, ek_certificate: pending.ek_certificate, ek_info: pending.ek_info, ek_bound: 1 });
+    await this.db.deleteFrom('attestation_pending').where('device_id', '=', device.id).execute();
+    return out;
   }
 
   /** Forget a device's pinned key and verdict (management API). */
@@ -163,6 +338,7 @@ export class AttestationService {
     const d = await this.db.selectFrom('devices').select('id').where('tenant', '=', tenant).where('controller_id', '=', controllerId).executeTakeFirst();
     if (!d) throw new UserError('LAMA_E_SERVER_NOT_FOUND', `device ${tenant}/${controllerId} is not registered`);
     await this.db.deleteFrom('attestations').where('device_id', '=', d.id).execute();
+    await this.db.deleteFrom('attestation_pending').where('device_id', '=', d.id).execute();
     await this.db.insertInto('audit').values({ time: nowMs(), actor, action: 'attestation.release-key', target: `${tenant}/${controllerId}`, details: '{}' }).execute();
   }
 
@@ -170,6 +346,9 @@ export class AttestationService {
   async issueNonce(device: DeviceRow): Promise<{ nonce: string; expiresAt: string }> {
     const row = await this.row(device.id);
     if (!row) throw new UserError('LAMA_E_ATTEST_NO_KEY', 'register an attestation key before asking for a nonce');
+    if (this.opts.ekTrust && row.ek_bound !== 1) {
+      throw new UserError('LAMA_E_ATTEST_NO_KEY', `attestation key ${row.ak_name} is not bound to a certified EK, which this server requires (--ek-ca): register it again`);
+    }
     const nonce = randomBytes(32);
     const expires = nowMs() + this.ttl;
     await this.db.updateTable('attestations').set({ nonce: nonce.toString('hex'), nonce_expires: expires }).where('device_id', '=', device.id).execute();
@@ -262,9 +441,19 @@ const hex32 = { type: 'string', pattern: '^[0-9a-fA-F]{64}$' } as const;
  */
 export function registerAttestationRoutes(r: FastifyInstance, att: AttestationService): void {
   const base = '/:tenant/controller/v1/:controllerId/attestation';
-  const keyBody = { type: 'object', additionalProperties: false, required: ['akPublic'], properties: { akPublic: b64Field, machineId: { type: 'string' } } };
+  const keyBody = {
+    type: 'object',
+    additionalProperties: false,
+    required: ['akPublic'],
+    properties: { akPublic: b64Field, machineId: { type: 'string' }, ekPublic: b64Field, ekCertificate: b64Field },
+  };
   r.post(`${base}/key`, { schema: { hide: true, body: keyBody } }, async (req, reply) => {
-    const out = await att.registerKey(req.device as DeviceRow, req.body as { akPublic: string; machineId?: string });
+    const out = await att.registerKey(req.device as DeviceRow, req.body as KeyBody);
+    return reply.code(out.challenge ? 202 : out.created ? 201 : 200).send(out);
+  });
+  const activateBody = { type: 'object', additionalProperties: false, required: ['secret'], properties: { secret: b64Field } };
+  r.post(`${base}/key/activate`, { schema: { hide: true, body: activateBody } }, async (req, reply) => {
+    const out = await att.activateKey(req.device as DeviceRow, req.body as { secret: string });
     return reply.code(out.created ? 201 : 200).send(out);
   });
   r.post(`${base}/nonce`, { schema: { hide: true } }, async (req) => att.issueNonce(req.device as DeviceRow));

@@ -72,6 +72,31 @@ export interface Database {
     /** JSON list of per-PCR checks of the last quote. */
     checks: string;
     checked_at: number | null;
+    /** The EK's TPM2B_PUBLIC (hex) and certificate (DER, hex) the device sent with its key, if any (0003). */
+    ek_public: string | null;
+    ek_certificate: string | null;
+    /** JSON of what the certificate says (issuer, serial, TPM manufacturer…), for the views (0003). */
+    ek_info: string | null;
+    /** 1: the key was bound by credential activation to an EK whose certificate chains to --ek-ca (0003). */
+    ek_bound: Generated<number>;
+  };
+  /**
+   * A key registration under --ek-ca that is not finished (0003): at most one per device, holding the
+   * outstanding credential-activation challenge, or the reason the last registration was refused.
+   */
+  attestation_pending: {
+    device_id: number;
+    ak_public: string | null;
+    ak_name: string | null;
+    machine_id: string | null;
+    ek_public: string | null;
+    ek_certificate: string | null;
+    ek_info: string | null;
+    /** SHA-256 (hex) of the secret the device must recover, and until when it is accepted. */
+    secret_hash: string | null;
+    expires: number | null;
+    reason: string;
+    updated_at: number;
   };
   /** PCR 11 values a release's UKI leaves, per host and slot (0002). */
   release_pcr11: {
@@ -232,6 +257,26 @@ function migrations(dialect: Dialect): Record<string, Migration> {
           .addColumn('slot', 'text', (c) => c.notNull())
           .addColumn('pcr11', 'text', (c) => c.notNull())
           .addUniqueConstraint('release_pcr11_host_slot', ['release_id', 'machine_id', 'slot'])
+          .execute();
+      },
+    },
+    '0003_ek_binding': {
+      async up(db: Db) {
+        for (const c of ['ek_public', 'ek_certificate', 'ek_info']) await db.schema.alterTable('attestations').addColumn(c, 'text').execute();
+        await db.schema.alterTable('attestations').addColumn('ek_bound', 'integer', (c) => c.notNull().defaultTo(0)).execute();
+        await db.schema
+          .createTable('attestation_pending')
+          .addColumn('device_id', 'bigint', (c) => c.primaryKey().references('devices.id'))
+          .addColumn('ak_public', 'text')
+          .addColumn('ak_name', 'text')
+          .addColumn('machine_id', 'text')
+          .addColumn('ek_public', 'text')
+          .addColumn('ek_certificate', 'text')
+          .addColumn('ek_info', 'text')
+          .addColumn('secret_hash', 'text')
+          .addColumn('expires', 'bigint')
+          .addColumn('reason', 'text', (c) => c.notNull())
+          .addColumn('updated_at', 'bigint', (c) => c.notNull())
           .execute();
       },
     },

@@ -10,6 +10,7 @@ import { UserError, isErrno } from '../errors.js';
 import { readUserFile } from '../util/fsx.js';
 import { keyPath } from '../keys/index.js';
 import { registerApi, type BundleVerifier } from './api.js';
+import { loadEkTrust } from '../attestation/index.js';
 import { AttestationService } from './attestation.js';
 import { hashToken, newToken } from './auth.js';
 import { registerDashboard } from './dashboard.js';
@@ -73,8 +74,14 @@ export interface ServerOptions {
    * an attested device's PCR 7 must show. Without it no device can be attested.
    */
   keys?: string;
-  /** How long an attestation nonce is accepted (default 5 minutes). */
+  /** How long an attestation nonce or credential challenge is accepted (default 5 minutes). */
   nonceTtlMs?: number;
+  /**
+   * PEM bundle of trusted EK CA certificates: a device's attestation key is pinned only when its
+   * EK certificate chains to one and credential activation binds the key to that EK. Without it,
+   * keys are pinned on first use.
+   */
+  ekCa?: string;
   /** Replace bundle verification (the default runs the RAUC bundle inspector against `keyring`). */
   verifyBundle?: BundleVerifier;
   /** Request logging (pino JSON to stderr). */
@@ -233,6 +240,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   const attestation = new AttestationService(service, {
     ...(options.keys && { secureBoot: { pk: await esl('secureboot-pk-esl'), kek: await esl('secureboot-kek-esl'), db: await esl('secureboot-db-esl') } }),
     ...(options.nonceTtlMs !== undefined && { nonceTtlMs: options.nonceTtlMs }),
+    ...(options.ekCa && { ekTrust: loadEkTrust((await readUserFile(options.ekCa, 'EK CA bundle')).toString('utf8'), options.ekCa) }),
   });
 
   let https: { cert: Buffer; key: Buffer; ca?: Buffer; requestCert?: boolean; rejectUnauthorized?: boolean } | undefined;

@@ -2,7 +2,7 @@ import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createAk, startSwtpm, type Swtpm } from '../../src/fuzz/swtpm.js';
+import { createAk, manufactureSwtpm, startSwtpm, type Swtpm } from '../../src/fuzz/swtpm.js';
 import { keyPath } from '../../src/keys/index.js';
 import { hawkbitConf, type DdiProvisioning } from '../../src/provision/index.js';
 import { startServer, type RunningServer } from '../../src/server/index.js';
@@ -22,31 +22,34 @@ describe('lamadist-attest, the device side of attestation', () => {
   let release: AttestationRelease;
   let server: RunningServer;
   let tpm: Swtpm;
+  /** A TPM with an EK certificate (swtpm_setup, swtpm_localca), and a server trusting its CA. */
+  let certified: Swtpm;
+  let ekServer: RunningServer;
   const tokens: Record<string, string> = {};
 
-  const admin = (method: 'GET' | 'POST' | 'PUT', url: string, json?: object, auth = 'Bearer admin-token') =>
-    server.app.inject({ method, url, headers: { authorization: auth }, ...(json && { payload: json }) });
-  const attestation = async (id: string) =>
-    (await admin('GET', `/api/v1/devices/${id}`)).json<{ attestation: { state: string; reason: string; akName: string | null; checkedAt: string | null } }>().attestation;
+  const admin = (method: 'GET' | 'POST' | 'PUT', url: string, json?: object, auth = 'Bearer admin-token', on: RunningServer = server) =>
+    on.app.inject({ method, url, headers: { authorization: auth }, ...(json && { payload: json }) });
+  const attestation = async (id: string, on: RunningServer = server) =>
+    (await admin('GET', `/api/v1/devices/${id}`, undefined, undefined, on)).json<{ attestation: { state: string; reason: string; akName: string | null; checkedAt: string | null; ek: { bound: boolean } | null } }>().attestation;
 
-  /** Boot the software TPM into `secureBoot` state and write the logs where the agent reads them. */
-  async function boot(secureBoot = 1): Promise<void> {
-    const logs = await bootSwtpm(tpm, { esl: release.esl, image: release.uki, secureBoot });
+  /** Boot the software TPM (`on`, default the one without EK certificates) into `secureBoot` state and write the logs where the agent reads them. */
+  async function boot(secureBoot = 1, on: Swtpm = tpm): Promise<void> {
+    const logs = await bootSwtpm(on, { esl: release.esl, image: release.uki, secureBoot });
     await fs.writeFile(path.join(dir, 'binary_bios_measurements'), logs.eventLog);
     await fs.writeFile(path.join(dir, 'binary_runtime_measurements'), logs.imaLog);
   }
 
-  /** Run the agent under `shell` for `device`, its configuration as provisioning writes it. */
-  async function agent(shell: readonly string[], device: string, ddi: Partial<DdiProvisioning> = {}): Promise<RunResult> {
+  /** Run the agent under `shell` for `device`, its configuration as provisioning writes it (on `on`'s server and TPM). */
+  async function agent(shell: readonly string[], device: string, ddi: Partial<DdiProvisioning> = {}, on: { server: RunningServer; tpm: Swtpm } = { server, tpm }): Promise<RunResult> {
     const conf = path.join(dir, `${device}.conf`);
-    await fs.writeFile(conf, hawkbitConf({ server: `127.0.0.1:${server.port}`, tenant: 'DEFAULT', controllerId: device, token: tokens[device] as string, ...ddi }), { mode: 0o600 });
+    await fs.writeFile(conf, hawkbitConf({ server: `127.0.0.1:${on.server.port}`, tenant: 'DEFAULT', controllerId: device, token: tokens[device] as string, ...ddi }), { mode: 0o600 });
     const [cmd, ...args] = shell;
     return run(cmd as string, [...args, AGENT], {
       allowFailure: true,
       timeoutMs: 60_000,
       env: {
         ...process.env,
-        TPM2TOOLS_TCTI: tpm.tcti,
+        TPM2TOOLS_TCTI: on.tpm.tcti,
         LAMADIST_ATTEST_CONF: conf,
         LAMADIST_ATTEST_STATE: path.join(dir, `state-${device}`),
         LAMADIST_ATTEST_MACHINE_ID: path.join(dir, 'machine-id'),
@@ -59,22 +62,31 @@ describe('lamadist-attest, the device side of attestation', () => {
   beforeAll(async () => {
     dir = await fs.mkdtemp(path.join(os.tmpdir(), 'lamadist-attest-agent-'));
     release = await attestationRelease(dir);
-    server = await startServer({ db: 'sqlite::memory:', store: path.join(dir, 'store'), listen: '127.0.0.1:0', keyring: await keyPath(release.keys, 'rauc-ca-cert'), keys: release.keys, adminToken: 'admin-token' });
-    const up = await server.app.inject({ method: 'POST', url: '/api/v1/releases', headers: { authorization: 'Bearer admin-token', 'content-type': 'application/octet-stream' }, payload: await fs.readFile(release.bundle) });
-    expect(up.statusCode, up.body).toBe(201);
-    for (const id of ['dev1', 'dev2']) {
-      tokens[id] = (await admin('POST', '/api/v1/devices', { controllerId: id, bsp: 'x86_64' })).json<{ token: string }>().token;
-      // What the update client reports at boot: the release the device runs.
-      const c = await admin('PUT', `/DEFAULT/controller/v1/${id}/configData`, { mode: 'merge', data: { version: '2.0' } }, `TargetToken ${tokens[id]}`);
-      expect(c.statusCode).toBe(200);
-    }
+    const { caBundle } = await manufactureSwtpm(path.join(dir, 'certified-tpm'), path.join(dir, 'ek-ca'));
+    const start = async (o: { store: string; ekCa?: string }, devices: string[]): Promise<RunningServer> => {
+      const s = await startServer({ db: 'sqlite::memory:', listen: '127.0.0.1:0', keyring: await keyPath(release.keys, 'rauc-ca-cert'), keys: release.keys, adminToken: 'admin-token', ...o });
+      const up = await s.app.inject({ method: 'POST', url: '/api/v1/releases', headers: { authorization: 'Bearer admin-token', 'content-type': 'application/octet-stream' }, payload: await fs.readFile(release.bundle) });
+      expect(up.statusCode, up.body).toBe(201);
+      for (const id of devices) {
+        tokens[id] = (await admin('POST', '/api/v1/devices', { controllerId: id, bsp: 'x86_64' }, undefined, s)).json<{ token: string }>().token;
+        // What the update client reports at boot: the release the device runs.
+        const c = await admin('PUT', `/DEFAULT/controller/v1/${id}/configData`, { mode: 'merge', data: { version: '2.0' } }, `TargetToken ${tokens[id]}`, s);
+        expect(c.statusCode).toBe(200);
+      }
+      return s;
+    };
+    server = await start({ store: path.join(dir, 'store') }, ['dev1', 'dev2']);
+    ekServer = await start({ store: path.join(dir, 'store-ek'), ekCa: caBundle }, ['dev3', 'dev4']);
     await fs.writeFile(path.join(dir, 'machine-id'), `${MID}\n`);
     tpm = await startSwtpm(path.join(dir, 'tpm'));
+    certified = await startSwtpm(path.join(dir, 'certified-tpm'));
   }, 240_000);
 
   afterAll(async () => {
     await tpm?.close();
+    await certified?.close();
     await server?.close();
+    await ekServer?.close();
     await fs.rm(dir, { recursive: true, force: true });
   });
 
@@ -90,8 +102,10 @@ describe('lamadist-attest, the device side of attestation', () => {
     );
     const state = path.join(dir, 'state-dev1');
     expect((await fs.stat(state)).mode & 0o777).toBe(0o700);
-    expect((await fs.readdir(state)).sort()).toEqual(['ak.priv', 'ak.pub']);
-    for (const f of ['ak.priv', 'ak.pub']) expect((await fs.stat(path.join(state, f))).mode & 0o777).toBe(0o600);
+    expect((await fs.readdir(state)).sort()).toEqual(['ak.priv', 'ak.pub', 'ek.alg']);
+    // This TPM has no EK certificate: the agent keeps the default ECC EK.
+    expect(await fs.readFile(path.join(state, 'ek.alg'), 'utf8')).toBe('ecc\n');
+    for (const f of ['ak.priv', 'ak.pub', 'ek.alg']) expect((await fs.stat(path.join(state, f))).mode & 0o777).toBe(0o600);
   });
 
   it('a later run (busybox sh, after a reboot) loads the same key and attests again', async () => {
@@ -138,5 +152,43 @@ describe('lamadist-attest, the device side of attestation', () => {
     expect(down.code).toBe(1);
     expect(down.stderr).toMatch(/^lamadist-attest: cannot reach http:\/\/127\.0\.0\.1:1\/DEFAULT\/controller\/v1\/dev1\/attestation\/key: curl: \(7\) [^\n]*\n$/);
     expect(`${down.stdout}${down.stderr}`).not.toContain(tokens.dev1);
+  });
+
+  describe('with a server that trusts EK CAs (--ek-ca)', () => {
+    const on = (): { server: RunningServer; tpm: Swtpm } => ({ server: ekServer, tpm: certified });
+
+    it('first run (dash): the key is made under the certified RSA EK, bound by credential activation, and the device is attested', async () => {
+      await boot(1, certified);
+      const r = await agent(['dash'], 'dev3', {}, on());
+      expect(r.stderr).toBe('');
+      expect(r.code).toBe(0);
+      const att = await attestation('dev3', ekServer);
+      expect([att.state, att.ek?.bound]).toEqual(['attested', true]);
+      expect(r.stdout).toBe(
+        [
+          `lamadist-attest: created an attestation key in ${path.join(dir, 'state-dev3')}`,
+          `lamadist-attest: attestation key ${att.akName} pinned for dev3, bound to the certified EK`,
+          'lamadist-attest: attested (PCRs 7, 10, 11)',
+          '',
+        ].join('\n'),
+      );
+      // swtpm certifies its RSA EK only (its ECC certificate is for a P-384 EK): the agent chose RSA.
+      expect(await fs.readFile(path.join(dir, 'state-dev3', 'ek.alg'), 'utf8')).toBe('rsa\n');
+    });
+
+    it('a later run (busybox sh, after a reboot) needs no new challenge and attests again', async () => {
+      await boot(1, certified);
+      const r = await agent(['busybox', 'sh'], 'dev3', {}, on());
+      expect([r.code, r.stdout, r.stderr]).toEqual([0, 'lamadist-attest: attested (PCRs 7, 10, 11)\n', '']);
+    });
+
+    it('a TPM without an EK certificate (bash --posix) is refused in one line and stays unknown with the reason', async () => {
+      await boot();
+      const r = await agent(['bash', '--posix'], 'dev4', {}, { server: ekServer, tpm });
+      expect(r.code).toBe(1);
+      expect(r.stderr).toBe('lamadist-attest: attestation key refused by the server: HTTP 422: this server requires an EK certificate (--ek-ca) and the device sent none [LAMA_E_ATTEST_EK_CERT]\n');
+      const att = await attestation('dev4', ekServer);
+      expect([att.state, att.reason]).toEqual(['unknown', 'attestation key refused: this server requires an EK certificate (--ek-ca) and the device sent none [LAMA_E_ATTEST_EK_CERT]']);
+    });
   });
 });

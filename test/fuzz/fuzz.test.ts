@@ -78,6 +78,7 @@ describe('fixed-seed fuzz run (the fast subset of npm run fuzz)', () => {
       'cms',
       'recovery-escrow',
       'tpm2-quote',
+      'tpm2-ek',
       'pe-uki',
       'uki-patch',
       'verity',

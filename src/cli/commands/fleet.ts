@@ -113,6 +113,9 @@ export function configure(cmd: Command): void {
           [
             `${d.controllerId} (${d.name}) ${d.bsp ?? ''} version ${d.version ?? 'unknown'}, ${d.status}, last seen ${d.lastSeen ?? 'never'}`,
             `  attestation: ${d.attestation.state}${d.attestation.checkedAt ? ` (checked ${d.attestation.checkedAt})` : ''}${d.attestation.reason ? `: ${d.attestation.reason}` : ''}`,
+            ...(d.attestation.ek
+              ? [`  EK certificate: ${d.attestation.ek.issuer}, serial ${d.attestation.ek.serial}, ${d.attestation.ek.bound ? 'key bound to it by credential activation' : 'not checked (trust on first use)'}`]
+              : []),
             ...d.actions.map((a) => `  action #${a.id} ${a.releaseVersion} ${a.state}${a.rolloutId ? ` (rollout #${a.rolloutId})` : ''}`),
           ].join('\n'),
         );

@@ -25,6 +25,7 @@ export interface ServerCliOptions {
   versionAttribute?: string;
   bootIdAttribute?: string;
   keys?: string;
+  ekCa?: string;
   log?: boolean;
 }
 
@@ -58,6 +59,7 @@ export async function serve(ctx: Context, o: ServerCliOptions): Promise<RunningS
     ...(o.versionAttribute ? { versionAttribute: o.versionAttribute } : {}),
     ...(o.bootIdAttribute ? { bootIdAttribute: o.bootIdAttribute } : {}),
     ...(o.keys ? { keys: o.keys } : {}),
+    ...(o.ekCa ? { ekCa: o.ekCa } : {}),
     ...(o.log ? { log: true } : {}),
   };
   const server = await startServer(options);
@@ -91,6 +93,7 @@ export function configure(cmd: Command): void {
     .option('--version-attribute <name>', 'configData attribute with the running version (default version)')
     .option('--boot-id-attribute <name>', 'configData attribute with the kernel boot id (default boot_id)')
     .option('--keys <dir>', "fleet key directory: its Secure Boot PK/KEK/db are what attested devices' PCR 7 must show (docs/attestation.md)")
+    .option('--ek-ca <pem>', "trusted EK CA certificates: pin a device's attestation key only when its TPM's EK certificate chains to one and credential activation binds the key to that EK (default: trust on first use)")
     .option('--log', 'log every request (JSON) to stderr')
     .action(
       act<ServerCliOptions>(async (ctx, _args, opts) => {

@@ -50,8 +50,12 @@ export interface InstallRun extends QemuResult {
   error?: string;
 }
 
-/** The console line of a failed installation (the machine then stays on with it). */
-const INSTALL_FAILED = /lamadist-install: error: [^\r\n]*|lamadist-init: installer: [^\r\n]*failed[^\r\n]*/;
+/**
+ * The console line of a failed installation (the machine then stays on with it), up to its end:
+ * the VM is stopped on this match, and a line cut where the serial output happened to pause would
+ * lose the reason.
+ */
+const INSTALL_FAILED = /(lamadist-install: error: [^\r\n]*|lamadist-init: installer: [^\r\n]*failed[^\r\n]*)\r?\n/;
 
 /**
  * Boot `m` with the installer stick as its second drive and let lamadist-install run: it ends by
@@ -72,7 +76,7 @@ export async function installFromStick(
       ...(o.onLine && { onLine: o.onLine }),
     },
   );
-  const error = INSTALL_FAILED.exec(r.serial)?.[0];
+  const error = INSTALL_FAILED.exec(r.serial)?.[1];
   return { ...r, installed: !error && r.exitCode !== null && /lamadist-install: host \S+ installed/.test(r.serial), ...(error && { error }) };
 }
 

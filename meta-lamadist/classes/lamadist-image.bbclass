@@ -12,13 +12,43 @@
 #   <image>.ukis.tar        the unsigned template UKIs of both slots, the RAUC efi slot image
 # RAUC bundles (lamadist-bundle) take the EROFS image, the hash tree and the template UKIs from
 # here, and add per host a patch that turns a template into the host's signed UKI.
+#
+# The EROFS root carries its SELinux labels and IMA signatures: it cannot be relabelled or signed
+# on the device. mkfs.erofs labels every inode from the file_contexts of the policy installed in
+# the rootfs, and before that meta-integrity's ima-evm-rootfs signs executables, shared objects
+# and kernel modules with the fleet IMA key (LAMADIST_SIGNING_DIR/ima, IMA_KEYS_DIR), the same
+# files and signature format as `lamadist image build --ima-key`.
 
 inherit lamadist-uki
 
 LAMADIST_EROFS_TYPE ?= "erofs-lz4hc"
 # Reproducible EROFS: fixed timestamp and a UUID derived from image, machine and version.
 LAMADIST_EROFS_UUID = "${@str(__import__('uuid').uuid5(__import__('uuid').NAMESPACE_URL, 'lamadist:erofs:%s:%s:%s' % (d.getVar('IMAGE_BASENAME'), d.getVar('MACHINE'), d.getVar('DISTRO_VERSION'))))}"
-EXTRA_IMAGECMD:erofs-lz4hc = "-T ${REPRODUCIBLE_TIMESTAMP_ROOTFS} -U ${LAMADIST_EROFS_UUID}"
+EXTRA_IMAGECMD:erofs-lz4hc = "-T ${REPRODUCIBLE_TIMESTAMP_ROOTFS} -U ${LAMADIST_EROFS_UUID} ${LAMADIST_EROFS_LABELS}"
+
+# SELinux labels from the policy refpolicy-${POLICY_TYPE} installed (meta-selinux), when the
+# distro has SELinux; erofs-utils-native gets libselinux from dynamic-layers/selinux.
+LAMADIST_FILE_CONTEXTS = "${IMAGE_ROOTFS}${sysconfdir}/selinux/${POLICY_TYPE}/contexts/files/file_contexts"
+LAMADIST_SELINUX_LABELS = "${@bb.utils.contains('DISTRO_FEATURES', 'selinux', '1', '', d) if bb.utils.contains('BBFILE_COLLECTIONS', 'selinux', True, False, d) else ''}"
+LAMADIST_EROFS_LABELS = "${@'--file-contexts=' + d.getVar('LAMADIST_FILE_CONTEXTS') if d.getVar('LAMADIST_SELINUX_LABELS') else ''}"
+do_image_erofs_lz4hc[prefuncs] += "lamadist_check_file_contexts"
+
+python lamadist_check_file_contexts () {
+    import os
+    if not d.getVar('LAMADIST_SELINUX_LABELS'):
+        return
+    fc = d.getVar('LAMADIST_FILE_CONTEXTS')
+    if not os.path.isfile(fc):
+        bb.fatal("SELinux is a distro feature but the rootfs has no %s: the root image would be unlabelled (is refpolicy-%s installed?)" % (fc, d.getVar('POLICY_TYPE')))
+}
+
+# IMA signatures: executables, shared objects (named *.so or *.so.*: find cannot see the ELF magic
+# the toolkit also looks at) and kernel modules, signed with evmctl (ima-evm-utils-native) at the
+# end of do_rootfs. The class runs `find ${IMA_EVM_ROOTFS_SIGNED} -print0` in the rootfs: the
+# value is shell words, hence the quoted parentheses and patterns.
+LAMADIST_IMA_SIGN = "${@bb.utils.contains('DISTRO_FEATURES', 'ima', '1', '', d) if bb.utils.contains('BBFILE_COLLECTIONS', 'integrity-layer', True, False, d) else ''}"
+inherit ${@'ima-evm-rootfs' if d.getVar('LAMADIST_IMA_SIGN') else ''}
+IMA_EVM_ROOTFS_SIGNED = ". -path ./dev -prune -o -path ./proc -prune -o -path ./sys -prune -o -type f '(' -perm /111 -o -name '*.so' -o -name '*.so.*' -o -name '*.ko' -o -name '*.ko.xz' -o -name '*.ko.gz' -o -name '*.ko.zst' ')'"
 
 # A salt per image and machine keeps hash trees of different products apart while staying
 # reproducible (a random salt would change every build).

@@ -12,6 +12,8 @@ import { run } from '../util/proc.js';
  *
  * Public API:
  * - `erofsArgs(options)` → mkfs.erofs argv (pure); `buildErofs(options)` runs it.
+ * - `treeFileContexts(dir)` → the SELinux file_contexts the tree's own policy names, if any;
+ *   `checkFileContexts(file)` → refuses a missing one; `stageTree(src, dst)` → a private copy.
  * - `prepareRootfs(input)` → a directory or an existing EROFS image from DIR | TAR | EROFS input.
  * - `readErofsSuperblock(file, offset?)` / `decodeErofsSuperblock(buf)` → `ErofsSuperblock`.
  */
@@ -133,12 +135,18 @@ export interface ErofsOptions {
   /** UNIX time given to every inode (SOURCE_DATE_EPOCH of the build). */
   timestamp: number;
   compression?: 'lz4hc' | 'lz4' | 'none';
+  /**
+   * SELinux file_contexts: every inode gets the `security.selinux` label it names. Other xattrs of
+   * the tree (`security.ima`) are kept either way: mkfs.erofs keeps xattrs unless `-x` is negative.
+   */
+  fileContexts?: string;
 }
 
 /** The mkfs.erofs command line for a reproducible image. Pure. */
 export function erofsArgs(o: ErofsOptions): string[] {
   const args = ['--quiet', `-T${o.timestamp}`, `-U${o.uuid}`];
   if ((o.compression ?? 'lz4hc') !== 'none') args.push(`-z${o.compression ?? 'lz4hc'}`);
+  if (o.fileContexts) args.push(`--file-contexts=${o.fileContexts}`);
   args.push(o.out, o.source);
   return args;
 }
@@ -149,6 +157,42 @@ export async function buildErofs(o: ErofsOptions): Promise<ErofsSuperblock> {
   const sb = await readErofsSuperblock(o.out);
   if (!sb) throw new Error(`mkfs.erofs wrote no EROFS superblock to ${o.out}`);
   return sb;
+}
+
+/**
+ * The file_contexts of the policy the tree itself selects: SELINUXTYPE in its /etc/selinux/config,
+ * when /etc/selinux/<type>/contexts/files/file_contexts exists. Undefined otherwise.
+ */
+export async function treeFileContexts(dir: string): Promise<string | undefined> {
+  let config: string;
+  try {
+    config = await fs.readFile(path.join(dir, 'etc/selinux/config'), 'utf8');
+  } catch (err) {
+    if (isErrno(err, 'ENOENT') || isErrno(err, 'ENOTDIR')) return undefined;
+    throw err;
+  }
+  const type = /^\s*SELINUXTYPE\s*=\s*"?([A-Za-z0-9_.-]+)"?\s*$/m.exec(config)?.[1];
+  if (!type) return undefined;
+  const file = path.join(dir, 'etc/selinux', type, 'contexts/files/file_contexts');
+  const st = await fs.stat(file).catch(() => undefined);
+  return st?.isFile() ? file : undefined;
+}
+
+/** Refuse a file_contexts that does not exist or is not a file, before anything is built. */
+export async function checkFileContexts(file: string): Promise<void> {
+  const st = await fs.stat(file).catch((err: unknown) => {
+    if (isErrno(err, 'ENOENT')) throw new UserError('LAMA_E_NOT_FOUND', `file_contexts ${file} does not exist`);
+    throw err;
+  });
+  if (!st.isFile()) throw new UserError('LAMA_E_USAGE', `file_contexts ${file} is not a file`);
+}
+
+/**
+ * Copy a tree into `dst` (which must not exist) keeping owners, modes, times, xattrs and hard
+ * links within the tree. A copy, not hard links: xattrs set on the copy must not reach the source.
+ */
+export async function stageTree(src: string, dst: string): Promise<void> {
+  await run('cp', ['-a', '--reflink=auto', '--no-target-directory', src, dst], { userErrorCode: 'LAMA_E_ROOTFS' });
 }
 
 const TAR_RE = /\.(tar|tar\.gz|tgz|tar\.xz|txz|tar\.zst|tar\.bz2)$/;

@@ -5,8 +5,9 @@ import { getBsp, type Bsp } from '../bsp/index.js';
 import { UserError, isErrno } from '../errors.js';
 import { writeGpt } from '../disk/index.js';
 import { createRandom, randomUuid, type RandomSource } from '../disk/random.js';
-import { buildErofs, prepareRootfs, type RootfsInput } from '../erofs/index.js';
+import { checkFileContexts, prepareRootfs, type RootfsInput } from '../erofs/index.js';
 import { buildEsp } from '../fat/index.js';
+import { loadImaSigner } from '../ima/index.js';
 import { keyPath } from '../keys/index.js';
 import { LUKS2_DATA_OFFSET, encryptPayload, planLuks2 } from '../luks/index.js';
 import { signPe } from '../secureboot/index.js';
@@ -15,6 +16,7 @@ import { AtomicFile, makeTempDir, readUserFile } from '../util/fsx.js';
 import { formatVerity, productSalt, readVeritySuperblock, verifyVerity } from '../verity/index.js';
 import { buildVarExt4 } from './ext4.js';
 import { loadLayout, withSizes } from './layout.js';
+import { buildRootErofs } from './root.js';
 import {
   PROVISION_KEY_PATH,
   RAUC_DIR,
@@ -65,6 +67,17 @@ export interface BuildImageOptions {
   dbKey?: string;
   /** Key directory from `lamadist keys init` (its db key signs the UKIs). */
   keys?: string;
+  /**
+   * SELinux file_contexts labelling every inode of the root image (default: the one the tree's
+   * /etc/selinux/config selects, if the tree has a policy).
+   */
+  fileContexts?: string;
+  /**
+   * Fleet IMA key (key directory, or key file with `imaCert`): executables, ELF objects and kernel
+   * modules of the root image get `security.ima` signatures. The given tree is never modified.
+   */
+  imaKey?: string;
+  imaCert?: string;
   /** Raw boot loader regions by name (Rockchip idbloader, u-boot). */
   raw?: Record<string, string>;
   /**
@@ -193,6 +206,9 @@ export async function buildImage(o: BuildImageOptions): Promise<ImagePlan> {
     }
   }
   const sign = await signer(o);
+  if (o.fileContexts) await checkFileContexts(o.fileContexts);
+  if (o.imaCert && !o.imaKey) throw new UserError('LAMA_E_USAGE', '--ima-cert goes with --ima-key');
+  const ima = o.imaKey ? await loadImaSigner(o.imaKey, o.imaCert) : undefined;
   const tmp = await makeTempDir('lamadist-image-');
   let rootfs: RootfsInput | undefined;
   try {
@@ -202,11 +218,22 @@ export async function buildImage(o: BuildImageOptions): Promise<ImagePlan> {
     let erofs: SlotContent['erofs'];
     const erofsUuid = randomUuid(random, 'erofs:uuid');
     if (rootfs.kind === 'erofs') {
+      if (o.fileContexts || ima)
+        throw new UserError('LAMA_E_USAGE', '--file-contexts and --ima-key need a root tree or tarball, not a built EROFS image', { where: o.rootfs });
       erofsFile = rootfs.file;
       erofs = { uuid: rootfs.superblock.uuid, bytes: rootfs.superblock.bytes };
     } else {
       erofsFile = path.join(tmp.dir, 'root.erofs');
-      const sb = await buildErofs({ source: rootfs.dir, out: erofsFile, uuid: erofsUuid, timestamp });
+      const sb = await buildRootErofs({
+        tree: rootfs.dir,
+        out: erofsFile,
+        uuid: erofsUuid,
+        timestamp,
+        fileContexts: o.fileContexts,
+        ima,
+        work: tmp.dir,
+        onStep: step,
+      });
       erofs = { uuid: sb.uuid, bytes: sb.bytes };
     }
     if (erofs.bytes % 4096 !== 0 || erofs.bytes === 0)

@@ -21,6 +21,8 @@
  * Public API:
  * - `planImage(input)` → `{ plan, gpt }` (pure), `planText(plan)`, `slotCmdline(rootHash, slot, bsp, extra?)`
  * - `buildImage(options)` → `ImagePlan` (writes the image atomically; `dryRun` plans only)
+ * - `buildRootErofs(options)` → the root EROFS of a tree, SELinux-labelled (`fileContexts`, or the
+ *   tree's own policy) and IMA-signed (`ima`) when asked
  * - `inspectImage(file, { key?, verify? })` → `ImageReport`
  * - `loadLayout(nameOrFile)`, `parseLayout(text, file)`, `withSizes(layout, sizes)`
  * - constants `PROVISION_KEY_PATH`, `ukiPath(slot)`, `RAUC_DIR`
@@ -55,4 +57,5 @@ export {
   type SlotContent,
   type SlotPlan,
 } from './plan.js';
+export { buildRootErofs, type RootErofsOptions } from './root.js';
 export { VAR_DIRS, buildVarExt4, mkfsExt4Args } from './ext4.js';

@@ -1,8 +1,8 @@
 /**
  * The fleet's key directory: Secure Boot PK/KEK/db (certificates, keys, signature lists and signed
  * authenticated-variable updates), the RAUC CA and code-signing certificate, per-device encryption
- * certificates, the OpenPGP key that signs RPMs and the recovery pair that hosts' LUKS recovery keys
- * are escrowed to. Every file is listed with its purpose in
+ * certificates, the OpenPGP key that signs RPMs, the recovery pair that hosts' LUKS recovery keys
+ * are escrowed to and the IMA key that signs root images' files. Every file is listed with its purpose in
  * manifest.json; private keys are written 0600 and never printed.
  *
  * Public API:
@@ -10,7 +10,8 @@
  * - `addDeviceKey(dir, name, { force?, days?, ec? })` → KeyManifest (`ec`: P-256 device key);
  *   `ensureDeviceKey(dir, name)` → issued or not
  * - `addRecoveryKey(dir, { force?, commonName?, days? })` → KeyManifest (for directories made before
- *   `keys init` issued the recovery pair)
+ *   `keys init` issued the recovery pair); `addImaKey(dir, { force?, commonName?, days? })` likewise for
+ *   the IMA pair
  * - `signingPair(dir, 'secureboot-db' | 'rauc-signing')` → { certPem, keyPem }
  * - `readManifest(dir)` → KeyManifest; `keyPath(dir, purpose)` → absolute path of a file by purpose
  * - `createCertificate(spec)` → { certPem, keyPem } (one certificate, for tests and tools)
@@ -38,7 +39,8 @@ export type KeyPurpose =
   | 'rauc-ca-cert' | 'rauc-ca-key' | 'rauc-signing-cert' | 'rauc-signing-key'
   | 'device-cert' | 'device-key'
   | 'rpm-signing-key' | 'rpm-signing-public'
-  | 'recovery-cert' | 'recovery-key';
+  | 'recovery-cert' | 'recovery-key'
+  | 'ima-cert' | 'ima-cert-der' | 'ima-key';
 
 export interface ManifestEntry {
   file: string;
@@ -186,6 +188,7 @@ async function writePlanned(dir: string, planned: PlannedFile[], manifest: KeyMa
     unregister = onCleanup(() => fs.rm(temp, { recursive: true, force: true }));
   }
   try {
+    for (const p of planned) await fs.mkdir(path.dirname(path.join(target, p.entry.file)), { recursive: true, mode: 0o700 });
     for (const p of planned) await writeFileAtomic(path.join(target, p.entry.file), p.data, { force: true, mode: p.entry.secret ? 0o600 : 0o644 });
     await writeFileAtomic(path.join(target, MANIFEST), JSON.stringify(manifest, null, 2) + '\n', { force: true, mode: 0o644 });
     if (fresh) await fs.rename(target, dir);
@@ -207,6 +210,28 @@ async function recoveryPlanned(name: string, validity: { notBefore: Date; notAft
   return [
     file('recovery.crt', 'recovery-cert', 'Recovery key escrow: certificate (installers encrypt each host\'s LUKS recovery key to it)', pair.certPem, certInfo(pair.certPem)),
     file('recovery.key', 'recovery-key', 'Recovery key escrow: private key (opens escrows with lamadist recovery-key; keep offline)', pair.keyPem),
+  ];
+}
+
+/** Where the IMA pair lives: meta-signing-key's IMA_KEYS_DIR layout, which lamadist-security.inc points at. */
+export const IMA_DIR = 'ima';
+
+/**
+ * The fleet IMA pair: a self-signed RSA 2048 digitalSignature certificate (not a CA; the kernel
+ * refuses CA keys on `.ima` when CONFIG_INTEGRITY_CA_RESTRICTION is set) whose key signs root
+ * images' executables and libraries (`security.ima`, IMA v2 digital signatures over SHA-256).
+ * RSA 2048 because every kernel with IMA appraisal verifies it (ECDSA only since 5.13). The DER form
+ * is what the kernel and `keyctl padd asymmetric` load; the key id in each signature is the last 4
+ * bytes of the certificate's subjectKeyIdentifier (SHA-1 of the public key, as evmctl computes it).
+ */
+async function imaPlanned(name: string, validity: { notBefore: Date; notAfter: Date }): Promise<PlannedFile[]> {
+  const pair = await createCertificate({ commonName: `${name} IMA Signing`, keyUsage: x509.KeyUsageFlags.digitalSignature, ...validity });
+  const der = Buffer.from(new x509.X509Certificate(pair.certPem).rawData);
+  const info = certInfo(pair.certPem);
+  return [
+    file(`${IMA_DIR}/x509_ima.crt`, 'ima-cert', 'IMA file signing: certificate (PEM)', pair.certPem, info),
+    file(`${IMA_DIR}/x509_ima.der`, 'ima-cert-der', 'IMA file signing: certificate (DER, for the kernel\'s .ima keyring)', der, info),
+    file(`${IMA_DIR}/x509_ima.key`, 'ima-key', 'IMA file signing: private key (signs executables and libraries of root images)', pair.keyPem),
   ];
 }
 
@@ -260,6 +285,7 @@ export async function initKeys(dir: string, opts: { force?: boolean; commonName?
     file('rpm-signing.asc', 'rpm-signing-key', 'RPM signing: OpenPGP private key', pgp.privateKey, { fingerprint }),
     file('rpm-signing.pub.asc', 'rpm-signing-public', 'RPM signing: OpenPGP public key', pgp.publicKey, { fingerprint }),
     ...(await recoveryPlanned(name, v)),
+    ...(await imaPlanned(name, v)),
   );
   const manifest: KeyManifest = { version: 1, created: now.toISOString(), owner, files: planned.map((p) => p.entry) };
   await writePlanned(dir, planned, manifest, opts.force ?? false);
@@ -302,22 +328,44 @@ export async function signingPair(dir: string, which: 'secureboot-db' | 'rauc-si
   };
 }
 
+type PairOptions = { force?: boolean; commonName?: string; days?: number };
+
+/**
+ * Issue a self-signed pair (its files' purposes start with `prefix`) into an existing key
+ * directory, replacing the pair it has only with `force`; `refusal` says why replacing matters.
+ */
+async function addPair(
+  dir: string,
+  prefix: 'recovery-' | 'ima-',
+  plan: (name: string, validity: { notBefore: Date; notAfter: Date }) => Promise<PlannedFile[]>,
+  refusal: (file: string) => string,
+  opts: PairOptions,
+): Promise<KeyManifest> {
+  const m = await readManifest(dir);
+  const existing = m.files.find((f) => f.purpose === `${prefix}key`);
+  if (existing && !opts.force) throw new UserError('LAMA_E_EXISTS', `${dir} ${refusal(existing.file)} (use --force to replace it)`);
+  const notBefore = new Date(Date.now() - 60_000);
+  const planned = await plan(opts.commonName ?? 'LamaDist', { notBefore, notAfter: new Date(notBefore.getTime() + (opts.days ?? 3650) * 86_400_000) });
+  const files = m.files.filter((f) => !f.purpose.startsWith(prefix)).concat(planned.map((p) => p.entry));
+  const next: KeyManifest = { ...m, files };
+  await writePlanned(dir, planned, next, opts.force ?? false);
+  return next;
+}
+
 /**
  * Issue the recovery pair into an existing key directory. Replacing one needs `force`: escrows
  * made to the old certificate open only with the old key.
  */
-export async function addRecoveryKey(dir: string, opts: { force?: boolean; commonName?: string; days?: number } = {}): Promise<KeyManifest> {
-  const m = await readManifest(dir);
-  const existing = m.files.find((f) => f.purpose === 'recovery-key');
-  if (existing && !opts.force) {
-    throw new UserError('LAMA_E_EXISTS', `${dir} already has a recovery key (${existing.file}); escrows made to its certificate open only with it (use --force to replace it)`);
-  }
-  const notBefore = new Date(Date.now() - 60_000);
-  const planned = await recoveryPlanned(opts.commonName ?? 'LamaDist', { notBefore, notAfter: new Date(notBefore.getTime() + (opts.days ?? 3650) * 86_400_000) });
-  const files = m.files.filter((f) => f.purpose !== 'recovery-cert' && f.purpose !== 'recovery-key').concat(planned.map((p) => p.entry));
-  const next: KeyManifest = { ...m, files };
-  await writePlanned(dir, planned, next, opts.force ?? false);
-  return next;
+export function addRecoveryKey(dir: string, opts: PairOptions = {}): Promise<KeyManifest> {
+  return addPair(dir, 'recovery-', recoveryPlanned, (f) => `already has a recovery key (${f}); escrows made to its certificate open only with it`, opts);
+}
+
+/**
+ * Issue the IMA pair into an existing key directory. Replacing one needs `force`: images signed
+ * with the old key no longer appraise on devices that load only the new certificate.
+ */
+export function addImaKey(dir: string, opts: PairOptions = {}): Promise<KeyManifest> {
+  return addPair(dir, 'ima-', imaPlanned, (f) => `already has an IMA key (${f}); images signed with it appraise only with its certificate`, opts);
 }
 
 /** Issue device `name`'s key pair (`addDeviceKey`) unless the directory already has one; true when issued. */

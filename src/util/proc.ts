@@ -11,6 +11,7 @@ export const TOOL_PACKAGES: Record<string, string> = {
   'mkfs.erofs': 'erofs-utils',
   'fsck.erofs': 'erofs-utils',
   'dump.erofs': 'erofs-utils',
+  setfattr: 'attr',
   mksquashfs: 'squashfs-tools',
   unsquashfs: 'squashfs-tools',
   'mkfs.vfat': 'dosfstools',

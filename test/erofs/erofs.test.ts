@@ -5,7 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { UserError } from '../../src/errors.js';
-import { buildErofs, erofsArgs, prepareRootfs, readErofsSuperblock } from '../../src/erofs/index.js';
+import { buildErofs, erofsArgs, prepareRootfs, readErofsSuperblock, treeFileContexts } from '../../src/erofs/index.js';
 
 let dir: string;
 let tree: string;
@@ -43,6 +43,24 @@ describe('EROFS', () => {
     expect(
       erofsArgs({ source: '/r', out: '/o', uuid: UUID, timestamp: 0, compression: 'none' }),
     ).not.toContain('-zlz4hc');
+    expect(erofsArgs({ source: '/r', out: '/o', uuid: UUID, timestamp: 0, fileContexts: '/fc' }).slice(-3)).toEqual([
+      '--file-contexts=/fc',
+      '/o',
+      '/r',
+    ]);
+  });
+
+  it("finds the file_contexts of the tree's own policy, and none where it is incomplete", async () => {
+    const t = path.join(dir, 'policy-tree');
+    await fs.mkdir(path.join(t, 'etc/selinux/targeted/contexts/files'), { recursive: true });
+    expect(await treeFileContexts(t)).toBeUndefined();
+    await fs.writeFile(path.join(t, 'etc/selinux/config'), '# comment\nSELINUX=enforcing\nSELINUXTYPE=targeted\n');
+    expect(await treeFileContexts(t)).toBeUndefined();
+    const fc = path.join(t, 'etc/selinux/targeted/contexts/files/file_contexts');
+    await fs.writeFile(fc, '/.*\tsystem_u:object_r:default_t:s0\n');
+    expect(await treeFileContexts(t)).toBe(fc);
+    await fs.writeFile(path.join(t, 'etc/selinux/config'), 'SELINUX=disabled\n');
+    expect(await treeFileContexts(t)).toBeUndefined();
   });
 
   it('builds byte-identical images that fsck.erofs accepts, and reads the superblock like dump.erofs', async () => {

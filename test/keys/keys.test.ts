@@ -24,12 +24,12 @@ describe('keys init', () => {
   it('writes every file the manifest names; private keys are 0600, nothing secret on stdout', () => {
     const purposes = manifest.files.map((f) => f.purpose);
     for (const p of ['pk', 'kek', 'db']) for (const kind of ['cert', 'key', 'esl', 'auth']) expect(purposes).toContain(`secureboot-${p}-${kind}`);
-    expect(purposes).toEqual(expect.arrayContaining(['rauc-ca-cert', 'rauc-ca-key', 'rauc-signing-cert', 'rauc-signing-key', 'rpm-signing-key', 'rpm-signing-public', 'recovery-cert', 'recovery-key']));
+    expect(purposes).toEqual(expect.arrayContaining(['rauc-ca-cert', 'rauc-ca-key', 'rauc-signing-cert', 'rauc-signing-key', 'rpm-signing-key', 'rpm-signing-public', 'recovery-cert', 'recovery-key', 'ima-cert', 'ima-cert-der', 'ima-key']));
     for (const f of manifest.files) {
       const mode = statSync(k(f.file)).mode & 0o777;
       expect(mode, f.file).toBe(f.secret ? 0o600 : 0o644);
     }
-    expect(manifest.files.filter((f) => f.secret).map((f) => f.file).sort()).toEqual(['KEK.key', 'PK.key', 'db.key', 'rauc-ca.key', 'rauc-signing.key', 'recovery.key', 'rpm-signing.asc']);
+    expect(manifest.files.filter((f) => f.secret).map((f) => f.file).sort()).toEqual(['KEK.key', 'PK.key', 'db.key', 'ima/x509_ima.key', 'rauc-ca.key', 'rauc-signing.key', 'recovery.key', 'rpm-signing.asc']);
     expect(JSON.stringify(manifest)).not.toMatch(/PRIVATE KEY/);
     expect(statSync(dir).mode & 0o777).toBe(0o700);
     expect(readdirSync(t.dir).filter((f) => f.startsWith('.keys.'))).toEqual([]);
@@ -61,6 +61,23 @@ describe('keys init', () => {
       ['recovery.key', 'recovery-key', true],
     ]);
     expect(entries[0]?.sha256).toMatch(/^[0-9a-f]{64}$/);
+  });
+
+  it('the IMA pair: an RSA 2048 digitalSignature certificate, not a CA, in PEM and DER, where meta-signing-key looks (ima/x509_ima.*)', () => {
+    const text = tool('openssl', ['x509', '-inform', 'DER', '-in', k('ima/x509_ima.der'), '-noout', '-text']);
+    expect(text.code, text.out).toBe(0);
+    expect(text.out).toMatch(/Public-Key: \(2048 bit\)/);
+    expect(text.out).toMatch(/Key Usage: critical\s+Digital Signature\n/);
+    expect(text.out).toMatch(/CA:FALSE/);
+    expect(text.out).toMatch(/Subject Key Identifier/);
+    expect(tool('openssl', ['x509', '-inform', 'DER', '-in', k('ima/x509_ima.der'), '-noout', '-fingerprint', '-sha256']).out).toBe(tool('openssl', ['x509', '-in', k('ima/x509_ima.crt'), '-noout', '-fingerprint', '-sha256']).out);
+    expect(tool('openssl', ['x509', '-in', k('ima/x509_ima.crt'), '-noout', '-modulus']).out).toBe(tool('openssl', ['rsa', '-in', k('ima/x509_ima.key'), '-noout', '-modulus']).out);
+    expect(statSync(k('ima/x509_ima.key')).mode & 0o777).toBe(0o600);
+    expect(manifest.files.filter((f) => f.purpose.startsWith('ima-')).map((f) => [f.file, f.purpose, f.secret])).toEqual([
+      ['ima/x509_ima.crt', 'ima-cert', false],
+      ['ima/x509_ima.der', 'ima-cert-der', false],
+      ['ima/x509_ima.key', 'ima-key', true],
+    ]);
   });
 
   it('openssl verify accepts the chains PK → KEK → db and RAUC CA → signing, and not across them', () => {
@@ -175,28 +192,39 @@ describe('keys CLI', () => {
     expect(ours.code, ours.stderr).toBe(0);
   }, 60_000);
 
-  it('keys recovery issues the pair into a directory made without it, and replaces one only with --force', async () => {
-    const old = path.join(t.dir, 'old-keys');
-    mkdirSync(old, { mode: 0o700 });
-    for (const f of manifest.files.filter((x) => !x.purpose.startsWith('recovery-'))) writeFileSync(path.join(old, f.file), readFileSync(k(f.file)));
-    writeFileSync(path.join(old, 'manifest.json'), JSON.stringify({ ...manifest, files: manifest.files.filter((x) => !x.purpose.startsWith('recovery-')) }));
-    const r = await runCli(['--json', 'keys', 'recovery', old]);
-    expect(r.code, r.stderr).toBe(0);
-    expect((JSON.parse(r.stdout) as { files: { file: string }[] }).files.map((f) => f.file)).toEqual(['recovery.crt', 'recovery.key']);
-    expect(await keyPath(old, 'recovery-cert')).toBe(path.join(old, 'recovery.crt'));
-    expect(statSync(path.join(old, 'recovery.key')).mode & 0o777).toBe(0o600);
-    expect(tool('openssl', ['x509', '-in', path.join(old, 'recovery.crt'), '-noout', '-text']).out).toMatch(/Key Encipherment/);
-    expect((await readManifest(old)).files.length).toBe(manifest.files.length);
-    const before = readFileSync(path.join(old, 'recovery.key'));
-    const again = await runCli(['keys', 'recovery', old]);
-    expect(again.code).toBe(2);
-    expect(again.stderr.trim().split('\n')).toEqual([expect.stringMatching(/already has a recovery key \(recovery\.key\).*--force.*\[LAMA_E_EXISTS\]$/)]);
-    expect(readFileSync(path.join(old, 'recovery.key')).equals(before)).toBe(true);
-    const forced = await runCli(['keys', 'recovery', old, '--force']);
-    expect(forced.code, forced.stderr).toBe(0);
-    expect(readFileSync(path.join(old, 'recovery.key')).equals(before)).toBe(false);
-    expect((await readManifest(old)).files.filter((f) => f.purpose === 'recovery-key')).toHaveLength(1);
-  }, 60_000);
+  for (const [which, files, refusal, check] of [
+    ['recovery', ['recovery.crt', 'recovery.key'], /already has a recovery key \(recovery\.key\).*--force.*\[LAMA_E_EXISTS\]$/, /Key Encipherment/],
+    ['ima', ['ima/x509_ima.crt', 'ima/x509_ima.der', 'ima/x509_ima.key'], /already has an IMA key \(ima\/x509_ima\.key\).*--force.*\[LAMA_E_EXISTS\]$/, /Digital Signature/],
+  ] as const) {
+    it(`keys ${which} issues the pair into a directory made without it, and replaces one only with --force`, async () => {
+      const old = path.join(t.dir, `pre-${which}-keys`);
+      mkdirSync(old, { mode: 0o700 });
+      const kept = manifest.files.filter((x) => !x.purpose.startsWith(`${which}-`));
+      for (const f of kept) {
+        mkdirSync(path.dirname(path.join(old, f.file)), { recursive: true });
+        writeFileSync(path.join(old, f.file), readFileSync(k(f.file)));
+      }
+      writeFileSync(path.join(old, 'manifest.json'), JSON.stringify({ ...manifest, files: kept }));
+      const r = await runCli(['--json', 'keys', which, old]);
+      expect(r.code, r.stderr).toBe(0);
+      expect((JSON.parse(r.stdout) as { files: { file: string }[] }).files.map((f) => f.file)).toEqual(files);
+      const [cert] = files;
+      const key = files.at(-1) as string;
+      expect(await keyPath(old, `${which}-cert`)).toBe(path.join(old, cert));
+      expect(statSync(path.join(old, key)).mode & 0o777).toBe(0o600);
+      expect(tool('openssl', ['x509', '-in', path.join(old, cert), '-noout', '-text']).out).toMatch(check);
+      expect((await readManifest(old)).files.length).toBe(manifest.files.length);
+      const before = readFileSync(path.join(old, key));
+      const again = await runCli(['keys', which, old]);
+      expect(again.code).toBe(2);
+      expect(again.stderr.trim().split('\n')).toEqual([expect.stringMatching(refusal)]);
+      expect(readFileSync(path.join(old, key)).equals(before)).toBe(true);
+      const forced = await runCli(['keys', which, old, '--force']);
+      expect(forced.code, forced.stderr).toBe(0);
+      expect(readFileSync(path.join(old, key)).equals(before)).toBe(false);
+      expect((await readManifest(old)).files.filter((f) => f.purpose === `${which}-key`)).toHaveLength(1);
+    }, 60_000);
+  }
 
   it('keys show lists every file and flags a secret made world-readable', async () => {
     const ok = await runCli(['--json', 'keys', 'show', dir]);

@@ -32,6 +32,9 @@ export interface ImageBuildCliOptions extends Pick<
   | 'dbCert'
   | 'dbKey'
   | 'keys'
+  | 'fileContexts'
+  | 'imaKey'
+  | 'imaCert'
   | 'force'
   | 'dryRun'
 > {
@@ -97,6 +100,9 @@ export function buildOptionsFrom(opts: ImageBuildCliOptions): BuildImageOptions 
     dbCert: opts.dbCert,
     dbKey: opts.dbKey,
     keys: opts.keys,
+    fileContexts: opts.fileContexts,
+    imaKey: opts.imaKey,
+    imaCert: opts.imaCert,
     raw: pairs(opts.raw, '--raw'),
     timestamp: opts.sourceDateEpoch ?? (env ? Number(env) : 0),
     force: opts.force,
@@ -215,6 +221,15 @@ export function configure(cmd: Command): void {
     .option('--db-cert <pem>', 'Secure Boot db certificate to sign the UKIs')
     .option('--db-key <pem>', 'Secure Boot db private key')
     .option('--keys <dir>', 'key directory from lamadist keys init (signs with its db key)')
+    .option(
+      '--file-contexts <file>',
+      "SELinux file_contexts labelling the root image (default: the policy the tree's /etc/selinux/config selects)",
+    )
+    .option(
+      '--ima-key <dir|file>',
+      "sign executables, libraries and kernel modules (security.ima) with the key directory's IMA key, or this key file",
+    )
+    .option('--ima-cert <file>', 'certificate of an --ima-key file (DER or PEM)')
     .option(
       '--raw <name=file>',
       'raw boot loader region, e.g. idbloader=idbloader.img (repeatable)',

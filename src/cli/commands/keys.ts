@@ -1,7 +1,7 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import type { Command } from 'commander';
-import { addDeviceKey, addRecoveryKey, initKeys, keyPath, readManifest, type KeyManifest } from '../../keys/index.js';
+import { addDeviceKey, addImaKey, addRecoveryKey, initKeys, keyPath, readManifest, type KeyManifest } from '../../keys/index.js';
 import { makeOvmfVars, readOvmfVars } from '../../secureboot/index.js';
 import { act, intOption } from '../action.js';
 import type { Context } from '../context.js';
@@ -33,10 +33,10 @@ export async function keysDevice(ctx: Context, dir: string, name: string, opts: 
   return m;
 }
 
-/** `lamadist keys recovery [DIR]`: issue the fleet recovery pair into a directory made without it. */
-export async function keysRecovery(ctx: Context, dir: string, opts: { force?: boolean; name?: string; days?: number } = {}): Promise<KeyManifest> {
-  const m = await addRecoveryKey(dir, { force: opts.force, commonName: opts.name, days: opts.days });
-  const files = m.files.filter((f) => f.purpose === 'recovery-cert' || f.purpose === 'recovery-key');
+/** `lamadist keys recovery|ima [DIR]`: issue the fleet recovery or IMA pair into a directory made without it. */
+export async function keysPair(ctx: Context, which: 'recovery' | 'ima', dir: string, opts: { force?: boolean; name?: string; days?: number } = {}): Promise<KeyManifest> {
+  const m = await (which === 'recovery' ? addRecoveryKey : addImaKey)(dir, { force: opts.force, commonName: opts.name, days: opts.days });
+  const files = m.files.filter((f) => f.purpose.startsWith(`${which}-`));
   ctx.result({ dir, files }, () => files.map((f) => `${ctx.c.bold(f.file)}  ${f.description}`).join('\n'));
   return m;
 }
@@ -75,10 +75,10 @@ export async function keysOvmfVars(ctx: Context, dir: string, opts: { out: strin
 }
 
 export function configure(cmd: Command): void {
-  cmd.description('create and inspect the fleet key directory (Secure Boot, RAUC, devices, RPM, recovery)');
+  cmd.description('create and inspect the fleet key directory (Secure Boot, RAUC, devices, RPM, recovery, IMA)');
   cmd
     .command('init')
-    .description('create PK/KEK/db, RAUC CA and signing certificate, the RPM OpenPGP key and the recovery key pair')
+    .description('create PK/KEK/db, RAUC CA and signing certificate, the RPM OpenPGP key, the recovery key pair and the IMA signing pair')
     .argument('[dir]', 'key directory', 'keys')
     .option('--name <cn>', 'name used in certificate subjects', 'LamaDist')
     .option('--days <n>', 'certificate validity in days', intOption('--days'), 3650)
@@ -93,14 +93,19 @@ export function configure(cmd: Command): void {
     .option('--ec', 'P-256 key instead of RSA (for a key kept in a TPM or secure element)')
     .option('--force', 'replace an existing device certificate')
     .action(act<{ dir: string; days: number; ec?: boolean; force?: boolean }>(async (ctx, [name], o) => void (await keysDevice(ctx, o.dir, name ?? '', o))));
-  cmd
-    .command('recovery')
-    .description('issue the fleet recovery key pair (escrow certificate for LUKS recovery keys) into an existing key directory')
-    .argument('[dir]', 'key directory', 'keys')
-    .option('--name <cn>', 'name used in the certificate subject', 'LamaDist')
-    .option('--days <n>', 'certificate validity in days', intOption('--days'), 3650)
-    .option('--force', 'replace an existing recovery key pair (escrows made to the old certificate need the old key)')
-    .action(act<{ name: string; days: number; force?: boolean }>(async (ctx, [dir], o) => void (await keysRecovery(ctx, dir ?? 'keys', o))));
+  for (const [which, description, force] of [
+    ['recovery', 'issue the fleet recovery key pair (escrow certificate for LUKS recovery keys) into an existing key directory', 'replace an existing recovery key pair (escrows made to the old certificate need the old key)'],
+    ['ima', 'issue the fleet IMA signing key pair (signs executables and libraries of root images) into an existing key directory', 'replace an existing IMA key pair (images signed with the old key need the old certificate)'],
+  ] as const) {
+    cmd
+      .command(which)
+      .description(description)
+      .argument('[dir]', 'key directory', 'keys')
+      .option('--name <cn>', 'name used in the certificate subject', 'LamaDist')
+      .option('--days <n>', 'certificate validity in days', intOption('--days'), 3650)
+      .option('--force', force)
+      .action(act<{ name: string; days: number; force?: boolean }>(async (ctx, [dir], o) => void (await keysPair(ctx, which, dir ?? 'keys', o))));
+  }
   cmd
     .command('show')
     .description('list the key directory with each file\'s purpose')

@@ -29,5 +29,5 @@ export { createBundle, encryptBundle, extractBundle, inspectBundle, planBundle }
 export type { BundleImageInput, BundleInfo, CreateBundleOptions, CreatedBundle, EncryptedBundle, InspectOptions } from './bundle.js';
 export { parseManifest, renderManifest, slotClassesOf } from './manifest.js';
 export type { BundleFormat, ImageHook, Manifest, ManifestImage } from './manifest.js';
-export { ALIGNED_SQUASHFS_ARGS, adaptiveFetchBytes, alignPayload, blockHashes, digestImage } from './payload.js';
+export { ALIGNED_SQUASHFS_ARGS, ALIGN_PAD_PREFIX, adaptiveFetchBytes, alignPayload, blockHashes, digestImage } from './payload.js';
 export type { CertSummary, SignerMaterial } from './cms.js';

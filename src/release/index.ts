@@ -31,13 +31,13 @@ import type { Bsp } from '../bsp/index.js';
 import { UserError, isErrno } from '../errors.js';
 import { hostArgs, isMachineId, type Host } from '../host/index.js';
 import { slotCmdline } from '../image/index.js';
-import { blockHashes, createBundle, slotClassesOf, type CreatedBundle, type SignerMaterial } from '../rauc/index.js';
+import { ALIGN_PAD_PREFIX, blockHashes, createBundle, slotClassesOf, type CreatedBundle, type SignerMaterial } from '../rauc/index.js';
 import { signPe, type SignerKeys } from '../secureboot/index.js';
 import { EFI_STUBS, buildUki, setUkiCmdline, type Input } from '../uki/index.js';
 import { makeTempDir } from '../util/fsx.js';
 import { run } from '../util/proc.js';
 import { verifyVerity } from '../verity/index.js';
-import { EFI_PAD_PREFIX, HOSTS_DIR, UKI_BLOCKS_DIR } from './layout.js';
+import { HOSTS_DIR, UKI_BLOCKS_DIR } from './layout.js';
 import { diffUki, renderPatch } from './patch.js';
 
 export { applyUkiPatch, diffUki, parsePatch, renderPatch, MAX_PATCH_BYTES, type PatchWrite, type UkiPatch } from './patch.js';
@@ -171,7 +171,7 @@ export function efiTarMembers(templateSizes: Readonly<Record<'a' | 'b', number>>
   for (const slot of SLOTS) {
     // padding header + padding + the UKI's header end on a boundary
     const pad = (UKI_BLOCK - ((at + 2 * TAR_HEADER) % UKI_BLOCK)) % UKI_BLOCK;
-    members.push({ name: `${EFI_PAD_PREFIX}${slot}`, size: pad }, { name: `lamadist-${slot}.efi`, size: templateSizes[slot] });
+    members.push({ name: `${ALIGN_PAD_PREFIX}${slot}`, size: pad }, { name: `lamadist-${slot}.efi`, size: templateSizes[slot] });
     at += 2 * TAR_HEADER + pad + Math.ceil(templateSizes[slot] / TAR_HEADER) * TAR_HEADER;
   }
   return members;

@@ -7,6 +7,3 @@ export const HOSTS_DIR = 'hosts';
  * UKI's blocks to read only the ones that differ.
  */
 export const UKI_BLOCKS_DIR = 'uki-blocks';
-
-/** Name prefix of the efi image's padding members (`efiTarMembers`): no template is named so. */
-export const EFI_PAD_PREFIX = '.lamadist-align-';

@@ -50,6 +50,14 @@ LAMADIST_IMA_SIGN = "${@bb.utils.contains('DISTRO_FEATURES', 'ima', '1', '', d) 
 inherit ${@'ima-evm-rootfs' if d.getVar('LAMADIST_IMA_SIGN') else ''}
 IMA_EVM_ROOTFS_SIGNED = ". -path ./dev -prune -o -path ./proc -prune -o -path ./sys -prune -o -type f '(' -perm /111 -o -name '*.so' -o -name '*.so.*' -o -name '*.ko' -o -name '*.ko.xz' -o -name '*.ko.gz' -o -name '*.ko.zst' ')'"
 
+# The certificate that verifies those signatures, where lamadist-init loads it into the kernel's
+# IMA keyring from (the root's own copy, checked by dm-verity); lamadist-ima-policy's appraisal
+# refuses everything unsigned once systemd has loaded it.
+lamadist_ima_cert() {
+    install -D -m 0644 ${IMA_KEYS_DIR}/x509_ima.der ${IMAGE_ROOTFS}${sysconfdir}/keys/x509_ima.der
+}
+ROOTFS_POSTPROCESS_COMMAND += "${@'lamadist_ima_cert' if d.getVar('LAMADIST_IMA_SIGN') else ''}"
+
 # A salt per image and machine keeps hash trees of different products apart while staying
 # reproducible (a random salt would change every build).
 LAMADIST_VERITY_SALT = "${@__import__('hashlib').sha256(('lamadist:verity:%s:%s' % (d.getVar('IMAGE_BASENAME'), d.getVar('MACHINE'))).encode()).hexdigest()}"

@@ -14,6 +14,8 @@
  * - `imaXattr(keyId, signature)` → `security.ima` value (pure); `signFile(file, signer)` → value
  * - `loadImaSigner(key, cert?)` → `ImaSigner` (key directory, or key file plus certificate)
  * - `setfattrRestore(entries)` → input for `setfattr --restore` (pure); `signTree(dir, signer)`
+ * - `policyAppraises(text)` (pure); `checkTreeIma(tree, signer?)` before a root image is built;
+ *   `installImaCert(dir, signer)` puts the certificate where lamadist-init loads it from
  */
 import { createPrivateKey, createPublicKey, createSign, type KeyObject } from 'node:crypto';
 import { createReadStream, promises as fs } from 'node:fs';
@@ -30,6 +32,10 @@ export const IMA_SIGNATURE_V2 = 2;
 /** The kernel's enum hash_algo value for SHA-256. */
 export const HASH_ALGO_SHA256 = 4;
 export const IMA_XATTR = 'security.ima';
+/** Where a root carries the certificate that verifies its signatures: lamadist-init loads it. */
+export const IMA_CERT_PATH = 'etc/keys/x509_ima.der';
+/** The IMA policy systemd loads at startup (meta-lamadist's lamadist-ima-policy). */
+export const IMA_POLICY_PATH = 'etc/ima/ima-policy';
 
 /** A regular file of a root tree, as `imaTargets` needs to see it. */
 export interface TreeFile {
@@ -202,4 +208,44 @@ export async function signTree(dir: string, signer: ImaSigner): Promise<string[]
     await tmp.remove();
   }
   return targets;
+}
+
+/** Whether an IMA policy has an appraise rule (comments and blank lines aside). Pure. */
+export function policyAppraises(text: string): boolean {
+  return text.split('\n').some((l) => /^\s*appraise\s/.test(l));
+}
+
+async function readIfFile(file: string): Promise<Buffer | undefined> {
+  try {
+    return await fs.readFile(file);
+  } catch (err) {
+    if (isErrno(err, 'ENOENT') || isErrno(err, 'ENOTDIR') || isErrno(err, 'EISDIR')) return undefined;
+    throw err;
+  }
+}
+
+/**
+ * Refuse a root tree that would not run once booted: one whose IMA policy appraises code, built
+ * without a signer, and one that carries an IMA certificate other than the signer's.
+ */
+export async function checkTreeIma(tree: string, signer?: ImaSigner): Promise<void> {
+  const policyFile = path.join(tree, IMA_POLICY_PATH);
+  const policy = await readIfFile(policyFile);
+  if (!signer) {
+    if (policy && policyAppraises(policy.toString('utf8')))
+      throw new UserError('LAMA_E_IMA_UNSIGNED', `the tree's IMA policy appraises code, so an unsigned image would run nothing: give --ima-key`, { where: policyFile });
+    return;
+  }
+  const certFile = path.join(tree, IMA_CERT_PATH);
+  const cert = await readIfFile(certFile);
+  if (cert && !cert.equals(signer.certDer))
+    throw new UserError('LAMA_E_IMA_KEY', `the tree carries another IMA certificate than ${signer.certFile}: the device could not verify the signatures`, { where: certFile });
+}
+
+/** Put the signer's certificate (DER, 0644) into the private copy `dir` where lamadist-init loads it. */
+export async function installImaCert(dir: string, signer: ImaSigner): Promise<void> {
+  const file = path.join(dir, IMA_CERT_PATH);
+  await fs.mkdir(path.dirname(file), { recursive: true, mode: 0o755 });
+  await fs.writeFile(file, signer.certDer, { mode: 0o644 });
+  await fs.chmod(file, 0o644);
 }

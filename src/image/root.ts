@@ -1,6 +1,6 @@
 import path from 'node:path';
 import { buildErofs, stageTree, treeFileContexts, type ErofsSuperblock } from '../erofs/index.js';
-import { signTree, type ImaSigner } from '../ima/index.js';
+import { IMA_CERT_PATH, checkTreeIma, installImaCert, signTree, type ImaSigner } from '../ima/index.js';
 
 export interface RootErofsOptions {
   /** The operator's root tree: read, never modified. */
@@ -18,17 +18,20 @@ export interface RootErofsOptions {
 }
 
 /**
- * The root EROFS image of a tree, labelled and signed when asked. Without a policy in the tree and
- * without either option it is exactly `buildErofs` of the tree.
+ * The root EROFS image of a tree, labelled and signed when asked; a signed image also carries the
+ * certificate at /etc/keys/x509_ima.der. Without a policy in the tree and without either option it
+ * is exactly `buildErofs` of the tree.
  */
 export async function buildRootErofs(o: RootErofsOptions): Promise<ErofsSuperblock> {
   const step = o.onStep ?? (() => undefined);
   const fileContexts = o.fileContexts ?? (await treeFileContexts(o.tree));
+  await checkTreeIma(o.tree, o.ima);
   let source = o.tree;
   if (o.ima) {
     source = path.join(o.work, 'signed-root');
     await stageTree(o.tree, source);
-    step(`IMA signatures (${(await signTree(source, o.ima)).length} files)`);
+    await installImaCert(source, o.ima);
+    step(`IMA signatures (${(await signTree(source, o.ima)).length} files) and ${IMA_CERT_PATH}`);
   }
   if (fileContexts) step(`SELinux labels from ${fileContexts}`);
   return buildErofs({ source, out: o.out, uuid: o.uuid, timestamp: o.timestamp, fileContexts });

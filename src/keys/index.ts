@@ -368,6 +368,13 @@ export function addImaKey(dir: string, opts: PairOptions = {}): Promise<KeyManif
   return addPair(dir, 'ima-', imaPlanned, (f) => `already has an IMA key (${f}); images signed with it appraise only with its certificate`, opts);
 }
 
+/** Issue the IMA pair (`addImaKey`) unless the directory already has one (it predates them); true when issued. */
+export async function ensureImaKey(dir: string): Promise<boolean> {
+  if ((await readManifest(dir)).files.some((f) => f.purpose === 'ima-key')) return false;
+  await addImaKey(dir);
+  return true;
+}
+
 /** Issue device `name`'s key pair (`addDeviceKey`) unless the directory already has one; true when issued. */
 export async function ensureDeviceKey(dir: string, name: string): Promise<boolean> {
   if ((await readManifest(dir)).files.some((f) => f.purpose === 'device-key' && f.device === name)) return false;

@@ -3,7 +3,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { UserError } from '../errors.js';
 import { buildImage, type ImagePlan } from '../image/index.js';
-import { ensureDeviceKey, initKeys, keyPath } from '../keys/index.js';
+import { ensureDeviceKey, ensureImaKey, initKeys, keyPath } from '../keys/index.js';
 import { provisioningFiles, type DdiProvisioning } from '../provision/index.js';
 import { makeOvmfVars } from '../secureboot/index.js';
 import { fixtureInitramfs, fixtureRootfs } from './fixture.js';
@@ -64,6 +64,8 @@ export async function prepareDevice(opts: {
     log('fleet keys');
     await initKeys(keys);
   }
+  // The fixture's IMA policy runs only signed code: its images are signed with the fleet's key.
+  if (await ensureImaKey(keys)) log('IMA key issued');
   log('fixture root file system');
   const fixture = await fixtureRootfs({ keyring: await keyPath(keys, 'rauc-ca-cert'), log });
   log('initramfs with lamadist-init');
@@ -92,6 +94,7 @@ export async function prepareDevice(opts: {
     kernel: fixture.kernel.vmlinuz,
     initrd: [initrd],
     keys,
+    imaKey: keys,
     cmdline,
     sizes: DEVICE_SIZES,
     encrypt,

@@ -24,6 +24,8 @@ export const FIXTURE_PACKAGES = [
   'libtss2-esys-3.0.2-0', 'libtss2-rc0', 'libtss2-mu0', 'libtss2-tcti-device0',
   // The streaming rauc (streamingRauc(), Debian's source with --enable-streaming) talks NBD over generic netlink.
   'libnl-genl-3-200',
+  // keyctl, which lamadist-init runs from the initramfs to load the root's IMA certificate.
+  'keyutils',
 ] as const;
 
 /** Bumped when the fixture's own configuration below changes, so cached trees are rebuilt. */
@@ -54,6 +56,7 @@ export const ON_TARGET_FILES: readonly { from: string; to: string; mode: number 
   { from: 'meta-lamadist/recipes-core/lamadist-attest/files/lamadist-attest', to: '/usr/libexec/lamadist/lamadist-attest', mode: 0o755 },
   { from: 'meta-lamadist/recipes-core/lamadist-attest/files/lamadist-attest.service', to: '/usr/lib/systemd/system/lamadist-attest.service', mode: 0o644 },
   { from: 'meta-lamadist/recipes-core/lamadist-attest/files/lamadist-attest.timer', to: '/usr/lib/systemd/system/lamadist-attest.timer', mode: 0o644 },
+  { from: 'meta-lamadist/recipes-core/lamadist-ima/files/ima-policy', to: '/etc/ima/ima-policy', mode: 0o644 },
 ];
 
 /**
@@ -186,6 +189,12 @@ const FIXTURE_FILES: Record<string, { data: string; mode: number }> = {
       'r persist "$(cat /etc/lamadist-fixture-persist 2>/dev/null)"',
       'r var_marker "$(cat /var/lamadist-fixture-marker 2>/dev/null)"',
       'r version "$(. /usr/lib/os-release && echo "$IMAGE_VERSION")"',
+      '# IMA appraisal under the root\'s own policy: a program copied into /var without its signature',
+      '# must not run (126: the kernel says EACCES), the same program copied with its security.ima must.',
+      'rm -f /var/lamadist-ima-unsigned /var/lamadist-ima-signed',
+      'cp /usr/bin/true /var/lamadist-ima-unsigned; /var/lamadist-ima-unsigned 2>/dev/null; r ima_unsigned_exec $?',
+      'cp --preserve=xattr /usr/bin/true /var/lamadist-ima-signed; /var/lamadist-ima-signed; r ima_signed_exec $?',
+      'r ima_entries "$(wc -l </sys/kernel/security/ima/ascii_runtime_measurements)"',
       '# first boot leaves a marker in /etc (overlay) and /var for the next boot to report',
       'if [ ! -s /etc/lamadist-fixture-persist ]; then',
       '  m="boot-$(cat /proc/sys/kernel/random/boot_id)"',
@@ -228,7 +237,7 @@ export const INITRAMFS_MODULES = [
 /** Host programs and shared objects the fixture initramfs carries for lamadist-init and lamadist-enroll. */
 export const INITRAMFS_BINARIES = [
   'cryptsetup', 'veritysetup', 'blkid', 'mountpoint', 'mkfs.ext4', 'e2fsck', 'systemd-cryptenroll', '/usr/lib/systemd/systemd-cryptsetup',
-  'tpm2_dictionarylockout',
+  'tpm2_dictionarylockout', 'keyctl',
   '/usr/lib/x86_64-linux-gnu/cryptsetup/libcryptsetup-token-systemd-tpm2.so',
   '/usr/lib/x86_64-linux-gnu/libtss2-esys.so.0', '/usr/lib/x86_64-linux-gnu/libtss2-rc.so.0',
   '/usr/lib/x86_64-linux-gnu/libtss2-mu.so.0', '/usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0',

@@ -3,9 +3,10 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { getBsp } from '../bsp/index.js';
 import { UserError } from '../errors.js';
-import { buildErofs } from '../erofs/index.js';
 import { FleetClient } from '../fleet/index.js';
-import { ensureDeviceKey, initKeys, keyPath, signingPair } from '../keys/index.js';
+import { ensureDeviceKey, ensureImaKey, initKeys, keyPath, signingPair } from '../keys/index.js';
+import { loadImaSigner } from '../ima/index.js';
+import { buildRootErofs } from '../image/index.js';
 import { registerHost } from '../provision/index.js';
 import { LUKS2_DATA_OFFSET } from '../luks/index.js';
 import type { CreatedBundle } from '../rauc/index.js';
@@ -130,9 +131,11 @@ export async function fixtureRelease(opts: {
   const tree = await fixtureVariant(fixture.dir, { version: opts.version, ...(opts.failHealth && { failHealth: true }), ...(opts.payload !== undefined && { payload: opts.payload }) });
   const tmp = await makeTempDir('lamadist-release-');
   try {
-    log('EROFS root image');
+    log('EROFS root image, signed with the fleet IMA key');
     const rootfs = path.join(tmp.dir, 'rootfs.img');
-    const sb = await buildErofs({ source: tree, out: rootfs, uuid: randomUUID(), timestamp: 0 });
+    await ensureImaKey(opts.keys);
+    const ima = await loadImaSigner(opts.keys);
+    const sb = await buildRootErofs({ tree, out: rootfs, uuid: randomUUID(), timestamp: 0, ima, work: tmp.dir });
     const room = opts.slotRoom ?? Infinity;
     if (sb.bytes > room) throw new UserError('LAMA_E_VM_INPUT', `root image of version ${opts.version} (${sb.bytes} bytes) does not fit the ${room}-byte slot`);
     log('dm-verity hash tree');

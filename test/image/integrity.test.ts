@@ -8,10 +8,10 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildErofs } from '../../src/erofs/index.js';
-import { imaTargets, imaXattr, loadImaSigner, setfattrRestore, type ImaSigner } from '../../src/ima/index.js';
+import { IMA_CERT_PATH, IMA_POLICY_PATH, imaTargets, imaXattr, loadImaSigner, policyAppraises, setfattrRestore, type ImaSigner } from '../../src/ima/index.js';
 import { buildRootErofs, type ImagePlan } from '../../src/image/index.js';
 import { addImaKey, MANIFEST } from '../../src/keys/index.js';
-import { runCli } from '../helpers/cli.js';
+import { REPO_ROOT, runCli } from '../helpers/cli.js';
 
 const UUID = '3b8f0c2e-9d41-4e57-a6b3-7c2d1e0f9a85';
 const REFPOLICY = '/etc/selinux/default/contexts/files/file_contexts';
@@ -79,14 +79,15 @@ function expectedLabel(contexts: string, p: string, type: 'file' | 'dir'): strin
 
 const sha256 = async (f: string): Promise<string> => createHash('sha256').update(await fs.readFile(f)).digest('hex');
 
+async function put(rel: string, data: Buffer | string, mode = 0o644): Promise<void> {
+  await fs.mkdir(path.dirname(path.join(tree, rel)), { recursive: true });
+  await fs.writeFile(path.join(tree, rel), data, { mode });
+  await fs.chmod(path.join(tree, rel), mode);
+}
+
 beforeAll(async () => {
   dir = await fs.mkdtemp(path.join(os.tmpdir(), 'lamadist-integrity-'));
   tree = path.join(dir, 'tree');
-  const put = async (rel: string, data: Buffer | string, mode: number): Promise<void> => {
-    await fs.mkdir(path.dirname(path.join(tree, rel)), { recursive: true });
-    await fs.writeFile(path.join(tree, rel), data, { mode });
-    await fs.chmod(path.join(tree, rel), mode);
-  };
   await put('usr/bin/ls', await fs.readFile('/usr/bin/ls'), 0o755);
   await put('usr/bin/true', await fs.readFile('/usr/bin/true'), 0o755);
   await fs.link(path.join(tree, 'usr/bin/true'), path.join(tree, 'usr/bin/true-again'));
@@ -173,6 +174,17 @@ describe('a labelled and signed root image, read back through the kernel', () =>
         expect([p, sh('evmctl', ['ima_verify', '--key', other, f]).code]).not.toEqual([p, 0]);
       }
     });
+  });
+
+  it('carries the certificate that verifies its signatures where lamadist-init loads it', async () => {
+    const cert = await fs.readFile(path.join(keys, 'ima/x509_ima.der'));
+    await mounted(image, (root) => {
+      const inImage = path.join(root, IMA_CERT_PATH);
+      expect(execFileSync('stat', ['-c', '%a %U', inImage], { encoding: 'utf8' }).trim()).toBe('644 root');
+      expect(sh('evmctl', ['ima_verify', '--key', inImage, path.join(root, 'usr/bin/ls')]).code).toBe(0);
+    });
+    await mounted(image, async (root) => expect((await fs.readFile(path.join(root, IMA_CERT_PATH))).equals(cert)).toBe(true));
+    await expect(fs.access(path.join(tree, IMA_CERT_PATH))).rejects.toThrow();
   });
 
   it('leaves the operator tree without any xattr, hard links included', () => {
@@ -267,6 +279,27 @@ describe('lamadist image build --file-contexts --ima-key', () => {
 
   it('refuses a key that is not the IMA key of the certificate', () =>
     refused('wrongkey', ['--ima-key', path.join(foreign, 'ima/x509_ima.key'), '--ima-cert', path.join(keys, 'ima/x509_ima.der')], /is not the key of the IMA certificate.*LAMA_E_IMA_KEY/));
+
+  it("refuses to leave unsigned a tree whose own IMA policy appraises code (meta-lamadist's policy)", async () => {
+    const policy = await fs.readFile(path.join(REPO_ROOT, 'meta-lamadist/recipes-core/lamadist-ima/files/ima-policy'), 'utf8');
+    expect(policyAppraises(policy)).toBe(true);
+    expect(policyAppraises(policy.replace(/^appraise /gm, '# appraise '))).toBe(false);
+    await put(IMA_POLICY_PATH, policy);
+    try {
+      await refused('unsigned', [], /IMA policy appraises code.*--ima-key.*LAMA_E_IMA_UNSIGNED/);
+    } finally {
+      await fs.rm(path.join(tree, 'etc/ima'), { recursive: true });
+    }
+  });
+
+  it('refuses a tree that carries another IMA certificate than the signing key', async () => {
+    await put(IMA_CERT_PATH, await fs.readFile(path.join(foreign, 'ima/x509_ima.der')));
+    try {
+      await refused('othercert', ['--ima-key', keys], /carries another IMA certificate.*LAMA_E_IMA_KEY/);
+    } finally {
+      await fs.rm(path.join(tree, 'etc/keys'), { recursive: true });
+    }
+  });
 
   it('refuses a key directory without an IMA key', async () => {
     const bare = path.join(dir, 'bare-keys');

@@ -231,6 +231,14 @@ describe('issue 13: a fleet from blank machines through provision --installer, o
         // The boot into B unlocked with the TPM2 alone and kept what the first boot wrote to /var.
         const second = serial.slice(matchAfter(serial, /installed version 2; rebooting/));
         expect(second).not.toMatch(/provisioning key|recovery key/);
+        // IMA appraisal in both releases, each under its own policy and certificate (lamadist-init
+        // loads it; systemd loads the policy): a program copied into /var without its signature is
+        // refused (126: EACCES), with its security.ima it runs; what ran is in the measurement list.
+        for (const r of [report, parseReport(second) ?? {}]) {
+          expect(r, h.name).toMatchObject({ ima_unsigned_exec: '126', ima_signed_exec: '0' });
+          expect(Number(r.ima_entries)).toBeGreaterThan(100);
+        }
+        expect(serial.match(/lamadist-init: IMA certificate of the root loaded into _ima/g)?.length).toBeGreaterThanOrEqual(2);
         const first = parseSlots(serial);
         const after = parseSlots(serial.slice(matchAfter(serial, /installed version 2; rebooting/)));
         for (const s of [first, after]) {

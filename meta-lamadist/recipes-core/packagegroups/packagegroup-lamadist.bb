@@ -38,6 +38,7 @@ RDEPENDS:${PN}-security = " \
     ${LAMADIST_SECURITY_PACKAGES} \
     ${@lamadist_if_layer(d, 'openembedded-layer', 'audit')} \
     ${@lamadist_if_layer(d, 'integrity-layer', 'packagegroup-ima')} \
+    ${@lamadist_if_layer(d, 'integrity-layer', bb.utils.contains('DISTRO_FEATURES', 'ima', 'lamadist-ima-policy', '', d))} \
 "
 
 SUMMARY:${PN}-update = "RAUC A/B updates with the post-boot health check, and the fleet installer"

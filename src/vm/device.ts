@@ -6,7 +6,7 @@ import { buildImage, type ImagePlan } from '../image/index.js';
 import { ensureDeviceKey, ensureImaKey, initKeys, keyPath } from '../keys/index.js';
 import { provisioningFiles, type DdiProvisioning } from '../provision/index.js';
 import { makeOvmfVars } from '../secureboot/index.js';
-import { fixtureInitramfs, fixtureRootfs } from './fixture.js';
+import { FIXTURE_KERNEL_ARGS, fixtureInitramfs, fixtureRootfs } from './fixture.js';
 import type { DebianKernel } from './kernel.js';
 import { OVMF, SERIAL_CONSOLE } from './constants.js';
 import { runQemu, type QemuResult } from './qemu.js';
@@ -84,7 +84,7 @@ export async function prepareDevice(opts: {
     opts.ddi,
   );
   log('A/B disk image');
-  const cmdline = [`systemd.hostname=${hostname}`, `systemd.machine_id=${machineId}`, ...(encrypt ? [] : ['lamadist.unsealed=1']), opts.extraCmdline ?? '']
+  const cmdline = [`systemd.hostname=${hostname}`, `systemd.machine_id=${machineId}`, ...FIXTURE_KERNEL_ARGS, ...(encrypt ? [] : ['lamadist.unsealed=1']), opts.extraCmdline ?? '']
     .filter(Boolean)
     .join(' ');
   const plan = await buildImage({

@@ -26,6 +26,9 @@ export const FIXTURE_PACKAGES = [
   'libnl-genl-3-200',
   // keyctl, which lamadist-init runs from the initramfs to load the root's IMA certificate.
   'keyutils',
+  // SELinux, enforcing: Debian's refpolicy, restorecon for lamadist-relabel, getenforce, and auditd,
+  // whose log the tests count AVC denials in.
+  'selinux-policy-default', 'policycoreutils', 'selinux-utils', 'auditd',
 ] as const;
 
 /** Bumped when the fixture's own configuration below changes, so cached trees are rebuilt. */
@@ -57,6 +60,8 @@ export const ON_TARGET_FILES: readonly { from: string; to: string; mode: number 
   { from: 'meta-lamadist/recipes-core/lamadist-attest/files/lamadist-attest.service', to: '/usr/lib/systemd/system/lamadist-attest.service', mode: 0o644 },
   { from: 'meta-lamadist/recipes-core/lamadist-attest/files/lamadist-attest.timer', to: '/usr/lib/systemd/system/lamadist-attest.timer', mode: 0o644 },
   { from: 'meta-lamadist/recipes-core/lamadist-ima/files/ima-policy', to: '/etc/ima/ima-policy', mode: 0o644 },
+  { from: 'meta-lamadist/dynamic-layers/selinux/recipes-security/lamadist-relabel/files/lamadist-relabel', to: '/usr/libexec/lamadist/lamadist-relabel', mode: 0o755 },
+  { from: 'meta-lamadist/dynamic-layers/selinux/recipes-security/lamadist-relabel/files/lamadist-relabel.service', to: '/usr/lib/systemd/system/lamadist-relabel.service', mode: 0o644 },
 ];
 
 /**
@@ -81,10 +86,46 @@ const FIXTURE_UNITS = [
  * static ip=), RAUC's service, and /tmp on tmpfs (Debian keeps tmp.mount in /usr/share/systemd; a
  * Yocto image mounts it, and the root is read-only).
  */
-const SYSTEM_UNITS = ['systemd-networkd.service', 'systemd-network-generator.service', 'rauc.service', 'tmp.mount'];
+const SYSTEM_UNITS = ['systemd-networkd.service', 'systemd-network-generator.service', 'rauc.service', 'tmp.mount', 'lamadist-relabel.service'];
+
+/**
+ * What the distribution's UKI command line (LAMADIST_UKI_CMDLINE) adds for SELinux, which the
+ * fixture's hosts carry as kernel arguments: Debian's kernel makes AppArmor the major LSM unless
+ * lsm= says otherwise. audit=1 with a large backlog keeps the records of early boot until auditd
+ * writes them, so the tests count every AVC denial.
+ */
+export const FIXTURE_KERNEL_ARGS = ['lsm=landlock,lockdown,yama,integrity,selinux,bpf', 'selinux=1', 'enforcing=1', 'audit=1', 'audit_backlog_limit=8192'];
 
 /** The version a fixture root file system reports (IMAGE_VERSION in os-release) unless a variant says otherwise. */
 export const FIXTURE_VERSION = '1';
+
+/**
+ * meta-lamadist's SELinux policy modules, compiled on the host against Debian's refpolicy headers
+ * (selinux-policy-dev, the same release as the fixture's policy) and linked into the fixture's
+ * policy store with its own semodule, as the Yocto image links them at rootfs time.
+ */
+export const FIXTURE_POLICY_MODULES: readonly { dir: string; name: string }[] = [
+  { dir: 'meta-lamadist/dynamic-layers/selinux/recipes-security/lamadist-system-selinux/files', name: 'lamadist_system' },
+];
+
+/** Compile `modules` with refpolicy's development Makefile and link them into `tree`'s policy. */
+async function installPolicyModules(tree: string, modules: readonly { dir: string; name: string }[]): Promise<void> {
+  const work = path.join(tree, 'tmp/lamadist-policy');
+  await fs.mkdir(work, { recursive: true });
+  try {
+    for (const m of modules) {
+      for (const ext of ['te', 'fc', 'if']) {
+        await fs.copyFile(path.join(repoRoot(), m.dir, `${m.name}.${ext}`), path.join(work, `${m.name}.${ext}`)).catch((err: unknown) => {
+          if (ext === 'te' || !isErrno(err, 'ENOENT')) throw err;
+        });
+      }
+      await run('make', ['-s', '-C', work, '-f', '/usr/share/selinux/devel/Makefile', `${m.name}.pp`], { userErrorCode: 'LAMA_E_FIXTURE' });
+    }
+    await run('chroot', [tree, 'semodule', '-i', ...modules.map((m) => `/tmp/lamadist-policy/${m.name}.pp`)], { userErrorCode: 'LAMA_E_FIXTURE' });
+  } finally {
+    await fs.rm(work, { recursive: true, force: true });
+  }
+}
 
 /** The initramfs /init and its helper, from meta-lamadist's lamadist-boot recipe. */
 export const INIT_FILE = 'meta-lamadist/recipes-core/lamadist-boot/files/lamadist-init';
@@ -113,7 +154,7 @@ function reportUnit(what: string, order: string[], exec: string): { data: string
  * Fixture-only configuration (what a Yocto image sets through its recipes and that Debian lacks):
  * DHCP on the virtio NIC, an empty machine-id so systemd takes systemd.machine_id= from the
  * command line, no fstab (lamadist-init mounts everything), and a console report of the state the
- * acceptance tests check. SELinux is not part of the Debian fixture, so its health check is off.
+ * acceptance tests check. SELinux enforces Debian's refpolicy, and the health check requires it.
  */
 const FIXTURE_FILES: Record<string, { data: string; mode: number }> = {
   // After the files systemd-network-generator writes from a static ip= (systemd 252: 90-<if>.network,
@@ -127,6 +168,10 @@ const FIXTURE_FILES: Record<string, { data: string; mode: number }> = {
     mode: 0o644,
   },
   '/etc/lamadist/health.d/.keep': { data: '', mode: 0o644 },
+  // Debian's refpolicy ("default"), enforcing; the kernel gets selinux=1 enforcing=1 (FIXTURE_KERNEL_ARGS).
+  '/etc/selinux/config': { data: 'SELINUX=enforcing\nSELINUXTYPE=default\n', mode: 0o644 },
+  // auditd's log directory: the package ships it in the image's /var, which the device's /var hides.
+  '/usr/lib/tmpfiles.d/lamadist-fixture-audit.conf': { data: 'd /var/log/audit 0700 root root -\n', mode: 0o644 },
   // RAUC streams bundles through an NBD device (a Yocto image sets KERNEL_MODULE_AUTOLOAD).
   '/etc/modules-load.d/lamadist-fixture-nbd.conf': { data: 'nbd\n', mode: 0o644 },
   '/usr/lib/systemd/system/lamadist-fixture-report.service': reportUnit('report the booted state on the console', [
@@ -149,6 +194,13 @@ const FIXTURE_FILES: Record<string, { data: string; mode: number }> = {
       'rauc status --detailed --output-format=shell 2>/dev/null | sed -n "s/^RAUC_\\(SLOT_\\(STATE\\|CLASS\\|BOOTNAME\\|BOOT_STATUS\\|STATUS_BUNDLE_VERSION\\)_[0-9]*\\|BOOT_PRIMARY\\)=/LAMADIST-SLOTS \\1=/p"',
       'efibootmgr 2>&1 | sed "s/^/LAMADIST-SLOTS efi /"',
       'r var_marker "$(cat /var/lamadist-fixture-marker 2>/dev/null)"',
+      '# SELinux: the mode, and the AVC denials auditd has logged since the policy was loaded (audit=1',
+      '# keeps the records of early boot for it), each also on its own line.',
+      'r selinux "$(getenforce 2>/dev/null)"',
+      'l() { r "label_$1" "$(stat -c %C "$2" 2>/dev/null)"; }',
+      'l root /; l rauc /usr/bin/rauc; l var /var; l bundle_key /var/lib/rauc/encryption/device.key.pem; l etc /etc; l machine_id /etc/machine-id',
+      'r avc_denials "$(grep -c \'avc: *denied\' /var/log/audit/audit.log 2>/dev/null)"',
+      'grep \'avc: *denied\' /var/log/audit/audit.log 2>/dev/null | sed -n \'s/.*denied *{ \\([^}]*\\)}.*comm=\\("[^"]*"\\).*scontext=\\([^ ]*\\) tcontext=\\([^ ]*\\) tclass=\\([^ ]*\\).*/\\2 {\\1} \\3 \\4 \\5/p\' | sort | uniq -c | head -n 60 | sed "s/^/LAMADIST-AVC /"',
       'r hostname "$(hostname)"',
       'r machine_id "$(cat /etc/machine-id)"',
       'r ipv4 "$(ip -4 -o addr show scope global | awk \'{ print $4 }\' | tr \'\\n\' \' \')"',
@@ -237,7 +289,7 @@ export const INITRAMFS_MODULES = [
 /** Host programs and shared objects the fixture initramfs carries for lamadist-init and lamadist-enroll. */
 export const INITRAMFS_BINARIES = [
   'cryptsetup', 'veritysetup', 'blkid', 'mountpoint', 'mkfs.ext4', 'e2fsck', 'systemd-cryptenroll', '/usr/lib/systemd/systemd-cryptsetup',
-  'tpm2_dictionarylockout', 'keyctl',
+  'tpm2_dictionarylockout', 'keyctl', 'getfattr', 'setfattr',
   '/usr/lib/x86_64-linux-gnu/cryptsetup/libcryptsetup-token-systemd-tpm2.so',
   '/usr/lib/x86_64-linux-gnu/libtss2-esys.so.0', '/usr/lib/x86_64-linux-gnu/libtss2-rc.so.0',
   '/usr/lib/x86_64-linux-gnu/libtss2-mu.so.0', '/usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0',
@@ -390,10 +442,13 @@ export async function fixtureRootfs(opts: { keyring?: string; log?: (m: string) 
       }),
     ),
   );
+  const policy = await Promise.all(
+    FIXTURE_POLICY_MODULES.flatMap((m) => ['te', 'fc', 'if'].map((ext) => fs.readFile(path.join(repo, m.dir, `${m.name}.${ext}`)).catch(() => Buffer.alloc(0)))),
+  );
   const keyring = opts.keyring ? await fs.readFile(opts.keyring) : undefined;
   const rauc = await streamingRauc({ log });
   const raucBinary = await fs.readFile(rauc.binary);
-  const key = sha([path.basename(base), ...MASKED_GENERATORS, 'root-0755', raucBinary, FIXTURE_VERSION, ...FIXTURE_UNITS, ...SYSTEM_UNITS, JSON.stringify(FIXTURE_FILES), ...PRUNED_MODULE_DIRS, ...PRUNED_PATHS, ...contents, keyring ?? '']);
+  const key = sha([path.basename(base), ...MASKED_GENERATORS, 'root-0755', raucBinary, FIXTURE_VERSION, ...FIXTURE_UNITS, ...SYSTEM_UNITS, JSON.stringify(FIXTURE_FILES), ...PRUNED_MODULE_DIRS, ...PRUNED_PATHS, ...contents, ...policy, keyring ?? '']);
   const final = path.join(cacheRoot(), 'rootfs', `fixture-${key}`);
   if (await cachedTree(final)) return { dir: final, kernel };
 
@@ -423,7 +478,6 @@ export async function fixtureRootfs(opts: { keyring?: string; log?: (m: string) 
     for (const [i, f] of files.entries()) await put(f.to, contents[i] as Buffer, f.mode);
     await fs.appendFile(path.join(tmp, 'usr/lib/os-release'), `IMAGE_ID=lamadist-fixture\nIMAGE_VERSION=${FIXTURE_VERSION}\n`);
     for (const [to, f] of Object.entries(FIXTURE_FILES)) await put(to, f.data, f.mode);
-    await fs.appendFile(path.join(tmp, 'etc/lamadist/health.conf'), '# test fixture: Debian boots without SELinux\nHEALTH_REQUIRE_SELINUX=no\n');
     if (keyring) await put('/etc/rauc/keyring.pem', keyring, 0o644);
     // Debian's rauc has no streaming; the same release built with it replaces the binary.
     await put('/usr/bin/rauc', raucBinary, 0o755);
@@ -439,6 +493,7 @@ export async function fixtureRootfs(opts: { keyring?: string; log?: (m: string) 
     for (const u of FIXTURE_UNITS) await enable(tmp, u);
     await fs.copyFile(path.join(tmp, 'usr/share/systemd/tmp.mount'), path.join(tmp, 'etc/systemd/system/tmp.mount'));
     await run('chroot', [tmp, 'systemctl', 'enable', ...SYSTEM_UNITS], { allowFailure: true });
+    await installPolicyModules(tmp, FIXTURE_POLICY_MODULES);
     await fs.writeFile(path.join(tmp, '.lamadist-complete'), '');
     await renameInto(tmp, final);
   } catch (err) {

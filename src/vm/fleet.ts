@@ -6,7 +6,7 @@ import { initKeys, keyPath, readManifest } from '../keys/index.js';
 import { provisionHosts } from '../provision/index.js';
 import { bootDevice, type BootableDevice } from './device.js';
 import { OVMF } from './constants.js';
-import { fixtureInitramfs, fixtureRootfs } from './fixture.js';
+import { FIXTURE_KERNEL_ARGS, fixtureInitramfs, fixtureRootfs } from './fixture.js';
 import { fixtureRelease, startFleetServer, type FixtureRelease } from './ota.js';
 import type { QemuResult } from './qemu.js';
 
@@ -166,7 +166,7 @@ export function oneHostFleet(o: {
   const steps = [
     async (): Promise<void> => {
       await initKeys(fleet.keys);
-      await addHost(fleet.inventory, { name: o.host.name, ip: 'dhcp', smbiosUuid: o.host.smbiosUuid });
+      await addHost(fleet.inventory, { name: o.host.name, ip: 'dhcp', smbiosUuid: o.host.smbiosUuid, kernelArgs: FIXTURE_KERNEL_ARGS });
       fleet.server = await startFleetServer(o.dir, fleet.keys, 5, o.log);
     },
     async (): Promise<void> => {

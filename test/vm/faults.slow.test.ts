@@ -3,6 +3,7 @@ import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { expectEnforcing } from './selinux.js';
 import {
   bootDevice,
   cutPower,
@@ -101,6 +102,8 @@ describe('acceptance 5 and 4a: power cuts during an installation, a tampered slo
     expect(slots?.booted, tail).toBe('B');
     expect(slots?.version).toBe('2');
     expect(slots?.state.B).toMatchObject({ state: 'booted', boot: 'good' });
+    // SELinux enforcing, and no denial since first boot through three power cuts and the install.
+    expectEnforcing(r.serial.slice(reboot), 'after three power cuts and the install');
   }, 3_600_000);
 
   it('a tampered slot B that is the firmware’s first choice: dm-verity refuses it, A gets one try and boots', async () => {

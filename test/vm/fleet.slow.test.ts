@@ -27,6 +27,7 @@ import {
 import type { RunningServer } from '../../src/server/index.js';
 import type { FleetClient } from '../../src/fleet/index.js';
 import { runCli } from '../helpers/cli.js';
+import { expectEnforcing } from './selinux.js';
 import { tool } from '../uki/helpers.js';
 
 // Issue 13, acceptance 1 to 4 on the emulated hardware: two new machines (blank drives, firmware in
@@ -239,6 +240,10 @@ describe('issue 13: a fleet from blank machines through provision --installer, o
           expect(Number(r.ima_entries)).toBeGreaterThan(100);
         }
         expect(serial.match(/lamadist-init: IMA certificate of the root loaded into _ima/g)?.length).toBeGreaterThanOrEqual(2);
+        // SELinux enforcing on the first boot and after the update, with no denial in between
+        // (first boot, TPM2 enrollment, attestation, the refused release, the update).
+        expectEnforcing(serial, `${h.name} first boot`);
+        expectEnforcing(second, `${h.name} after the update`);
         const first = parseSlots(serial);
         const after = parseSlots(serial.slice(matchAfter(serial, /installed version 2; rebooting/)));
         for (const s of [first, after]) {

@@ -3,6 +3,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { bootDevice, matchAfter, parseSlots, prepareFleetDevice, rollOutRelease, type FleetDevice } from '../../src/vm/index.js';
+import { expectEnforcing } from './selinux.js';
 
 // Rollback on the emulated device: the fixture device registered with the update server in this
 // process boots (first boot: TPM2 enrollment on slot A, version 1), its DDI client takes version 3,
@@ -52,6 +53,8 @@ describe('rollback of a failing release to the slot that ran before', () => {
     expect(back?.state.B?.boot).toBe('bad');
     expect(back?.var_marker).toBe(before?.var_marker);
     expect(back?.var_marker).toMatch(/^boot-[0-9a-f-]{36}$/);
+    // SELinux enforcing throughout: no denial from the update, the failing trial boot or the rollback.
+    expectEnforcing(r.serial.slice(matchAfter(r.serial, /unhealthy trial boot/)), 'after the rollback');
     const device = await fd.fleet.getDevice(fd.controllerId);
     expect(device.actions.find((a) => a.releaseId === v3.releaseId)?.state).toBe('rolled_back');
   }, 2_400_000);

@@ -25,11 +25,13 @@ do_install() {
 # Busybox provides the shell and the small tools; the rest is the unlock and verity chain.
 # systemd-crypt carries systemd-cryptenroll and the systemd-tpm2 token plugin of libcryptsetup;
 # tpm2-tools sets the TPM2's dictionary-attack policy at enrollment.
-# keyctl loads the root's IMA certificate into the kernel before switching root.
+# keyctl loads the root's IMA certificate into the kernel before switching root; getfattr and
+# setfattr (attr) copy the image's SELinux labels of /var and /etc onto what lamadist-init makes.
 # cryptsetup and keyutils come from meta-oe, which every LamaDist build has; naming them only when
 # that layer is present keeps `bitbake world` with OE-Core alone (yocto-check-layer) resolvable.
 RDEPENDS:${PN} = " \
     busybox \
+    attr \
     ${@bb.utils.contains('BBFILE_COLLECTIONS', 'openembedded-layer', 'cryptsetup keyutils', '', d)} \
     e2fsprogs-e2fsck \
     e2fsprogs-mke2fs \

@@ -1,0 +1,23 @@
+import { expect } from 'vitest';
+import { parseSlots } from '../../src/vm/index.js';
+
+/**
+ * What a boot of the fixture reports under SELinux (issue 16 A), read from the first slot report
+ * in `serial`: enforcing with Debian's refpolicy, the root's labels from the image, /var's and the
+ * /etc overlay's from lamadist-init and lamadist-relabel, and no AVC denial in the audit log since
+ * the device's first boot (the report lists the denials it found, which the failure shows).
+ */
+export function expectEnforcing(serial: string, what: string): void {
+  const f = parseSlots(serial)?.facts ?? {};
+  const end = serial.indexOf('LAMADIST-SLOTS-END');
+  const denials = (end < 0 ? serial : serial.slice(0, end)).match(/LAMADIST-AVC .*/g) ?? [];
+  expect(f, `${what}:\n${denials.join('\n')}`).toMatchObject({
+    selinux: 'Enforcing',
+    avc_denials: '0',
+    label_root: 'system_u:object_r:root_t:s0',
+    label_rauc: 'system_u:object_r:bin_t:s0',
+    label_var: 'system_u:object_r:var_t:s0',
+    label_etc: 'system_u:object_r:etc_t:s0',
+    label_machine_id: 'system_u:object_r:etc_t:s0',
+  });
+}

@@ -21,7 +21,8 @@
  *
  * Test fixture and emulated device (acceptance tests, bench, `lamadist vm demo`):
  * - `fixtureRootfs({ keyring?, log? })` → `{ dir, kernel }`: debootstrap bookworm + meta-lamadist's
- *   on-target files, cached under ~/.cache/lamadist/rootfs/.
+ *   on-target files, cached under ~/.cache/lamadist/rootfs/; `FIXTURE_KERNEL_ARGS`: what its hosts'
+ *   command lines carry for SELinux (the distribution's UKI command line) and auditing.
  * - `fixtureInitramfs(kernel, out)`: meta-lamadist's lamadist-init with its tools and modules.
  * - `prepareDevice({ dir, hostname?, machineId?, encrypt? })` → Device (keys, disk, enrolled vars, TPM dir).
  * - `bootDevice(device, { mode: 'secure' | 'direct', timeoutMs?, serialLog?, until? })` → QemuResult +
@@ -70,7 +71,7 @@ export {
 export { detectAccel } from './accel.js';
 
 export { OVMF, SERIAL_CONSOLE } from './constants.js';
-export { fixtureRootfs, fixtureInitramfs, repoRoot, FIXTURE_PACKAGES, ON_TARGET_FILES, type FixtureRootfs } from './fixture.js';
+export { fixtureRootfs, fixtureInitramfs, repoRoot, FIXTURE_PACKAGES, FIXTURE_KERNEL_ARGS, ON_TARGET_FILES, type FixtureRootfs } from './fixture.js';
 export { prepareDevice, bootDevice, parseReport, parseSlots, DEVICE_SIZES, type Device, type BootableDevice, type BootMode, type SlotsReport } from './device.js';
 export { blankMachine, installFromStick, fleetRelease, oneHostFleet, FLEET_SIZES, type FleetMachine, type InstallRun, type OneHostFleet } from './fleet.js';
 export { fixtureBundle, fixtureRelease, startFleetServer, fixtureVariant, planVariant, prepareFleetDevice, rollOutRelease, SERVER_KEY_NAME, matchAfter, otaMilestones, watchDevice, type FleetDevice, type OtaMilestone, type DeviceWatch, FAILING_HEALTH_CHECK, type FixtureRelease, type VariantSpec } from './ota.js';

@@ -11,6 +11,7 @@ import { signPe, stripSignature } from '../../src/secureboot/index.js';
 import { inspectUki, setUkiCmdline } from '../../src/uki/index.js';
 import {
   blankMachine,
+  FIXTURE_KERNEL_ARGS,
   fleetRelease,
   installFromStick,
   matchAfter,
@@ -108,7 +109,7 @@ describe('issue 13: a fleet from blank machines through provision --installer, o
     stick = path.join(dir, 'installer.img');
     expect((await runCli(['keys', 'init', keys])).code).toBe(0);
     for (const h of HOSTS) {
-      const r = await runCli(['host', 'add', h.name, '--inventory', inventory, ...h.id, ...h.net]);
+      const r = await runCli(['host', 'add', h.name, '--inventory', inventory, ...h.id, ...h.net, ...FIXTURE_KERNEL_ARGS.flatMap((a) => ['--kernel-arg', a])]);
       expect(r.code, r.stderr).toBe(0);
     }
     ({ server, fleet, serverCert } = await startFleetServer(dir, keys, 5, () => undefined));

@@ -37,7 +37,7 @@ LAMADIST_SECURITY_PACKAGES ??= ""
 RDEPENDS:${PN}-security = " \
     ${LAMADIST_SECURITY_PACKAGES} \
     ${@lamadist_if_layer(d, 'openembedded-layer', 'audit')} \
-    ${@lamadist_if_layer(d, 'selinux', 'lamadist-selinux')} \
+    ${@lamadist_if_layer(d, 'selinux', 'lamadist-selinux lamadist-system-selinux lamadist-relabel')} \
     ${@lamadist_if_layer(d, 'integrity-layer', 'packagegroup-ima')} \
     ${@lamadist_if_layer(d, 'integrity-layer', bb.utils.contains('DISTRO_FEATURES', 'ima', 'lamadist-ima-policy', '', d))} \
 "

@@ -11,7 +11,7 @@ import type { ActionView, DeviceView, ReleaseView, RolloutView, TargetFilter, Wa
  * Public API:
  * - `new FleetClient({ url, token, tenant?, ca? })`
  * - devices: `listDevices()`, `registerDevice(input)` → `{ device, token }`, `getDevice(id)`,
- *   `updateDevice(id, change)`, `rotateDeviceToken(id)`, `gatewayToken(tenant?)`
+ *   `updateDevice(id, change)`, `rotateDeviceToken(id)`, `requestAttestation(id)`, `gatewayToken(tenant?)`
  * - releases: `uploadRelease(file, { filename? })` → `{ release, created }`, `listReleases()`, `getRelease(id)`
  * - rollouts: `createRollout(input)`, `listRollouts()`, `getRollout(id)`, `rolloutOp(id, op)`
  * - `audit(limit?)`, `overview()`, `metrics()` (Prometheus text)
@@ -125,6 +125,11 @@ export class FleetClient {
   /** Replace a device's TargetToken. */
   async rotateDeviceToken(controllerId: string): Promise<string> {
     return (await this.request<{ token: string }>('POST', `/api/v1/devices/${encodeURIComponent(controllerId)}/token`)).token;
+  }
+
+  /** Ask a device for a fresh TPM quote; its lamadist-attest sees the request at its next check. */
+  requestAttestation(controllerId: string): Promise<{ tenant: string; controllerId: string; requestedAt: string }> {
+    return this.request('POST', `/api/v1/devices/${encodeURIComponent(controllerId)}/attestation/request`);
   }
 
   /** Create or replace the tenant's GatewayToken. */

@@ -135,6 +135,18 @@ export function registerApi(app: FastifyInstance, svc: FleetService, store: Arti
       },
     );
     api.post(
+      '/api/v1/devices/:controllerId/attestation/request',
+      {
+        schema: {
+          tags: ['devices'],
+          summary: 'ask the device for a fresh TPM quote: its base poll names the attestation link until a quote with a later nonce is judged',
+          params: cidParam,
+          querystring: tenantQuery,
+        },
+      },
+      async (req, reply) => reply.code(202).send(await att.requestQuote(tenantOf(req), (req.params as { controllerId: string }).controllerId, actor(req))),
+    );
+    api.post(
       '/api/v1/tenants/:tenant/gateway-token',
       { schema: { tags: ['devices'], summary: 'create or replace the tenant GatewayToken', params: { type: 'object', properties: { tenant: str }, required: ['tenant'] } } },
       async (req) => ({ token: await svc.rotateGatewayToken((req.params as { tenant: string }).tenant, actor(req)) }),

@@ -342,6 +342,25 @@ export class AttestationService {
     await this.db.insertInto('audit').values({ time: nowMs(), actor, action: 'attestation.release-key', target: `${tenant}/${controllerId}`, details: '{}' }).execute();
   }
 
+  /**
+   * An operator asks a device for a fresh quote: one time on its device row (asking again moves it
+   * forward), which the base poll names to the device as a link until a quote made with a nonce
+   * issued at or after that time is judged.
+   */
+  async requestQuote(tenant: string, controllerId: string, actor: string): Promise<{ tenant: string; controllerId: string; requestedAt: string }> {
+    const at = nowMs();
+    const set = await this.db
+      .updateTable('devices')
+      .set({ attestation_requested_at: at })
+      .where('tenant', '=', tenant)
+      .where('controller_id', '=', controllerId)
+      .executeTakeFirst();
+    if (Number(set.numUpdatedRows) !== 1) throw new UserError('LAMA_E_SERVER_NOT_FOUND', `device ${tenant}/${controllerId} is not registered`);
+    await this.db.insertInto('audit').values({ time: at, actor, action: 'attestation.request', target: `${tenant}/${controllerId}`, details: '{}' }).execute();
+    this.svc.forgetDevice(tenant, controllerId);
+    return { tenant, controllerId, requestedAt: new Date(at).toISOString() };
+  }
+
   /** A fresh nonce; it replaces any earlier one, so a device has at most one outstanding. */
   async issueNonce(device: DeviceRow): Promise<{ nonce: string; expiresAt: string }> {
     const row = await this.row(device.id);
@@ -393,6 +412,7 @@ export class AttestationService {
     // nonce cannot both pass.
     const live = row.nonce !== null && row.nonce_expires !== null && row.nonce_expires > nowMs() ? row.nonce : null;
     let nonce = Buffer.alloc(0);
+    let issuedAt: number | undefined;
     if (live !== null) {
       const taken = await this.db
         .updateTable('attestations')
@@ -400,7 +420,11 @@ export class AttestationService {
         .where('device_id', '=', device.id)
         .where('nonce', '=', live)
         .executeTakeFirst();
-      if (Number(taken.numUpdatedRows) === 1) nonce = Buffer.from(live, 'hex');
+      if (Number(taken.numUpdatedRows) === 1) {
+        nonce = Buffer.from(live, 'hex');
+        // Issued one lifetime before it expires (issueNonce).
+        issuedAt = (row.nonce_expires as number) - this.ttl;
+      }
     }
     const expected = await this.expectedPcr11(device.id, row.machine_id);
     let state: AttestationState;
@@ -426,6 +450,17 @@ export class AttestationService {
       .where('device_id', '=', device.id)
       .execute();
     if (state !== row.state || reason !== row.reason) await this.audit(device, `attestation.${state}`, { reason });
+    // An operator's request is answered by a quote whose nonce was issued at or after it, whatever
+    // the verdict. One made while an older nonce was out stays, so the device is asked again.
+    if (issuedAt !== undefined) {
+      const answered = await this.db
+        .updateTable('devices')
+        .set({ attestation_requested_at: null })
+        .where('id', '=', device.id)
+        .where('attestation_requested_at', '<=', issuedAt)
+        .executeTakeFirst();
+      if (Number(answered.numUpdatedRows) === 1) this.svc.forgetDevice(device.tenant, device.controller_id);
+    }
     this.svc.counters[state === 'attested' ? 'quotesAttested' : 'quotesFailed']++;
     if (failure) throw failure;
     return { state, checks };

@@ -36,6 +36,12 @@ export interface Database {
     last_seen: number | null;
     attributes_at: number | null;
     created_at: number;
+    /**
+     * When an operator last asked this device for a fresh TPM quote, until a quote with a nonce
+     * issued at or after it is judged (0004). On the device row, which every DDI request reads anyway, so
+     * the base poll can name the attestation link without a query of its own.
+     */
+    attestation_requested_at: number | null;
   };
   releases: ReleaseFields & { id: Generated<number>; created_at: number };
   rollouts: {
@@ -278,6 +284,11 @@ function migrations(dialect: Dialect): Record<string, Migration> {
           .addColumn('reason', 'text', (c) => c.notNull())
           .addColumn('updated_at', 'bigint', (c) => c.notNull())
           .execute();
+      },
+    },
+    '0004_attestation_request': {
+      async up(db: Db) {
+        await db.schema.alterTable('devices').addColumn('attestation_requested_at', 'bigint').execute();
       },
     },
   };

@@ -82,6 +82,9 @@ export function registerDdi(app: FastifyInstance, svc: FleetService, store: Arti
       }
       if (answer.cancel !== undefined) links.cancelAction = { href: `${b}/cancelAction/${answer.cancel}` };
       if (answer.configData) links.configData = { href: `${b}/configData` };
+      // LamaDist extension: an operator asked for a fresh TPM quote (docs/attestation.md). Only
+      // then is the link there; stock DDI clients skip links they do not know.
+      if ((req.device as DeviceRow).attestation_requested_at !== null) links.lamadistAttestation = { href: `${b}/attestation/nonce` };
       return { config: { polling: { sleep: formatSleep(svc.opts.pollSeconds) } }, _links: links };
     });
 

@@ -46,8 +46,11 @@ export interface DeviceView {
   lastSeen: string | null;
   status: DeviceStatus;
   hasToken: boolean;
-  /** Remote attestation: the verdict on the device's last TPM quote (LamaDist extension). */
-  attestation: AttestationView;
+  /**
+   * Remote attestation (LamaDist extension): the verdict on the device's last TPM quote, and when an
+   * operator asked for a fresh one that is not judged yet (null: none pending).
+   */
+  attestation: AttestationView & { requestedAt: string | null };
 }
 
 export interface ReleaseView extends ReleaseFields {
@@ -239,7 +242,8 @@ export class FleetService {
       .execute();
   }
 
-  private forgetDevice(tenant: string, controllerId: string): void {
+  /** Drop the cached records of a device whose row changed, so its next request reads the new one. */
+  forgetDevice(tenant: string, controllerId: string): void {
     this.authCache.delete(`${tenant}/${controllerId}`);
     for (const k of this.downloadCache.keys()) if (k.startsWith(`${tenant}/${controllerId}/`)) this.downloadCache.delete(k);
   }
@@ -279,7 +283,7 @@ export class FleetService {
       lastSeen: iso(lastSeen),
       status,
       hasToken: row.token_hash !== null,
-      attestation,
+      attestation: { ...attestation, requestedAt: iso(row.attestation_requested_at) },
     };
   }
 

@@ -59,6 +59,8 @@ export const ON_TARGET_FILES: readonly { from: string; to: string; mode: number 
   { from: 'meta-lamadist/recipes-core/lamadist-attest/files/lamadist-attest', to: '/usr/libexec/lamadist/lamadist-attest', mode: 0o755 },
   { from: 'meta-lamadist/recipes-core/lamadist-attest/files/lamadist-attest.service', to: '/usr/lib/systemd/system/lamadist-attest.service', mode: 0o644 },
   { from: 'meta-lamadist/recipes-core/lamadist-attest/files/lamadist-attest.timer', to: '/usr/lib/systemd/system/lamadist-attest.timer', mode: 0o644 },
+  { from: 'meta-lamadist/recipes-core/lamadist-attest/files/lamadist-attest-ask.service', to: '/usr/lib/systemd/system/lamadist-attest-ask.service', mode: 0o644 },
+  { from: 'meta-lamadist/recipes-core/lamadist-attest/files/lamadist-attest-ask.timer', to: '/usr/lib/systemd/system/lamadist-attest-ask.timer', mode: 0o644 },
   { from: 'meta-lamadist/recipes-core/lamadist-ima/files/ima-policy', to: '/etc/ima/ima-policy', mode: 0o644 },
   { from: 'meta-lamadist/dynamic-layers/selinux/recipes-security/lamadist-relabel/files/lamadist-relabel', to: '/usr/libexec/lamadist/lamadist-relabel', mode: 0o755 },
   { from: 'meta-lamadist/dynamic-layers/selinux/recipes-security/lamadist-relabel/files/lamadist-relabel.service', to: '/usr/lib/systemd/system/lamadist-relabel.service', mode: 0o644 },
@@ -78,7 +80,7 @@ const MASKED_GENERATORS = ['systemd-veritysetup-generator', 'systemd-getty-gener
 /** Units the fixture enables (what the recipes' SYSTEMD_SERVICE enables in a Yocto image). */
 const FIXTURE_UNITS = [
   'lamadist-health.service', 'lamadist-boot-entries.service', 'lamadist-fixture-report.service', 'lamadist-fixture-slots.service',
-  'lamadist-ddi-client.service', 'lamadist-attest.timer',
+  'lamadist-ddi-client.service', 'lamadist-attest.timer', 'lamadist-attest-ask.timer',
 ];
 
 /**

@@ -30,7 +30,9 @@ describe('lamadist-attest, the device side of attestation', () => {
   const admin = (method: 'GET' | 'POST' | 'PUT', url: string, json?: object, auth = 'Bearer admin-token', on: RunningServer = server) =>
     on.app.inject({ method, url, headers: { authorization: auth }, ...(json && { payload: json }) });
   const attestation = async (id: string, on: RunningServer = server) =>
-    (await admin('GET', `/api/v1/devices/${id}`, undefined, undefined, on)).json<{ attestation: { state: string; reason: string; akName: string | null; checkedAt: string | null; ek: { bound: boolean } | null } }>().attestation;
+    (await admin('GET', `/api/v1/devices/${id}`, undefined, undefined, on)).json<{
+      attestation: { state: string; reason: string; akName: string | null; checkedAt: string | null; requestedAt: string | null; ek: { bound: boolean } | null };
+    }>().attestation;
 
   /** Boot the software TPM (`on`, default the one without EK certificates) into `secureBoot` state and write the logs where the agent reads them. */
   async function boot(secureBoot = 1, on: Swtpm = tpm): Promise<void> {
@@ -39,12 +41,18 @@ describe('lamadist-attest, the device side of attestation', () => {
     await fs.writeFile(path.join(dir, 'binary_runtime_measurements'), logs.imaLog);
   }
 
-  /** Run the agent under `shell` for `device`, its configuration as provisioning writes it (on `on`'s server and TPM). */
-  async function agent(shell: readonly string[], device: string, ddi: Partial<DdiProvisioning> = {}, on: { server: RunningServer; tpm: Swtpm } = { server, tpm }): Promise<RunResult> {
+  /** Run the agent under `shell` for `device` with `flags`, its configuration as provisioning writes it (on `on`'s server and TPM). */
+  async function agent(
+    shell: readonly string[],
+    device: string,
+    ddi: Partial<DdiProvisioning> = {},
+    on: { server: RunningServer; tpm: Swtpm } = { server, tpm },
+    flags: readonly string[] = [],
+  ): Promise<RunResult> {
     const conf = path.join(dir, `${device}.conf`);
     await fs.writeFile(conf, hawkbitConf({ server: `127.0.0.1:${on.server.port}`, tenant: 'DEFAULT', controllerId: device, token: tokens[device] as string, ...ddi }), { mode: 0o600 });
     const [cmd, ...args] = shell;
-    return run(cmd as string, [...args, AGENT], {
+    return run(cmd as string, [...args, AGENT, ...flags], {
       allowFailure: true,
       timeoutMs: 60_000,
       env: {
@@ -152,6 +160,55 @@ describe('lamadist-attest, the device side of attestation', () => {
     expect(down.code).toBe(1);
     expect(down.stderr).toMatch(/^lamadist-attest: cannot reach http:\/\/127\.0\.0\.1:1\/DEFAULT\/controller\/v1\/dev1\/attestation\/key: curl: \(7\) [^\n]*\n$/);
     expect(`${down.stdout}${down.stderr}`).not.toContain(tokens.dev1);
+  });
+
+  describe('--if-asked: the every-minute check for an operator\'s request', () => {
+    const ifAsked = (shell: readonly string[], ddi: Partial<DdiProvisioning> = {}): Promise<RunResult> => agent(shell, 'dev1', ddi, undefined, ['--if-asked']);
+    const quotes = (): number => server.service.counters.quotesAttested + server.service.counters.quotesFailed;
+
+    for (const shell of [['dash'], ['busybox', 'sh'], ['bash', '--posix']]) {
+      it(`${shell.join(' ')}: quotes nothing when not asked, attests when asked, and then is quiet again`, async () => {
+        await boot();
+        const before = { quotes: quotes(), checkedAt: (await attestation('dev1')).checkedAt };
+        const idle = await ifAsked(shell);
+        expect([idle.code, idle.stdout, idle.stderr]).toEqual([0, '', '']);
+        expect(quotes()).toBe(before.quotes);
+        expect((await attestation('dev1')).checkedAt).toBe(before.checkedAt);
+        const ask = await admin('POST', '/api/v1/devices/dev1/attestation/request');
+        expect(ask.statusCode, ask.body).toBe(202);
+        expect((await attestation('dev1')).requestedAt).toBe(ask.json<{ requestedAt: string }>().requestedAt);
+        const asked = await ifAsked(shell);
+        expect([asked.code, asked.stdout, asked.stderr]).toEqual([0, 'lamadist-attest: the server asks for a fresh quote\nlamadist-attest: attested (PCRs 7, 10, 11)\n', '']);
+        expect(quotes()).toBe(before.quotes + 1);
+        const att = await attestation('dev1');
+        expect([att.state, att.requestedAt]).toEqual(['attested', null]);
+        expect(att.checkedAt).not.toBe(before.checkedAt);
+        const again = await ifAsked(shell);
+        expect([again.code, again.stdout, again.stderr]).toEqual([0, '', '']);
+        expect(quotes()).toBe(before.quotes + 1);
+      });
+    }
+
+    it('one run at a time: a run that finds the state directory locked leaves the quote to the other', async () => {
+      await admin('POST', '/api/v1/devices/dev1/attestation/request');
+      const before = quotes();
+      // flock holds the lock a run in progress would hold, for as long as the agent it starts runs.
+      for (const flags of [['--if-asked'], []]) {
+        const r = await agent(['flock', path.join(dir, 'state-dev1'), 'dash'], 'dev1', {}, undefined, flags);
+        expect([r.code, r.stdout, r.stderr]).toEqual([0, 'lamadist-attest: the server asks for a fresh quote\n'.repeat(flags.length) + 'lamadist-attest: another run is quoting; leaving it to that one\n', '']);
+      }
+      expect(quotes()).toBe(before);
+      const r = await ifAsked(['dash']);
+      expect([r.code, r.stderr]).toEqual([0, '']);
+      expect(quotes()).toBe(before + 1);
+    });
+
+    it('a wrong token: one line, the token never printed; an unknown flag is refused', async () => {
+      const bad = await ifAsked(['dash'], { token: 'not-the-token-0123456789' });
+      expect([bad.code, bad.stdout, bad.stderr]).toEqual([1, '', 'lamadist-attest: poll refused by the server: HTTP 401: missing or invalid device credentials\n']);
+      const flag = await agent(['dash'], 'dev1', {}, undefined, ['--if-askd']);
+      expect([flag.code, flag.stdout, flag.stderr]).toEqual([1, '', 'lamadist-attest: usage: lamadist-attest [--if-asked]\n']);
+    });
   });
 
   describe('with a server that trusts EK CAs (--ek-ca)', () => {

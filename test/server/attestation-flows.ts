@@ -1,6 +1,7 @@
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { predictPcr11Values } from '../../src/attestation/index.js';
 import { createAk, quote, startSwtpm, type Swtpm } from '../../src/fuzz/swtpm.js';
@@ -41,10 +42,10 @@ export function attestationFlows(label: string, db: () => Promise<{ url: string;
     });
   const ddi = (device: string, rest = ''): string => `/DEFAULT/controller/v1/${device}${rest}`;
 
-  /** Boot `image` on the software TPM (Secure Boot as given), ask for a nonce and quote. */
-  async function bootAndQuote(o: { image: Buffer; secureBoot?: number }): Promise<{ quote: string; signature: string; pcrs: Record<string, string>; imaLog: string; eventLog: string }> {
+  /** Boot `image` on the software TPM (Secure Boot as given), ask for `device`'s nonce and quote. */
+  async function bootAndQuote(o: { image: Buffer; secureBoot?: number }, device = 'dev1'): Promise<{ quote: string; signature: string; pcrs: Record<string, string>; imaLog: string; eventLog: string }> {
     const logs = await bootSwtpm(tpm, { esl, ...o });
-    const n = await inject('POST', ddi('dev1', '/attestation/nonce'), { device: 'dev1' });
+    const n = await inject('POST', ddi(device, '/attestation/nonce'), { device });
     expect(n.statusCode, n.body).toBe(200);
     const q = await quote(tpm, dir, ak.context, Buffer.from(n.json<{ nonce: string }>().nonce, 'base64'), [7, 10, 11]);
     return {
@@ -175,6 +176,75 @@ export function attestationFlows(label: string, db: () => Promise<{ url: string;
       expect(started.status).toBe('finished');
       const poll = (await inject('GET', ddi('dev1'), { device: 'dev1' })).json<{ _links: Record<string, unknown> }>();
       expect(Object.keys(poll._links)).not.toContain('deploymentBase');
+    });
+
+    describe('an operator asks a device for a fresh quote', () => {
+      type Poll = { config: unknown; _links: Record<string, { href: string }> };
+      const poll = async (device: string): Promise<Poll> => {
+        const r = await inject('GET', ddi(device), { device });
+        expect(r.statusCode).toBe(200);
+        return r.json<Poll>();
+      };
+      const requestedAt = async (device: string): Promise<string | null> =>
+        (await inject('GET', `/api/v1/devices/${device}`, { token: admin })).json<{ attestation: { requestedAt: string | null } }>().attestation.requestedAt;
+      const ask = async (device: string): Promise<string> => {
+        const r = await inject('POST', `/api/v1/devices/${device}/attestation/request`, { token: admin });
+        expect(r.statusCode, r.body).toBe(202);
+        const body = r.json<{ tenant: string; controllerId: string; requestedAt: string }>();
+        expect(body).toEqual({ tenant: 'DEFAULT', controllerId: device, requestedAt: expect.stringMatching(/^\d{4}-\d\d-\d\dT/) as unknown });
+        return body.requestedAt;
+      };
+      /** A quote that proves nothing, sent with the nonce the device holds: judged failed. */
+      const junk = { quote: Buffer.from('junk').toString('base64'), signature: '', pcrs: { 7: '0'.repeat(64), 10: '0'.repeat(64), 11: '0'.repeat(64) } };
+      let unasked: Poll;
+
+      it('the base poll names the link only while asked, and a quote with a later nonce answers the request', async () => {
+        unasked = await poll('dev2');
+        // Nothing asked: the answer a stock DDI client gets, with no LamaDist link.
+        expect(unasked).toEqual({ config: { polling: { sleep: expect.stringMatching(/^\d\d:\d\d:\d\d$/) as unknown } }, _links: {} });
+        expect(await requestedAt('dev2')).toBeNull();
+        const key = await inject('POST', ddi('dev2', '/attestation/key'), { device: 'dev2', json: { akPublic: ak.public.toString('base64'), machineId: MID } });
+        expect(key.statusCode, key.body).toBe(201);
+        // A nonce taken before the request: a quote made with it does not answer the request.
+        expect((await inject('POST', ddi('dev2', '/attestation/nonce'), { device: 'dev2' })).statusCode).toBe(200);
+        // Times are milliseconds and a nonce of the request's millisecond counts as after it.
+        await sleep(2);
+        const at = await ask('dev2');
+        expect(await requestedAt('dev2')).toBe(at);
+        expect(await poll('dev2')).toEqual({ ...unasked, _links: { lamadistAttestation: { href: 'http://localhost:80/DEFAULT/controller/v1/dev2/attestation/nonce' } } });
+        expect((await poll('dev1'))._links).not.toHaveProperty('lamadistAttestation');
+        const stale = await inject('POST', ddi('dev2', '/attestation/quote'), { device: 'dev2', json: junk });
+        expect(stale.statusCode).toBe(422);
+        expect(await requestedAt('dev2')).toBe(at);
+        expect((await poll('dev2'))._links).toHaveProperty('lamadistAttestation');
+        const fresh = await inject('POST', ddi('dev2', '/attestation/quote'), { device: 'dev2', json: await bootAndQuote({ image: uki }, 'dev2') });
+        expect(fresh.json<{ state: string }>().state).toBe('attested');
+        expect(await requestedAt('dev2')).toBeNull();
+        expect(await poll('dev2')).toEqual(unasked);
+        const audit = (await inject('GET', '/api/v1/audit', { token: admin })).json<{ actor: string; action: string; target: string }[]>();
+        expect(audit.find((e) => e.action === 'attestation.request')).toMatchObject({ actor: expect.stringMatching(/^admin@/) as unknown, target: 'DEFAULT/dev2' });
+      });
+
+      it('a failed verdict answers it too; asking again moves the time forward; only the admin token asks, and only a registered device', async () => {
+        const first = await ask('dev2');
+        const again = await ask('dev2');
+        expect(again >= first).toBe(true);
+        expect(await requestedAt('dev2')).toBe(again);
+        expect((await inject('POST', ddi('dev2', '/attestation/nonce'), { device: 'dev2' })).statusCode).toBe(200);
+        const refused = await inject('POST', ddi('dev2', '/attestation/quote'), { device: 'dev2', json: junk });
+        expect(refused.statusCode).toBe(422);
+        expect((await inject('GET', '/api/v1/devices/dev2', { token: admin })).json<{ attestation: { state: string; requestedAt: string | null } }>().attestation).toMatchObject({ state: 'failed', requestedAt: null });
+        expect(await poll('dev2')).toEqual(unasked);
+        for (const auth of [{}, { device: 'dev2' }, { token: 'not-the-admin-token' }]) {
+          const r = await inject('POST', '/api/v1/devices/dev2/attestation/request', auth);
+          expect([r.statusCode, r.json<{ error: string }>().error]).toEqual([401, 'LAMA_E_SERVER_UNAUTHORIZED']);
+        }
+        expect(await requestedAt('dev2')).toBeNull();
+        for (const url of ['/api/v1/devices/nope/attestation/request', '/api/v1/devices/dev2/attestation/request?tenant=other']) {
+          const r = await inject('POST', url, { token: admin });
+          expect([r.statusCode, r.json<{ error: string }>().error]).toEqual([404, 'LAMA_E_SERVER_NOT_FOUND']);
+        }
+      });
     });
 
     it('an operator releases a pinned key; the device then registers its new one', async () => {

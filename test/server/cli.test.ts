@@ -93,6 +93,25 @@ describe('lamadist server and lamadist fleet', () => {
     expect(ro.stdout).toMatch(/: ready, wave 1\/0 \[\]; held back \(not attested\): edge-1$/m);
   });
 
+  it('fleet device attest asks a device for a fresh quote: its base poll names the link, device show the time', async () => {
+    const r = await fleet(['--json', 'device', 'attest', 'edge-1']);
+    expect(r.code, r.stderr).toBe(0);
+    const asked = JSON.parse(r.stdout) as { tenant: string; controllerId: string; requestedAt: string };
+    expect(asked).toEqual({ tenant: 'DEFAULT', controllerId: 'edge-1', requestedAt: expect.stringMatching(/^\d{4}-\d\d-\d\dT[\d:.]+Z$/) as unknown });
+    const text = await fleet(['device', 'attest', 'edge-1']);
+    expect(text.code, text.stderr).toBe(0);
+    expect(text.stdout).toMatch(/^asked edge-1 for a fresh quote at \S+Z; its verdict shows in `fleet device show edge-1` once judged\n$/);
+    const token = (await fs.readFile(path.join(dir, 'edge-1.token'), 'utf8')).trim();
+    const links = (await new SimDevice(url, 'DEFAULT', 'edge-1', { scheme: 'TargetToken', token }).poll()).links as Record<string, { href: string }>;
+    expect(links.lamadistAttestation?.href).toBe(`${url}/DEFAULT/controller/v1/edge-1/attestation/nonce`);
+    const show = await fleet(['device', 'show', 'edge-1']);
+    expect(show.stdout).toMatch(/^ {2}attestation: unknown\n {2}fresh quote requested \S+Z, not judged yet$/m);
+    const missing = await fleet(['device', 'attest', 'nope']);
+    expect(missing.code).toBe(2);
+    expect(missing.stdout).toBe('');
+    expect(missing.stderr).toMatch(/^[^\n]*device DEFAULT\/nope is not registered \[LAMA_E_SERVER_NOT_FOUND\]\n$/);
+  });
+
   it('refuses a wrong admin token, a bad wave list and bad server flags with one line and exit 2', async () => {
     await fs.writeFile(path.join(dir, 'wrong.token'), 'wrong\n');
     const r = await runCli(['fleet', '--token-file', path.join(dir, 'wrong.token'), 'devices'], { env });

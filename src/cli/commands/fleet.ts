@@ -113,12 +113,22 @@ export function configure(cmd: Command): void {
           [
             `${d.controllerId} (${d.name}) ${d.bsp ?? ''} version ${d.version ?? 'unknown'}, ${d.status}, last seen ${d.lastSeen ?? 'never'}`,
             `  attestation: ${d.attestation.state}${d.attestation.checkedAt ? ` (checked ${d.attestation.checkedAt})` : ''}${d.attestation.reason ? `: ${d.attestation.reason}` : ''}`,
+            ...(d.attestation.requestedAt ? [`  fresh quote requested ${d.attestation.requestedAt}, not judged yet`] : []),
             ...(d.attestation.ek
               ? [`  EK certificate: ${d.attestation.ek.issuer}, serial ${d.attestation.ek.serial}, ${d.attestation.ek.bound ? 'key bound to it by credential activation' : 'not checked (trust on first use)'}`]
               : []),
             ...d.actions.map((a) => `  action #${a.id} ${a.releaseVersion} ${a.state}${a.rolloutId ? ` (rollout #${a.rolloutId})` : ''}`),
           ].join('\n'),
         );
+      }),
+    );
+  device
+    .command('attest <controllerId>')
+    .description('ask the device for a fresh TPM quote (its lamadist-attest-ask timer checks every minute)')
+    .action(
+      act(async (ctx, [id], _o, c) => {
+        const r = await (await client(c)).requestAttestation(id as string);
+        ctx.result(r, `asked ${r.controllerId} for a fresh quote at ${r.requestedAt}; its verdict shows in \`fleet device show ${r.controllerId}\` once judged`);
       }),
     );
   device

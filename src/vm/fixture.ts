@@ -6,6 +6,7 @@ import { UserError, isErrno } from '../errors.js';
 import { run } from '../util/proc.js';
 import { buildInitramfs } from './initramfs.js';
 import { cacheRoot, debianKernel, type DebianKernel } from './kernel.js';
+import { compilePolicyModules, policySources } from './policy.js';
 import { streamingRauc } from './rauc.js';
 
 /**
@@ -101,34 +102,6 @@ export const FIXTURE_KERNEL_ARGS = ['lsm=landlock,lockdown,yama,integrity,selinu
 /** The version a fixture root file system reports (IMAGE_VERSION in os-release) unless a variant says otherwise. */
 export const FIXTURE_VERSION = '1';
 
-/**
- * meta-lamadist's SELinux policy modules, compiled on the host against Debian's refpolicy headers
- * (selinux-policy-dev, the same release as the fixture's policy) and linked into the fixture's
- * policy store with its own semodule, as the Yocto image links them at rootfs time.
- */
-export const FIXTURE_POLICY_MODULES: readonly { dir: string; name: string }[] = [
-  { dir: 'meta-lamadist/dynamic-layers/selinux/recipes-security/lamadist-system-selinux/files', name: 'lamadist_system' },
-];
-
-/** Compile `modules` with refpolicy's development Makefile and link them into `tree`'s policy. */
-async function installPolicyModules(tree: string, modules: readonly { dir: string; name: string }[]): Promise<void> {
-  const work = path.join(tree, 'tmp/lamadist-policy');
-  await fs.mkdir(work, { recursive: true });
-  try {
-    for (const m of modules) {
-      for (const ext of ['te', 'fc', 'if']) {
-        await fs.copyFile(path.join(repoRoot(), m.dir, `${m.name}.${ext}`), path.join(work, `${m.name}.${ext}`)).catch((err: unknown) => {
-          if (ext === 'te' || !isErrno(err, 'ENOENT')) throw err;
-        });
-      }
-      await run('make', ['-s', '-C', work, '-f', '/usr/share/selinux/devel/Makefile', `${m.name}.pp`], { userErrorCode: 'LAMA_E_FIXTURE' });
-    }
-    await run('chroot', [tree, 'semodule', '-i', ...modules.map((m) => `/tmp/lamadist-policy/${m.name}.pp`)], { userErrorCode: 'LAMA_E_FIXTURE' });
-  } finally {
-    await fs.rm(work, { recursive: true, force: true });
-  }
-}
-
 /** The initramfs /init and its helper, from meta-lamadist's lamadist-boot recipe. */
 export const INIT_FILE = 'meta-lamadist/recipes-core/lamadist-boot/files/lamadist-init';
 
@@ -201,8 +174,17 @@ const FIXTURE_FILES: Record<string, { data: string; mode: number }> = {
       'r selinux "$(getenforce 2>/dev/null)"',
       'l() { r "label_$1" "$(stat -c %C "$2" 2>/dev/null)"; }',
       'l root /; l rauc /usr/bin/rauc; l var /var; l bundle_key /var/lib/rauc/encryption/device.key.pem; l etc /etc; l machine_id /etc/machine-id',
-      'r avc_denials "$(grep -c \'avc: *denied\' /var/log/audit/audit.log 2>/dev/null)"',
-      'grep \'avc: *denied\' /var/log/audit/audit.log 2>/dev/null | sed -n \'s/.*denied *{ \\([^}]*\\)}.*comm=\\("[^"]*"\\).*scontext=\\([^ ]*\\) tcontext=\\([^ ]*\\) tclass=\\([^ ]*\\).*/\\2 {\\1} \\3 \\4 \\5/p\' | sort | uniq -c | head -n 60 | sed "s/^/LAMADIST-AVC /"',
+      '# A confined domain: the update client\'s, which lamadist-fixture-probe enters, reads the device\'s',
+      '# token but not the bundle key (only RAUC does). That denial is expected, and counted apart.',
+      'p() { e=$(/usr/libexec/lamadist/lamadist-fixture-probe "$2" 2>&1); r "probe_$1" "${e:-read}"; }',
+      'p token /var/lib/lamadist/hawkbit.conf; p bundle_key /var/lib/rauc/encryption/device.key.pem',
+      'probed=\'comm="cat" .*scontext=system_u:system_r:lamadist_update_t:s0 tcontext=system_u:object_r:lamadist_bundle_key_t:s0\'',
+      'r probe_denials "$(grep \'avc: *denied\' /var/log/audit/audit.log 2>/dev/null | grep -c "$probed")"',
+      'r avc_denials "$(grep \'avc: *denied\' /var/log/audit/audit.log 2>/dev/null | grep -vc "$probed")"',
+      '# lamadist_k3s in the loaded policy: its file contexts, and its types valid to the kernel.',
+      'r k3s_storage "$(matchpathcon -n /var/lib/rancher/k3s/storage 2>&1)"',
+      'k=/run/lamadist-fixture-k3s; mkdir -p $k; r k3s_label "$(chcon -t container_file_t $k 2>&1 && stat -c %C $k)"',
+      'grep \'avc: *denied\' /var/log/audit/audit.log 2>/dev/null | sed -n \'s/.*denied *{ \\([^}]*\\)}.*comm=\\("[^"]*"\\) *\\(name=[^ ]*\\)\\{0,1\\}.*scontext=\\([^ ]*\\) tcontext=\\([^ ]*\\) tclass=\\([^ ]*\\).*/\\2 \\3 {\\1} \\4 \\5 \\6/p\' | sort | uniq -c | head -n 60 | sed "s/^/LAMADIST-AVC /"',
       'r hostname "$(hostname)"',
       'r machine_id "$(cat /etc/machine-id)"',
       'r ipv4 "$(ip -4 -o addr show scope global | awk \'{ print $4 }\' | tr \'\\n\' \' \')"',
@@ -225,6 +207,8 @@ const FIXTURE_FILES: Record<string, { data: string; mode: number }> = {
     ].join('\n'),
     mode: 0o755,
   },
+  // The slot report's probe of the update client's domain (src/vm/fixture/lamadist_fixture.te).
+  '/usr/libexec/lamadist/lamadist-fixture-probe': { data: '#!/bin/sh\n# Reads FILE in the domain this program enters; only cat\'s error reaches the caller.\nexec cat -- "$1" >/dev/null\n', mode: 0o755 },
   '/usr/libexec/lamadist/lamadist-fixture-report': {
     data: [
       '#!/bin/sh',
@@ -444,13 +428,11 @@ export async function fixtureRootfs(opts: { keyring?: string; log?: (m: string) 
       }),
     ),
   );
-  const policy = await Promise.all(
-    FIXTURE_POLICY_MODULES.flatMap((m) => ['te', 'fc', 'if'].map((ext) => fs.readFile(path.join(repo, m.dir, `${m.name}.${ext}`)).catch(() => Buffer.alloc(0)))),
-  );
+  const policy = await policySources(repo);
   const keyring = opts.keyring ? await fs.readFile(opts.keyring) : undefined;
   const rauc = await streamingRauc({ log });
   const raucBinary = await fs.readFile(rauc.binary);
-  const key = sha([path.basename(base), ...MASKED_GENERATORS, 'root-0755', raucBinary, FIXTURE_VERSION, ...FIXTURE_UNITS, ...SYSTEM_UNITS, JSON.stringify(FIXTURE_FILES), ...PRUNED_MODULE_DIRS, ...PRUNED_PATHS, ...contents, ...policy, keyring ?? '']);
+  const key = sha([path.basename(base), ...MASKED_GENERATORS, 'root-0755', raucBinary, FIXTURE_VERSION, ...FIXTURE_UNITS, ...SYSTEM_UNITS, JSON.stringify(FIXTURE_FILES), ...PRUNED_MODULE_DIRS, ...PRUNED_PATHS, ...contents, ...[...policy.values()].flatMap((m) => [...m].flat()), keyring ?? '']);
   const final = path.join(cacheRoot(), 'rootfs', `fixture-${key}`);
   if (await cachedTree(final)) return { dir: final, kernel };
 
@@ -495,7 +477,11 @@ export async function fixtureRootfs(opts: { keyring?: string; log?: (m: string) 
     for (const u of FIXTURE_UNITS) await enable(tmp, u);
     await fs.copyFile(path.join(tmp, 'usr/share/systemd/tmp.mount'), path.join(tmp, 'etc/systemd/system/tmp.mount'));
     await run('chroot', [tmp, 'systemctl', 'enable', ...SYSTEM_UNITS], { allowFailure: true });
-    await installPolicyModules(tmp, FIXTURE_POLICY_MODULES);
+    // Linked into the tree's policy store with its own semodule, as the Yocto image links them at rootfs time.
+    const work = path.join(tmp, 'tmp/lamadist-policy');
+    const packages = await compilePolicyModules(work, policy);
+    await run('chroot', [tmp, 'semodule', '-i', ...packages.map((p) => `/${path.relative(tmp, p)}`)], { userErrorCode: 'LAMA_E_FIXTURE' });
+    await fs.rm(work, { recursive: true, force: true });
     await fs.writeFile(path.join(tmp, '.lamadist-complete'), '');
     await renameInto(tmp, final);
   } catch (err) {

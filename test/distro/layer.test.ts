@@ -158,19 +158,6 @@ describe('UKI assembly (lib/lamadist/uki.py) on the systemd EFI stub', () => {
   });
 });
 
-describe('k3s SELinux policy module', () => {
-  const makefile = '/usr/share/selinux/devel/Makefile';
-  it.skipIf(skipBecause(!existsSync(makefile), 'SELinux module test', `no ${makefile} (selinux-policy-dev)`))("compiles against the reference policy's container module (Debian's refpolicy headers)", async () => {
-    const src = path.join(LAYER, 'dynamic-layers/selinux/recipes-security/lamadist-k3s-selinux/files');
-    const work = path.join(tmp, 'selinux');
-    await fs.mkdir(work, { recursive: true });
-    for (const f of await fs.readdir(src)) await fs.copyFile(path.join(src, f), path.join(work, f));
-    const r = sh('make', ['-f', makefile, 'lamadist_k3s.pp'], { cwd: work });
-    expect(r.code, r.out).toBe(0);
-    expect((await fs.stat(path.join(work, 'lamadist_k3s.pp'))).size).toBeGreaterThan(1000);
-  });
-});
-
 describe('layer metadata', () => {
   const vars = async (file: string): Promise<Map<string, string>> =>
     new Map(parseBbConf(await fs.readFile(file, 'utf8')).map((a) => [a.name, a.value.trim()] as const));

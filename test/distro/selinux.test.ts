@@ -3,6 +3,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { run } from '../../src/util/proc.js';
+import { compilePolicyModules, DEVEL_MAKEFILE, DISTRO_POLICY_MODULES, policySources, REFPOLICY_SRC } from '../../src/vm/policy.js';
 import { REPO_ROOT } from '../helpers/cli.js';
 import { skipBecause } from '../helpers/skip.js';
 
@@ -14,21 +15,15 @@ import { skipBecause } from '../helpers/skip.js';
  * which domains LamaDist's programs run in, and its file_contexts with matchpathcon.
  */
 
-const MODULES = path.join(REPO_ROOT, 'meta-lamadist/dynamic-layers/selinux/recipes-security');
-const DEVEL_MAKEFILE = '/usr/share/selinux/devel/Makefile';
 const STORE = '/var/lib/selinux/default';
 const POLICY_DIR = '/etc/selinux/default';
-// Debian's binary policy leaves out refpolicy's container module, which lamadist_k3s builds on and
-// the distribution's refpolicy-targeted has; its source package carries it.
-const POLICY_SRC = '/usr/src/selinux-policy-src.tar.zst';
-const CONTAINER_SRC = 'selinux-policy-src/policy/modules/services';
 
 const TOOLS = ['make', 'checkmodule', 'semodule_package', 'semodule', 'sesearch', 'seinfo', 'matchpathcon', 'tar', 'zstd'];
 
 async function missing(): Promise<string[]> {
   const absent: string[] = [];
   for (const t of TOOLS) if ((await run('sh', ['-c', `command -v ${t}`], { allowFailure: true })).code !== 0) absent.push(t);
-  for (const f of [DEVEL_MAKEFILE, STORE, POLICY_DIR, POLICY_SRC]) if (!existsSync(f)) absent.push(f);
+  for (const f of [DEVEL_MAKEFILE, STORE, POLICY_DIR, REFPOLICY_SRC]) if (!existsSync(f)) absent.push(f);
   return absent;
 }
 const absent = await missing();
@@ -109,17 +104,11 @@ describe.skipIf(skipBecause(absent.length > 0, 'SELinux policy modules in the re
   () => {
     beforeAll(async () => {
       tmp = await fs.mkdtemp(path.join(os.tmpdir(), 'lamadist-selinux-'));
-      const work = path.join(tmp, 'work');
-      await fs.mkdir(work);
-      for (const dir of ['lamadist-selinux/files', 'lamadist-k3s-selinux/files']) {
-        for (const f of await fs.readdir(path.join(MODULES, dir))) await fs.copyFile(path.join(MODULES, dir, f), path.join(work, f));
-      }
-      const src = path.join(tmp, 'src');
-      await fs.mkdir(src);
-      const unpack = await tool('tar', ['--zstd', '-xf', POLICY_SRC, '-C', src, `${CONTAINER_SRC}/container.te`, `${CONTAINER_SRC}/container.fc`]);
-      expect(unpack.code, unpack.out).toBe(0);
-      for (const ext of ['te', 'fc']) await fs.copyFile(path.join(src, CONTAINER_SRC, `container.${ext}`), path.join(work, `container.${ext}`));
-      built = await tool('make', ['-s', '-f', DEVEL_MAKEFILE, 'container.pp', 'lamadist_k3s.pp', 'lamadist.pp'], work);
+      const packages = await compilePolicyModules(path.join(tmp, 'work'), await policySources(REPO_ROOT, DISTRO_POLICY_MODULES)).then(
+        (p) => ({ code: 0, out: '', p }),
+        (err: unknown) => ({ code: 1, out: String(err), p: [] as string[] }),
+      );
+      built = packages;
 
       // The device's policy store, copied: semodule -p links the modules into the copy and writes
       // the kernel policy and file_contexts under the copy's /etc/selinux.
@@ -129,7 +118,7 @@ describe.skipIf(skipBecause(absent.length > 0, 'SELinux policy modules in the re
       await fs.cp(STORE, path.join(root, 'var/lib/selinux/default'), { recursive: true });
       await fs.cp(POLICY_DIR, path.join(root, 'etc/selinux/default'), { recursive: true });
       loaded = built.code === 0
-        ? await tool('semodule', ['-p', root, '-s', 'default', '-i', ...['container', 'lamadist_k3s', 'lamadist'].map((m) => path.join(work, `${m}.pp`))])
+        ? await tool('semodule', ['-p', root, '-s', 'default', '-i', ...packages.p])
         : { code: -1, out: 'not built' };
       policy = path.join(root, 'etc/selinux/default/policy/policy.33');
       if (loaded.code === 0) await loadAttributes();
@@ -142,7 +131,7 @@ describe.skipIf(skipBecause(absent.length > 0, 'SELinux policy modules in the re
       expect(built.code, built.out).toBe(0);
       expect(loaded.code, loaded.out).toBe(0);
       const listed = await tool('semodule', ['-p', root, '-s', 'default', '-l']);
-      expect(listed.out.split('\n')).toEqual(expect.arrayContaining(['container', 'lamadist', 'lamadist_k3s']));
+      expect(listed.out.split('\n')).toEqual(expect.arrayContaining(['container', 'lamadist', 'lamadist_k3s', 'lamadist_system']));
       // The kernel policy was rebuilt with them; the host's own store is untouched.
       expect((await tool('seinfo', ['-t', 'lamadist_bundle_key_t', policy])).out).toMatch(/^\s+lamadist_bundle_key_t$/m);
       expect((await tool('seinfo', ['-t', 'lamadist_bundle_key_t', path.join(POLICY_DIR, 'policy/policy.33')])).out).not.toMatch(/^\s+lamadist_bundle_key_t$/m);

@@ -197,6 +197,15 @@ describe('issue 13: a fleet from blank machines through provision --installer, o
       const verdicts = await Promise.all(HOSTS.map(async (h) => lineAt(ws[h.name], await ws[h.name].waitFor(ATTEST_VERDICT))));
       for (const v of verdicts) expect(v).toMatch(/lamadist-attest: attested/);
       for (const h of HOSTS) expect((await fleet.getDevice(h.name)).attestation, h.name).toMatchObject({ state: 'attested' });
+      // When the server asks (fleet device attest): the device's ask timer sees the request in its
+      // base poll within a minute and answers with a quote whose nonce was issued after it.
+      const requestedAt = Date.parse((await fleet.requestAttestation('fleet-dhcp')).requestedAt);
+      expect((await fleet.getDevice('fleet-dhcp')).attestation.requestedAt).not.toBeNull();
+      const askedAt = await ws['fleet-dhcp'].waitFor(/lamadist-attest: the server asks for a fresh quote/);
+      expect(lineAt(ws['fleet-dhcp'], await ws['fleet-dhcp'].waitFor(/lamadist-attest: (attested|the server judged)/, askedAt))).toMatch(/lamadist-attest: attested/);
+      const fresh = (await fleet.getDevice('fleet-dhcp')).attestation;
+      expect(fresh).toMatchObject({ state: 'attested', requestedAt: null });
+      expect(Date.parse(fresh.checkedAt ?? '')).toBeGreaterThanOrEqual(requestedAt);
       // A release that carries fleet-static only, offered to fleet-dhcp: its install check refuses it.
       const lackingInv = path.join(dir, 'hosts-static-only.yaml');
       await fs.copyFile(inventory, lackingInv);

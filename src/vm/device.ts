@@ -176,6 +176,8 @@ export async function bootDevice(
     until?: RegExp | ((serial: string) => boolean);
     /** Console silence that ends the boot as stalled (default DEVICE_STALL_MS; 0: none). */
     stallMs?: number;
+    /** What an operator types at the serial console. */
+    input?: NodeJS.ReadableStream;
   } = {},
 ): Promise<QemuResult & { report: Record<string, string> | undefined }> {
   const mode = opts.mode ?? 'secure';
@@ -193,6 +195,7 @@ export async function bootDevice(
     ...(opts.serialLog ? { serialLog: opts.serialLog } : {}),
     ...(opts.onLine ? { onLine: opts.onLine } : {}),
     ...(opts.signal ? { signal: opts.signal } : {}),
+    ...(opts.input ? { input: opts.input } : {}),
   };
   const r =
     mode === 'secure'

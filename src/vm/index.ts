@@ -35,7 +35,7 @@
  *   registered and built with its bundle key and hawkbit.conf provisioned through the ESP.
  * - `rollOutRelease(fd, { version, failHealth?, log? })` → `{ release, releaseId, rolloutId }`.
  * - `fixtureBundle({ device, version, failHealth?, out, recipients?, log? })` → FixtureRelease.
- * - `watchDevice(device, { timeoutMs, serialLog?, onLine? })` → `{ waitFor(re, from?), serial(), stop() }`.
+ * - `watchDevice(device, { timeoutMs, serialLog?, onLine?, input? })` → `{ waitFor(re, from?), serial(), stop() }`.
  * - `otaMilestones(from, to, fromSlot)`, `matchAfter(text, re, from?)`: the update as the console shows it.
  *
  * A fleet from blank machines (issue 13: provision → installer stick → updates by tag):

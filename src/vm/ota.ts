@@ -341,7 +341,7 @@ export interface DeviceWatch {
 }
 
 /** Boot the device (Secure Boot, TPM2, persistent NVRAM) and keep it running across its own reboots until stopped. */
-export function watchDevice(device: BootableDevice, opts: { timeoutMs: number; serialLog?: string; onLine?: (l: string) => void }): DeviceWatch {
+export function watchDevice(device: BootableDevice, opts: { timeoutMs: number; serialLog?: string; onLine?: (l: string) => void; input?: NodeJS.ReadableStream }): DeviceWatch {
   const abort = new AbortController();
   let text = '';
   let ended = false;
@@ -352,6 +352,7 @@ export function watchDevice(device: BootableDevice, opts: { timeoutMs: number; s
   const run = bootDevice(device, {
     timeoutMs: opts.timeoutMs,
     ...(opts.serialLog && { serialLog: opts.serialLog }),
+    ...(opts.input && { input: opts.input }),
     signal: abort.signal,
     onLine: (l) => {
       text += `${l}\n`;

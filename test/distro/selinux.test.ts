@@ -189,6 +189,8 @@ describe.skipIf(skipBecause(absent.length > 0, 'SELinux policy modules in the re
       expect(domainsOf(into).filter((d) => d !== 'lamadist_rauc_hook_t')).toEqual(['lamadist_rauc_t']);
       const hookEntry = await allowRules(['-s', 'lamadist_rauc_hook_t', '-t', 'unlabeled_t', '-c', 'file', '-p', 'entrypoint']);
       expect(hookEntry).toContainEqual({ source: 'lamadist_rauc_hook_t', target: 'unlabeled_t' });
+      // From the bundle RAUC mounted nosuid.
+      expect(await allowRules(['-s', 'lamadist_rauc_t', '-t', 'lamadist_rauc_hook_t', '-c', 'process2', '-p', 'nosuid_transition'])).toContainEqual({ source: 'lamadist_rauc_t', target: 'lamadist_rauc_hook_t' });
     });
 
     it("the policy's file_contexts give the on-target files their types", async () => {

@@ -2,12 +2,13 @@ import { createHash } from 'node:crypto';
 import { createReadStream, promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { PassThrough } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { planGpt, readGpt, writeGpt } from '../../src/disk/index.js';
 import { buildEsp, readEspFile } from '../../src/fat/index.js';
 import { keyPath, signingPair } from '../../src/keys/index.js';
 import { openRelease, releaseUki } from '../../src/release/index.js';
-import { signPe, stripSignature } from '../../src/secureboot/index.js';
+import { makeOvmfVars, signPe, stripSignature } from '../../src/secureboot/index.js';
 import { inspectUki, setUkiCmdline } from '../../src/uki/index.js';
 import {
   blankMachine,
@@ -334,6 +335,41 @@ describe('issue 13: a fleet from blank machines through provision --installer, o
     const up1 = await fleet.uploadRelease(v1.bundle);
     const rollout = await fleet.createRollout({ releaseId: up1.release.id, name: 'attested hosts only', filter: { tags: ['fleet'] }, requireAttestation: true });
     expect(rollout.heldBack).toEqual(['fleet-static']);
+  }, 1_000_000);
+
+  it('with one more certificate in db the host cannot unseal its disk; the recovery key typed at its console opens it, and the server judges the boot failed on PCR 7', async () => {
+    const m = machines['fleet-static'] as FleetMachine;
+    const extra = path.join(dir, 'pcr7-keys');
+    expect((await runCli(['keys', 'init', extra])).code).toBe(0);
+    // Secure Boot stays enforcing and the UKIs still verify against the fleet's db certificate,
+    // but PCR 7 measures a db with another certificate beside it.
+    await makeOvmfVars({
+      template: m.vars,
+      out: m.vars,
+      force: true,
+      pk: await keyPath(keys, 'secureboot-pk-cert'),
+      kek: await keyPath(keys, 'secureboot-kek-cert'),
+      db: [await keyPath(keys, 'secureboot-db-cert'), await keyPath(extra, 'secureboot-db-cert')],
+    });
+    const recovery = (await fs.readFile(path.join(dir, 'fleet-static.recovery'), 'utf8')).trim();
+    const tty = new PassThrough();
+    // cryptsetup flushes what was typed before its prompt: the operator waits for it.
+    const onLine = (l: string): void => {
+      if (/asking for the recovery key/.test(l)) setTimeout(() => tty.write(`${recovery}\n`), 5_000);
+    };
+    const w = watchDevice(m, { timeoutMs: 900_000, serialLog: path.join(dir, 'pcr7.log'), onLine, input: tty });
+    try {
+      const verdict = lineAt(w, await w.waitFor(ATTEST_VERDICT));
+      expect(w.serial()).toMatch(/no TPM2 token or provisioning key opens .*; asking for the recovery key/);
+      expect(verdict, w.serial().slice(-3000)).toMatch(/the server judged this device failed: .*PCR 7: /);
+    } finally {
+      await w.stop();
+      tty.end();
+    }
+    const a = (await fleet.getDevice('fleet-static')).attestation;
+    expect(a.state).toBe('failed');
+    expect(a.checks.find((c) => c.pcr === 7)).toMatchObject({ ok: false });
+    expect(JSON.stringify(a.checks)).toMatch(/db holds 2 entries that differ from the fleet's db certificates/);
   }, 1_000_000);
 
   it('after enrollment the firmware refuses a UKI signed by a key that is not the fleet\'s', async () => {

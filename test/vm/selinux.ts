@@ -24,7 +24,7 @@ export function expectEnforcing(serial: string, what: string): void {
     label_machine_id: 'system_u:object_r:etc_t:s0',
     probe_token: 'read',
     probe_bundle_key: 'cat: /var/lib/rauc/encryption/device.key.pem: Permission denied',
-    k3s_storage: '/var/lib/rancher/k3s/storage\tsystem_u:object_r:container_file_t:s0',
+    k3s_storage: 'system_u:object_r:container_file_t:s0',
     k3s_label: 'system_u:object_r:container_file_t:s0',
   });
   expect(Number(f.probe_denials), `${what}: the probe's denial is logged`).toBeGreaterThan(0);

@@ -1,6 +1,7 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { UserError, isErrno } from '../errors.js';
+import { makeTempDir } from '../util/fsx.js';
 import { run } from '../util/proc.js';
 
 /**
@@ -19,7 +20,7 @@ import { run } from '../util/proc.js';
 
 /** Where Debian's source package of refpolicy leaves its sources, and container's within them. */
 export const REFPOLICY_SRC = '/usr/src/selinux-policy-src.tar.zst';
-const CONTAINER_SRC = 'selinux-policy-src/policy/modules/services';
+const REFPOLICY_SERVICES = 'selinux-policy-src/policy/modules/services';
 export const DEVEL_MAKEFILE = '/usr/share/selinux/devel/Makefile';
 
 const RECIPES = 'meta-lamadist/dynamic-layers/selinux/recipes-security';
@@ -49,6 +50,9 @@ export type PolicySources = Map<string, Map<string, Buffer>>;
 /** The `.te`, `.fc` and `.if` files of each module, read from `repo` or refpolicy's source. */
 export async function policySources(repo: string, modules: readonly PolicyModule[] = POLICY_MODULES): Promise<PolicySources> {
   const out: PolicySources = new Map();
+  // refpolicy's modules come out of its source tarball in one pass (selinux-policy-dev's headers carry their .if).
+  const fromRefpolicy = modules.filter((m) => !m.dir).flatMap((m) => [`${m.name}.te`, `${m.name}.fc`]);
+  const refpolicy = fromRefpolicy.length > 0 ? await refpolicyFiles(fromRefpolicy) : new Map<string, Buffer>();
   for (const m of modules) {
     const files = new Map<string, Buffer>();
     for (const ext of ['te', 'fc', 'if']) {
@@ -58,9 +62,7 @@ export async function policySources(repo: string, modules: readonly PolicyModule
             if (ext !== 'te' && isErrno(err, 'ENOENT')) return undefined;
             throw new UserError('LAMA_E_FIXTURE', `policy module source ${path.join(m.dir ?? '', file)} is missing from ${repo}`);
           })
-        : ext === 'if'
-          ? undefined // selinux-policy-dev's headers carry container.if
-          : await refpolicyFile(`${CONTAINER_SRC}/${file}`);
+        : refpolicy.get(file);
       if (data) files.set(file, data);
     }
     out.set(m.name, files);
@@ -68,10 +70,16 @@ export async function policySources(repo: string, modules: readonly PolicyModule
   return out;
 }
 
-async function refpolicyFile(member: string): Promise<Buffer> {
-  const r = await run('tar', ['--zstd', '-xOf', REFPOLICY_SRC, member], { allowFailure: true });
-  if (r.code !== 0) throw new UserError('LAMA_E_FIXTURE', `cannot read ${member} from ${REFPOLICY_SRC} (scripts/setup installs selinux-policy-src)`);
-  return r.stdoutBuffer;
+async function refpolicyFiles(files: string[]): Promise<Map<string, Buffer>> {
+  const tmp = await makeTempDir('lamadist-refpolicy-');
+  try {
+    const members = files.map((f) => `${REFPOLICY_SERVICES}/${f}`);
+    const r = await run('tar', ['--zstd', '-xf', REFPOLICY_SRC, '-C', tmp.dir, ...members], { allowFailure: true });
+    if (r.code !== 0) throw new UserError('LAMA_E_FIXTURE', `cannot read ${members.join(', ')} from ${REFPOLICY_SRC} (scripts/setup installs selinux-policy-src)`);
+    return new Map(await Promise.all(files.map(async (f) => [f, await fs.readFile(path.join(tmp.dir, REFPOLICY_SERVICES, f))] as const)));
+  } finally {
+    await tmp.remove();
+  }
 }
 
 /** Write the sources into `work`, compile each module there and return the packages' paths. */
